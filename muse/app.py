@@ -1,0 +1,64 @@
+"""`create_app(settings)`: routes, error handlers and the lifespan that starts and drains the service."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from muse import api
+from muse.config import Settings
+from muse.errors import InvalidRequest, MuseError
+from muse.service import Muse
+
+log = logging.getLogger("muse.app")
+
+
+def error_response(error: MuseError) -> Response:
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers())
+
+
+async def muse_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MuseError)
+    return error_response(exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+        exc.status_code, "invalid_request_error"
+    )
+    error = InvalidRequest(str(exc.detail), code=kind, status=exc.status_code)
+    error.type = kind
+    return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(MuseError("internal server error"))
+
+
+def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
+    service = muse or Muse(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(
+        routes=api.routes,
+        lifespan=lifespan,
+        exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
+    )
+    app.state.muse = service
+    app.state.settings = settings
+    return app

@@ -1,0 +1,420 @@
+"""The batcher: one future per request, grouped into batches for idle workers.
+
+Policy (pure; tested against a fake pool in milliseconds):
+- a ticket and its future exist *before* the request is queued; every ticket ends exactly once;
+- batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
+  (a request for n images takes n slots and is never split);
+- an idle worker gets work at once; only while other workers are busy may a part-full batch wait
+  for company, and then at most `max_wait_ms` after its oldest request arrived;
+- cancelled or expired requests never reach a worker; a running batch whose requests are all gone
+  is interrupted; a batch whose worker died is retried `max_retries` times, then fails with 503.
+
+Driven by callbacks (submit, a worker going idle, a timer), so a waiting request costs a list entry
+and a timer-heap entry, nothing that runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from muse.errors import (
+    Cancelled,
+    GenerationFailed,
+    MuseError,
+    Overloaded,
+    ShuttingDown,
+    TimedOut,
+    WorkerDied,
+)
+from muse.messages import (
+    Failure,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResult,
+    ImageSpec,
+    Job,
+    Progress,
+    Result,
+    Timings,
+)
+
+log = logging.getLogger("muse.batcher")
+
+
+class WorkerPool(Protocol):
+    """What the batcher needs of the pool."""
+
+    def idle_worker(self) -> Any | None: ...
+    def dispatch(self, worker: Any, job: Job) -> None: ...
+    def interrupt(self, job_id: str) -> None: ...
+    def busy_count(self) -> int: ...
+
+
+class TicketState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+Listener = Callable[["Ticket", str], None]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One accepted request, from queue to answer."""
+
+    id: str
+    request: GenerateRequest
+    future: asyncio.Future[GenerateResult]
+    submitted: float
+    deadline: float
+    created: float = field(default_factory=time.time)
+    state: TicketState = TicketState.QUEUED
+    step: int = 0
+    started: float | None = None
+    finished: float | None = None
+    batch_size: int = 0
+    attempts: int = 0
+    result: GenerateResult | None = None
+    error: MuseError | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in (TicketState.SUCCEEDED, TicketState.FAILED, TicketState.CANCELLED)
+
+
+@dataclass(eq=False)
+class InFlight:
+    job: Job
+    tickets: list[Ticket]
+    dispatched: float
+    last_step_at: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        *,
+        model: str,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 256,
+        max_retries: int = 1,
+        request_timeout: float = 300.0,
+        capacity: Callable[[], int] = lambda: 1,
+        on_demand: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.pool = pool
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.max_retries = max_retries
+        self.request_timeout = request_timeout
+        self.capacity = capacity
+        self.on_demand = on_demand
+        self.queue: list[Ticket] = []
+        self.queued_images = 0
+        self.inflight: dict[str, InFlight] = {}
+        self.closed = False
+        self.on_finish: list[Callable[[Ticket], None]] = []
+        self.on_batch: list[Callable[[int], None]] = []
+        # Exponential averages of observed speed, for Retry-After and ETAs.
+        self.image_seconds = 0.0
+        self.step_seconds = 0.0
+        self._hold: asyncio.TimerHandle | None = None
+        self._watched = 0
+
+    # ---- entry points -----------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, *, ticket_id: str | None = None) -> Ticket:
+        if self.closed:
+            raise ShuttingDown("the server is shutting down; retry on another instance")
+        if self.queued_images + request.n > self.max_queue:
+            raise Overloaded(
+                f"queue full ({self.queued_images} images waiting, limit {self.max_queue}); retry later",
+                retry_after=self.estimate_wait(self.queued_images + request.n),
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.request_timeout
+        if request.timeout_s is not None:
+            timeout = min(timeout, request.timeout_s)
+        ticket = Ticket(ticket_id or secrets.token_hex(8), request, loop.create_future(), now, now + timeout)
+        ticket.timer = loop.call_at(ticket.deadline, self._expire, ticket)
+        self.queue.append(ticket)
+        self.queued_images += request.n
+        self._pump()
+        self.on_demand()
+        return ticket
+
+    def cancel(self, ticket: Ticket, error: MuseError | None = None) -> bool:
+        """End a ticket now (client gone, DELETE, deadline). False if it had already ended."""
+        if ticket.done:
+            return False
+        error = error or Cancelled("cancelled by the client")
+        state = TicketState.CANCELLED if isinstance(error, Cancelled) else TicketState.FAILED
+        if ticket.state is TicketState.QUEUED:
+            self._dequeue([ticket])
+            self._finish(ticket, state, error=error)
+            self._pump()
+            self._emit_positions()
+        else:
+            self._finish(ticket, state, error=error)
+            for job_id, flight in self.inflight.items():
+                if ticket in flight.tickets and all(t.done for t in flight.tickets):
+                    log.info("interrupting batch %s: all its requests are gone", job_id)
+                    self.pool.interrupt(job_id)
+        return True
+
+    def watch(self, ticket: Ticket, listener: Listener) -> Callable[[], None]:
+        ticket.listeners.append(listener)
+        self._watched += 1
+
+        def unwatch() -> None:
+            if listener in ticket.listeners:
+                ticket.listeners.remove(listener)
+                self._watched -= 1
+
+        return unwatch
+
+    def close(self) -> None:
+        """Accept nothing new; what is queued or running carries on."""
+        self.closed = True
+
+    def fail_all(self, error: MuseError) -> None:
+        for ticket in [*self.queue, *(t for f in self.inflight.values() for t in f.tickets)]:
+            self.cancel(ticket, error)
+
+    @property
+    def inflight_images(self) -> int:
+        return sum(len(f.job.images) for f in self.inflight.values())
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.inflight
+
+    # ---- views ------------------------------------------------------------------------------------
+
+    def position(self, ticket: Ticket) -> int | None:
+        """Images queued ahead of this ticket, or None once it left the queue."""
+        ahead = 0
+        for t in self.queue:
+            if t is ticket:
+                return ahead
+            ahead += t.request.n
+        return None
+
+    def estimate_wait(self, images: int) -> float:
+        per_image = self.image_seconds or 1.0
+        return images * per_image / max(1, self.capacity())
+
+    def eta(self, ticket: Ticket) -> float | None:
+        if ticket.state is TicketState.QUEUED:
+            position = self.position(ticket) or 0
+            return self.estimate_wait(position + ticket.request.n) if self.image_seconds else None
+        if ticket.state is TicketState.RUNNING and self.step_seconds:
+            return max(0.0, (ticket.request.steps - ticket.step) * self.step_seconds)
+        return None
+
+    # ---- pool callbacks ---------------------------------------------------------------------------
+
+    def worker_idle(self) -> None:
+        self._pump()
+
+    def job_progress(self, message: Progress) -> None:
+        flight = self.inflight.get(message.job_id)
+        if flight is None:
+            return
+        now = time.monotonic()
+        self.step_seconds = _ewma(self.step_seconds, now - flight.last_step_at)
+        flight.last_step_at = now
+        for t in flight.tickets:
+            if not t.done:
+                t.step = message.step
+                self._emit(t, "progress")
+
+    def job_finished(self, message: Result | Failure) -> None:
+        flight = self.inflight.pop(message.job_id, None)
+        if flight is None:
+            return
+        if isinstance(message, Failure):
+            error = (
+                Cancelled("interrupted: every request of the batch was gone")
+                if message.interrupted
+                else GenerationFailed(f"generation failed: {message.message}")
+            )
+            for t in flight.tickets:
+                if not t.done:
+                    self._finish(t, TicketState.FAILED, error=error)
+            return
+        images = len(flight.job.images)
+        self.image_seconds = _ewma(self.image_seconds, message.compute_ms / 1000 / max(images, 1))
+        now = asyncio.get_running_loop().time()
+        pngs = iter(message.pngs)
+        for t in flight.tickets:
+            own = [GeneratedImage(next(pngs), seed) for seed in t.request.seeds()]
+            if t.done:
+                continue
+            started = t.started or now
+            result = GenerateResult(
+                images=own,
+                model=self.model,
+                steps=t.request.steps,
+                width=t.request.width,
+                height=t.request.height,
+                batch_size=images,
+                timings=Timings(
+                    queued_ms=(started - t.submitted) * 1000,
+                    compute_ms=message.compute_ms,
+                    total_ms=(now - t.submitted) * 1000,
+                ),
+                request=t.request,
+            )
+            self._finish(t, TicketState.SUCCEEDED, result=result)
+
+    def job_lost(self, job: Job, reason: str) -> None:
+        flight = self.inflight.pop(job.job_id, None)
+        if flight is None:
+            return
+        alive = [t for t in flight.tickets if not t.done]
+        retry = [t for t in alive if t.attempts <= self.max_retries]
+        for t in alive:
+            if t not in retry:
+                self._finish(
+                    t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too")
+                )
+        if retry:
+            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), job.job_id)
+            for t in retry:
+                t.state, t.step, t.started = TicketState.QUEUED, 0, None
+            # Back to the front, oldest first: they were accepted before anything still queued.
+            self.queue = sorted(retry, key=lambda t: t.submitted) + self.queue
+            self.queued_images += sum(t.request.n for t in retry)
+            self._pump()
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _expire(self, ticket: Ticket) -> None:
+        where = "in the queue" if ticket.state is TicketState.QUEUED else "while running"
+        timeout = ticket.deadline - ticket.submitted
+        self.cancel(ticket, TimedOut(f"request timed out after {timeout:g} s {where}", param="timeout_s"))
+
+    def _pump(self) -> None:
+        """Hand batches to idle workers while there are both."""
+        loop = asyncio.get_running_loop()
+        moved = False
+        while self.queue:
+            worker = self.pool.idle_worker()
+            if worker is None:
+                break
+            batch = self._next_batch()
+            images = sum(t.request.n for t in batch)
+            if images < self.max_batch_size and self.pool.busy_count() > 0:
+                hold_until = batch[0].submitted + self.max_wait
+                if loop.time() < hold_until:
+                    if self._hold is None:
+                        self._hold = loop.call_at(hold_until, self._release_hold)
+                    break
+            self._dequeue(batch)
+            self._dispatch(worker, batch)
+            moved = True
+        if moved:
+            self._emit_positions()
+
+    def _release_hold(self) -> None:
+        self._hold = None
+        self._pump()
+
+    def _next_batch(self) -> list[Ticket]:
+        first = self.queue[0]
+        batch, images = [first], first.request.n
+        for t in self.queue[1:]:
+            if images >= self.max_batch_size:
+                break
+            if t.request.key == first.request.key and images + t.request.n <= self.max_batch_size:
+                batch.append(t)
+                images += t.request.n
+        return batch
+
+    def _dequeue(self, tickets: list[Ticket]) -> None:
+        gone = set(map(id, tickets))
+        self.queue = [t for t in self.queue if id(t) not in gone]
+        self.queued_images -= sum(t.request.n for t in tickets)
+
+    def _dispatch(self, worker: Any, batch: list[Ticket]) -> None:
+        first = batch[0].request
+        job = Job(
+            job_id=secrets.token_hex(6),
+            images=[
+                ImageSpec(t.request.prompt, t.request.negative_prompt, s)
+                for t in batch
+                for s in t.request.seeds()
+            ],
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            guidance_scale=first.guidance_scale,
+        )
+        now = asyncio.get_running_loop().time()
+        self.inflight[job.job_id] = InFlight(job, batch, now, time.monotonic())
+        for t in batch:
+            t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(job.images), 0
+            t.attempts += 1
+            self._emit(t, "running")
+        for callback in self.on_batch:
+            callback(len(job.images))
+        self.pool.dispatch(worker, job)
+
+    def _finish(
+        self,
+        ticket: Ticket,
+        state: TicketState,
+        *,
+        result: GenerateResult | None = None,
+        error: MuseError | None = None,
+    ) -> None:
+        ticket.state = state
+        ticket.finished = time.time()
+        ticket.result, ticket.error = result, error
+        if ticket.timer is not None:
+            ticket.timer.cancel()
+        if not ticket.future.done():
+            if error is not None:
+                ticket.future.set_exception(error)
+                # Nobody may be awaiting (a job polled over HTTP): don't warn about it.
+                ticket.future.exception()
+            else:
+                ticket.future.set_result(result)  # type: ignore[arg-type]
+        self._emit(ticket, state.value)
+        for callback in self.on_finish:
+            callback(ticket)
+        self._watched -= len(ticket.listeners)
+        ticket.listeners.clear()
+
+    def _emit(self, ticket: Ticket, event: str) -> None:
+        for listener in list(ticket.listeners):
+            listener(ticket, event)
+
+    def _emit_positions(self) -> None:
+        if self._watched <= 0:
+            return
+        for t in self.queue:
+            if t.listeners:
+                self._emit(t, "queued")
+
+
+def _ewma(previous: float, sample: float, weight: float = 0.2) -> float:
+    return sample if previous == 0 else previous + weight * (sample - previous)

@@ -1,0 +1,148 @@
+"""The `muse` command: `muse serve` runs the service, `muse generate` is a client for a running one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from muse.config import Settings, env_name
+
+if TYPE_CHECKING:
+    from muse.service import Muse
+
+log = logging.getLogger("muse")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=None,
+            metavar=f.metadata.get("metavar") or f.name.upper(),
+            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="muse",
+        description="Muse: a self-hosted text-to-image service (web page, JSON and OpenAI-style APIs, Slack).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server: a pool of workers (one per device) behind a batcher and an HTTP API. "
+        "Every flag can also be set with the MUSE_* environment variable shown.",
+    )
+    add_settings_flags(serve)
+    gen = sub.add_parser("generate", help="generate an image on a running server", description=GENERATE_HELP)
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument("-o", "--output", default=None, help="PNG file to write (default: from the prompt)")
+    gen.add_argument("--url", default="http://127.0.0.1:8000", help="server URL [default %(default)s]")
+    gen.add_argument("--quality", choices=["fast", "quality"], default=None, help="25 or 50 steps")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (overrides --quality)")
+    gen.add_argument("--seed", type=int, default=None, help="seed (random if absent; printed)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("-n", type=int, default=None, help="number of images")
+    gen.add_argument("--api-key", default=None, help="API key (or MUSE_API_KEY)")
+    return parser
+
+
+GENERATE_HELP = "Submit a job to a running Muse server, show its progress, and write the PNG(s)."
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**overrides)
+
+
+def serve(settings: Settings) -> int:
+    from muse.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    app = create_app(settings)
+    muse = app.state.muse
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        access_log=False,
+    )
+    server = DrainingServer(config, muse)
+    server.run()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the service before the socket closes.
+
+    While draining, /readyz and new requests answer 503 (a load balancer moves away) and accepted
+    requests still finish. A second signal stops at once. The signal is not re-raised, so a drained
+    exit is status 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, muse: Muse) -> None:
+        super().__init__(config)
+        self.muse = muse
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.muse.draining or self.should_exit:
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        await self.muse.drain()
+        self.should_exit = True
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("serving on http://%s:%d", host, port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = settings_from_args(args)
+            settings.device_list()
+        except ValueError as exc:
+            parser.error(str(exc))
+        return serve(settings)
+    if args.command == "generate":
+        from muse.client import generate
+
+        return generate(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

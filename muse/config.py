@@ -1,0 +1,97 @@
+"""Settings: one frozen dataclass, filled from CLI flags and `MUSE_*` environment variables.
+
+Each field's metadata carries its help text, so `muse serve --help` and the README table are generated
+from one place. Precedence: CLI flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = str(Path(__file__).parent / "demo_model" / "pipeline")
+
+
+def _opt(default: Any, help: str, *, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = _opt(
+        EMBEDDED_MODEL, "Local diffusers pipeline folder or hub id. Default: the embedded demo model."
+    )
+    devices: str = _opt(
+        "auto", "'auto' (every CUDA GPU, else cpu) or a list such as 'cuda:0,cuda:1' or 'cpu,cpu'."
+    )
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to serve the network).")
+    port: int = _opt(8000, "Port to listen on (0 picks a free one).")
+    max_batch_size: int = _opt(8, "Most images in one batch (a request for n images takes n slots).")
+    max_wait_ms: float = _opt(
+        10.0, "Longest a part-full batch waits for company while other workers are busy (ms)."
+    )
+    threads_per_worker: int = _opt(0, "Torch threads per CPU worker (0 = CPU cores / CPU workers).")
+    max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
+    request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
+    job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")
+    worker_timeout: float = _opt(60.0, "A busy worker silent for this long (no heartbeat) is killed.")
+    max_retries: int = _opt(1, "Times a batch is retried on another worker after its worker died.")
+    min_workers: int = _opt(-1, "Fewest workers kept running (0 = scale to zero; -1 = every device).")
+    max_workers: int = _opt(0, "Most workers (0 = one per device; never more than the devices).")
+    scale_interval: float = _opt(1.0, "Seconds between autoscaler decisions.")
+    upscale_delay: float = _opt(0.0, "Seconds demand must exceed capacity before a worker is added.")
+    downscale_delay: float = _opt(60.0, "Seconds a worker must be surplus before it is drained.")
+    drain_timeout: float = _opt(30.0, "On shutdown, seconds accepted requests get to finish.")
+    log_level: str = _opt("info", "debug, info, warning or error.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by `MUSE_<FIELD>` variables, overridden by `overrides`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is not None and raw != "":
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def device_list(self) -> list[str]:
+        return resolve_devices(self.devices)
+
+
+def env_name(field_name: str) -> str:
+    return "MUSE_" + field_name.upper()
+
+
+def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    if kind is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """Turn `--devices` into one entry per worker slot; a device may repeat (`cpu,cpu`)."""
+    spec = spec.strip()
+    if spec == "auto":
+        try:
+            import torch  # only here: config stays importable without loading torch eagerly
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except ImportError:
+            count = 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise ValueError("--devices is empty")
+    for d in devices:
+        if not (d == "cpu" or d == "cuda" or d.startswith("cuda:") or d == "mps"):
+            raise ValueError(f"--devices: unknown device {d!r} (use cpu, cuda:N or mps)")
+    return devices

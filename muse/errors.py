@@ -1,0 +1,101 @@
+"""Errors that reach a client. One JSON shape everywhere (OpenAI's):
+`{"error": {"message", "type", "param", "code"}}`.
+
+    MuseError (500)
+    ├── InvalidRequest (400/422)   a field is wrong; `param` names it
+    ├── NotFound (404)
+    ├── Overloaded (503)           refused before it was queued; carries Retry-After
+    ├── TimedOut (504)             deadline passed, queued or running
+    ├── Cancelled (499)            the client or the API cancelled it
+    ├── WorkerDied (503)           its worker died and the retry died too
+    ├── ShuttingDown (503)         the server is draining
+    └── GenerationFailed (500)     the pipeline raised
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MuseError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(MuseError):
+    status = 422
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 422):
+        super().__init__(message, param=param, code=code)
+        self.status = status
+
+
+class NotFound(MuseError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class Overloaded(MuseError):
+    status = 503
+    type = "overloaded_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, round(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class TimedOut(MuseError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class Cancelled(MuseError):
+    status = 499
+    type = "cancelled_error"
+    code = "cancelled"
+
+
+class WorkerDied(MuseError):
+    status = 503
+    type = "server_error"
+    code = "worker_died"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ShuttingDown(MuseError):
+    status = 503
+    type = "overloaded_error"
+    code = "shutting_down"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class GenerationFailed(MuseError):
+    status = 500
+    type = "server_error"
+    code = "generation_failed"

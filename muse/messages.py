@@ -1,0 +1,148 @@
+"""Value objects: the request, its result, and every message that crosses a worker's pipe.
+
+Pipe protocol (parent ⇄ worker), all pickled dataclasses:
+    worker → parent:  Ready | BootFailure (then exit BOOT_FAILURE_EXIT) | Heartbeat
+                      | Progress* then exactly one Result or Failure per Job
+    parent → worker:  Job (only while the worker is idle) | Interrupt | Stop
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# A worker whose pipeline cannot load exits with this code so the pool stops respawning it.
+BOOT_FAILURE_EXIT = 3
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests can share a pipeline call only when all of these match."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request; `seed` is already resolved (random ones are drawn at the edge)."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    n: int = 1
+    negative_prompt: str = ""
+    timeout_s: float | None = None
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.width, self.height, self.steps, self.guidance_scale)
+
+    def seeds(self) -> list[int]:
+        # Image i of a request uses seed + i, so any single image can be reproduced alone.
+        return [(self.seed + i) % 2**32 for i in range(self.n)]
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_ms: float
+    compute_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[GeneratedImage]
+    model: str
+    steps: int
+    width: int
+    height: int
+    batch_size: int
+    timings: Timings
+    request: GenerateRequest | None = None
+
+
+# ---- pipe messages -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One batch: every image shares the BatchKey; prompts and seeds vary per image."""
+
+    job_id: str
+    images: list[ImageSpec]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Stop the running job at the next step boundary (all its requests are gone)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish nothing new; exit once idle."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    model: str
+    device: str
+    width: int
+    height: int
+    guidance_scale: float
+    load_s: float
+    pid: int
+
+
+@dataclass(frozen=True)
+class BootFailure:
+    message: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    busy: bool
+
+
+@dataclass(frozen=True)
+class Progress:
+    job_id: str
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Result:
+    job_id: str
+    pngs: list[bytes] = field(repr=False)
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class Failure:
+    job_id: str
+    message: str
+    interrupted: bool = False

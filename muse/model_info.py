@@ -1,0 +1,61 @@
+"""What the parent needs to know about a model folder before any worker has loaded it.
+
+Reads diffusers' JSON configs only (no torch), so defaults are known even when scaled to zero.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_NAME = "muse-demo"
+# Stable Diffusion's own defaults, used when the folder says nothing (e.g. a hub id).
+FALLBACK_SIZE = 512
+FALLBACK_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    width: int
+    height: int
+    guidance_scale: float
+
+
+def read_defaults(model: str) -> dict[str, Any]:
+    """The optional `muse.json` beside `model_index.json`: serving defaults stored with a model."""
+    path = Path(model) / "muse.json"
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def model_name(model: str, embedded: str) -> str:
+    if Path(model).resolve() == Path(embedded).resolve():
+        return EMBEDDED_NAME
+    path = Path(model)
+    return path.name if path.is_dir() else model
+
+
+def inspect(model: str, embedded: str) -> ModelInfo:
+    folder = Path(model)
+    width = height = FALLBACK_SIZE
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    if unet and vae and "sample_size" in unet:
+        # diffusers' own rule: the VAE halves the size at every block but the last.
+        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        sample = unet["sample_size"]
+        h, w = (sample, sample) if isinstance(sample, int) else sample
+        width, height = int(w * scale), int(h * scale)
+    guidance = (
+        float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE)) if folder.is_dir() else 7.5
+    )
+    return ModelInfo(model_name(model, embedded), width, height, guidance)

@@ -1,0 +1,90 @@
+"""Worker side: load a diffusers pipeline on one device and run batches of it.
+
+Nothing here knows about asyncio or HTTP; it runs inside a worker subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from muse.messages import ImageSpec, Job
+from muse.model_info import FALLBACK_GUIDANCE, read_defaults
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    model: str
+    device: str
+    width: int
+    height: int
+    guidance_scale: float
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    sample = pipe.unet.config.sample_size
+    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return int(w * scale), int(h * scale)
+
+
+def load_pipeline(model: str, device: str) -> LoadedPipeline:
+    # Half precision on GPUs; on CPU the checkpoint's float32 as saved.
+    kwargs = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
+    pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    width, height = native_size(pipe)
+    guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
+    return LoadedPipeline(pipe, model, device, width, height, guidance)
+
+
+def warm_up(loaded: LoadedPipeline) -> None:
+    """One tiny call so the first real request does not pay for lazy initialisation."""
+    job = Job("warm-up", [ImageSpec("warm up", "", 0)], loaded.width, loaded.height, 1, loaded.guidance_scale)
+    run_batch(loaded, job, lambda step: True)
+
+
+def run_batch(loaded: LoadedPipeline, job: Job, on_step: Callable[[int], bool]) -> list[bytes] | None:
+    """Run one batch; `on_step(step)` is called after each denoising step and returns False to stop.
+
+    Returns PNG bytes per image, or None when interrupted.
+    """
+    # CPU generators, one per image: the same seed gives the same latents on any device and
+    # whatever else shares the batch.
+    generators = [torch.Generator(device="cpu").manual_seed(spec.seed) for spec in job.images]
+    interrupted = False
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        nonlocal interrupted
+        if not on_step(step + 1):
+            interrupted = True
+            pipe._interrupt = True
+        return kwargs
+
+    with torch.inference_mode():
+        output = loaded.pipe(
+            prompt=[spec.prompt for spec in job.images],
+            negative_prompt=[spec.negative_prompt for spec in job.images],
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance_scale,
+            width=job.width,
+            height=job.height,
+            generator=generators,
+            callback_on_step_end=callback,
+        )
+    if interrupted:
+        return None
+    return [encode_png(image) for image in output.images]
+
+
+def encode_png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

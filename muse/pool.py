@@ -1,0 +1,365 @@
+"""The worker pool: one subprocess per device slot, converging on `target`.
+
+The autoscaler only sets `target`; `reconcile()` makes it so, like gunicorn's `manage_workers`: reap
+the dead, kill the hung, spawn the missing, drain the surplus (a busy worker is never killed for
+scaling: it finishes its batch, then stops). Pipes are read in the event loop with `add_reader`, so an
+idle pool costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Protocol
+
+from muse import worker as worker_module
+from muse.messages import (
+    BOOT_FAILURE_EXIT,
+    BootFailure,
+    Failure,
+    Heartbeat,
+    Interrupt,
+    Job,
+    Progress,
+    Ready,
+    Result,
+    Stop,
+)
+
+log = logging.getLogger("muse.pool")
+
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class WorkerState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+class PoolListener(Protocol):
+    def worker_idle(self) -> None: ...
+    def job_progress(self, message: Progress) -> None: ...
+    def job_finished(self, message: Result | Failure) -> None: ...
+    def job_lost(self, job: Job, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    id: int
+    slot: int
+    device: str
+    process: BaseProcess
+    conn: Connection
+    state: WorkerState = WorkerState.STARTING
+    job: Job | None = None
+    draining: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    info: Ready | None = None
+    jobs_done: int = 0
+    exited: asyncio.Future[int | None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def live(self) -> bool:
+        return self.state is not WorkerState.DEAD
+
+
+@dataclass
+class Slot:
+    device: str
+    worker: WorkerHandle | None = None
+    crashes: int = 0
+    retry_at: float = 0.0
+    boot_error: str | None = None
+
+
+class Pool:
+    def __init__(
+        self,
+        *,
+        model: str,
+        devices: Sequence[str],
+        listener: PoolListener,
+        threads_per_worker: int = 0,
+        worker_timeout: float = 60.0,
+        log_level: str = "info",
+    ) -> None:
+        self.model = model
+        self.slots = [Slot(d) for d in devices]
+        self.listener = listener
+        self.worker_timeout = worker_timeout
+        self.log_level = log_level
+        self.threads = threads_per_worker or self._default_threads(devices)
+        self.target = len(self.slots)
+        self.info: Ready | None = None  # what the first ready worker said about the model
+        self._ids = itertools.count(1)
+        self._ctx = mp.get_context("spawn")
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @staticmethod
+    def _default_threads(devices: Sequence[str]) -> int:
+        cpu_workers = sum(1 for d in devices if d == "cpu") or 1
+        return max(1, (os.cpu_count() or 1) // cpu_workers)
+
+    # ---- views ------------------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return [s.worker for s in self.slots if s.worker is not None and s.worker.live]
+
+    def idle_worker(self) -> WorkerHandle | None:
+        for w in self.workers:
+            if w.state is WorkerState.IDLE and not w.draining:
+                return w
+        return None
+
+    def busy_count(self) -> int:
+        return sum(1 for w in self.workers if w.state is WorkerState.BUSY)
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in WorkerState if state is not WorkerState.DEAD}
+        counts["draining"] = 0
+        counts["failed"] = 0
+        for w in self.workers:
+            counts["draining" if w.draining and w.state is not WorkerState.STOPPING else w.state.value] += 1
+        counts["failed"] = sum(1 for s in self.slots if s.boot_error)
+        return counts
+
+    def readiness(self) -> tuple[bool, str]:
+        c = self.counts()
+        if c["idle"] + c["busy"] > 0:
+            return True, f"{c['idle'] + c['busy']} worker(s) ready"
+        errors = [s.boot_error for s in self.slots if s.boot_error]
+        if errors and len(errors) == len(self.slots):
+            return False, f"every worker failed to boot: {errors[0]}"
+        if c["starting"]:
+            return False, f"{c['starting']} worker(s) loading the model"
+        if self.target == 0:
+            return True, "scaled to zero; the next request starts a worker"
+        if errors:
+            return False, f"worker failed to boot: {errors[0]}"
+        return False, "no worker running"
+
+    @property
+    def usable_slots(self) -> int:
+        return sum(1 for s in self.slots if s.boot_error is None)
+
+    # ---- convergence ------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """One repeatable step towards `target`; safe to call at any time."""
+        if self._closed:
+            return
+        now = time.monotonic()
+        for w in self.workers:
+            if w.state is WorkerState.BUSY and now - w.last_seen > self.worker_timeout:
+                log.warning("worker %d silent for %.0f s while busy: killing it", w.id, now - w.last_seen)
+                self._kill(w)
+                self._on_death(w, f"worker {w.id} hung (no heartbeat for {self.worker_timeout:g} s)")
+
+        active = [w for w in self.workers if not w.draining and w.state is not WorkerState.STOPPING]
+        missing = self.target - len(active)
+        if missing > 0:
+            next_retry = None
+            for slot in self.slots:
+                if missing == 0:
+                    break
+                if slot.boot_error or (slot.worker is not None and slot.worker.live):
+                    continue
+                if slot.retry_at > now:
+                    next_retry = min(next_retry or slot.retry_at, slot.retry_at)
+                    continue
+                self._spawn(slot)
+                missing -= 1
+            if missing > 0:
+                # Undrain rather than spawn: a draining worker is already loaded.
+                for w in self.workers:
+                    if missing and w.draining and w.state is not WorkerState.STOPPING:
+                        w.draining = False
+                        missing -= 1
+            if missing > 0 and next_retry is not None:
+                self._schedule_retry(next_retry - now)
+        elif missing < 0:
+            surplus = -missing
+            # Idle workers first (newest first), then busy ones, which finish their batch before stopping.
+            ordered = sorted(active, key=lambda w: (w.state is WorkerState.BUSY, -w.started_at))
+            for w in ordered[:surplus]:
+                log.info("draining worker %d on %s (target %d)", w.id, w.device, self.target)
+                w.draining = True
+                if w.state in (WorkerState.IDLE, WorkerState.STARTING):
+                    self._stop(w)
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._retry_handle = loop.call_later(max(delay, 0.01), self.reconcile)
+
+    def _spawn(self, slot: Slot) -> WorkerHandle:
+        worker_id = next(self._ids)
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        config = worker_module.WorkerConfig(
+            worker_id=worker_id,
+            model=self.model,
+            device=slot.device,
+            threads=self.threads if slot.device == "cpu" else 0,
+            heartbeat_interval=max(0.05, min(5.0, self.worker_timeout / 4)),
+            log_level=self.log_level,
+        )
+        process = self._ctx.Process(
+            target=worker_module.main, args=(child_conn, config), name=f"muse-worker-{worker_id}", daemon=True
+        )
+        process.start()
+        child_conn.close()  # so that the worker's death reads as EOF on our end
+        loop = asyncio.get_running_loop()
+        handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device, process, parent_conn)
+        handle.exited = loop.create_future()
+        slot.worker = handle
+        loop.add_reader(parent_conn.fileno(), self._on_readable, handle)
+        loop.add_reader(process.sentinel, self._on_exit, handle)
+        log.info("starting worker %d on %s (pid %s)", worker_id, slot.device, process.pid)
+        return handle
+
+    # ---- work -------------------------------------------------------------------------------------
+
+    def dispatch(self, worker: WorkerHandle, job: Job) -> None:
+        assert worker.state is WorkerState.IDLE and not worker.draining
+        worker.state = WorkerState.BUSY
+        worker.job = job
+        worker.last_seen = time.monotonic()
+        try:
+            worker.conn.send(job)
+        except OSError:
+            self._on_death(worker, f"worker {worker.id} pipe broke")
+
+    def interrupt(self, job_id: str) -> None:
+        for w in self.workers:
+            if w.job is not None and w.job.job_id == job_id:
+                try:
+                    w.conn.send(Interrupt(job_id))
+                except OSError:
+                    pass  # it is dying; its death is handled by the reader
+
+    def kill(self, worker_id: int) -> None:
+        for w in self.workers:
+            if w.id == worker_id:
+                self._kill(w)
+
+    # ---- pipe events ------------------------------------------------------------------------------
+
+    def _on_readable(self, worker: WorkerHandle) -> None:
+        try:
+            while worker.live and worker.conn.poll():
+                self._handle(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            self._on_death(worker, f"worker {worker.id} on {worker.device} died")
+
+    def _handle(self, worker: WorkerHandle, message: object) -> None:
+        worker.last_seen = time.monotonic()
+        if isinstance(message, Progress):
+            self.listener.job_progress(message)
+        elif isinstance(message, Result | Failure):
+            worker.job = None
+            worker.state = WorkerState.IDLE
+            worker.jobs_done += 1
+            self.listener.job_finished(message)
+            self._after_idle(worker)
+        elif isinstance(message, Ready):
+            log.info("worker %d ready on %s in %.1f s", worker.id, worker.device, message.load_s)
+            worker.info = message
+            self.info = self.info or message
+            worker.state = WorkerState.IDLE
+            self.slots[worker.slot].crashes = 0
+            self._after_idle(worker)
+        elif isinstance(message, BootFailure):
+            log.error("worker %d failed to boot: %s", worker.id, message.message)
+            self.slots[worker.slot].boot_error = message.message
+        elif isinstance(message, Heartbeat):
+            pass
+
+    def _after_idle(self, worker: WorkerHandle) -> None:
+        if worker.draining:
+            self._stop(worker)
+        else:
+            self.listener.worker_idle()
+
+    def _stop(self, worker: WorkerHandle) -> None:
+        worker.state = WorkerState.STOPPING
+        try:
+            worker.conn.send(Stop())
+        except OSError:
+            pass
+
+    def _kill(self, worker: WorkerHandle) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+
+    def _on_death(self, worker: WorkerHandle, reason: str) -> None:
+        if not worker.live:
+            return
+        expected = worker.state is WorkerState.STOPPING
+        worker.state = WorkerState.DEAD
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.conn.fileno())
+        worker.conn.close()
+        job, worker.job = worker.job, None
+        if not expected:
+            log.warning("%s", reason)
+        if job is not None:
+            self.listener.job_lost(job, reason)
+        if not expected and not self._closed:
+            slot = self.slots[worker.slot]
+            slot.crashes += 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (slot.crashes - 1))
+            slot.retry_at = time.monotonic() + delay
+
+    def _on_exit(self, worker: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.process.sentinel)
+        worker.process.join()
+        code = worker.process.exitcode
+        if code == BOOT_FAILURE_EXIT:
+            slot = self.slots[worker.slot]
+            slot.boot_error = slot.boot_error or f"worker exited with code {code} while loading the model"
+        self._on_death(worker, f"worker {worker.id} on {worker.device} exited with code {code}")
+        if worker.exited is not None and not worker.exited.done():
+            worker.exited.set_result(code)
+        if not self._closed:
+            self.reconcile()
+
+    # ---- shutdown ---------------------------------------------------------------------------------
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop every worker: ask, wait up to `timeout`, then kill."""
+        self._closed = True
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        workers = self.workers
+        for w in workers:
+            if w.state is not WorkerState.STOPPING:
+                self._stop(w)
+        waits = [w.exited for w in workers if w.exited is not None]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            if pending:
+                for w in workers:
+                    self._kill(w)
+                await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,86 @@
+"""The request body at the edge: validated with pydantic, turned into a GenerateRequest.
+
+Every rejection becomes an InvalidRequest whose `param` names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from muse.errors import InvalidRequest
+from muse.messages import GenerateRequest
+from muse.model_info import ModelInfo
+
+QUALITY_STEPS = {"fast": 25, "quality": 50}
+MAX_PROMPT = 2000
+MAX_SEED = 2**32 - 1
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=MAX_PROMPT)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
+    quality: Literal["fast", "quality"] = "fast"
+    steps: int | None = Field(None, ge=1, le=150)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    n: int = Field(1, ge=1, le=8)
+    timeout_s: float | None = Field(None, gt=0, le=86400)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def to_request(self, model: ModelInfo) -> GenerateRequest:
+        return GenerateRequest(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps if self.steps is not None else QUALITY_STEPS[self.quality],
+            seed=self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else model.guidance_scale,
+            width=self.width or model.width,
+            height=self.height or model.height,
+            n=self.n,
+            timeout_s=self.timeout_s,
+        )
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json", status=400) from exc
+
+
+def validate(model_cls: type[BaseModel], data: Any) -> Any:
+    """Validate `data` against `model_cls`; the first problem becomes an InvalidRequest."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object", code="invalid_json", status=400)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in error["loc"]) or None
+    kind = error["type"]
+    message = error["msg"]
+    if kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        message = "field required"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param, code=kind)

@@ -1,0 +1,170 @@
+"""The `Muse` facade: what the JSON API, the pages and Slack call. Owns pool, batcher, autoscaler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import cast
+
+from muse.autoscaler import Autoscaler
+from muse.batcher import Batcher, Listener, Ticket, TicketState
+from muse.config import EMBEDDED_MODEL, Settings
+from muse.errors import NotFound, ShuttingDown
+from muse.messages import GenerateRequest, GenerateResult
+from muse.metrics import Metrics
+from muse.model_info import ModelInfo, inspect
+from muse.pool import Pool, PoolListener
+
+log = logging.getLogger("muse.service")
+
+
+class Muse:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.devices = settings.device_list()
+        self.model: ModelInfo = inspect(settings.model, EMBEDDED_MODEL)
+        self.jobs: dict[str, Ticket] = {}
+        self.metrics = Metrics()
+        self.draining = False
+        max_workers = min(settings.max_workers or len(self.devices), len(self.devices))
+        min_workers = max_workers if settings.min_workers < 0 else min(settings.min_workers, max_workers)
+        self.pool = Pool(
+            model=settings.model,
+            devices=self.devices,
+            listener=cast(PoolListener, None),
+            threads_per_worker=settings.threads_per_worker,
+            worker_timeout=settings.worker_timeout,
+            log_level=settings.log_level,
+        )
+        self.pool.target = min_workers
+        self.batcher = Batcher(
+            self.pool,
+            model=self.model.name,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            max_retries=settings.max_retries,
+            request_timeout=settings.request_timeout,
+            capacity=lambda: max(1, len(self.pool.workers)),
+            on_demand=lambda: self.autoscaler.poke(),
+        )
+        self.pool.listener = self.batcher
+        self.autoscaler = Autoscaler(
+            self.pool,
+            lambda: self.batcher.queued_images + self.batcher.inflight_images,
+            max_batch_size=settings.max_batch_size,
+            min_workers=min_workers,
+            max_workers=max_workers,
+            interval=settings.scale_interval,
+            upscale_delay=settings.upscale_delay,
+            downscale_delay=settings.downscale_delay,
+        )
+        self._idle = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.batcher.on_finish.append(self._finished)
+        self.batcher.on_batch.append(self.metrics.batch_size.observe)
+        self._register_gauges()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        log.info(
+            "model %s (%s), native %dx%d; devices %s; workers %d..%d",
+            self.model.name,
+            self.settings.model,
+            self.model.width,
+            self.model.height,
+            ",".join(self.devices),
+            self.autoscaler.min_workers,
+            self.autoscaler.max_workers,
+        )
+        self.pool.reconcile()
+        self._tasks.append(asyncio.create_task(self.autoscaler.run(), name="muse-autoscaler"))
+
+    async def drain(self) -> None:
+        """Refuse new work; let accepted work finish (up to drain_timeout), then fail what is left."""
+        self.draining = True
+        self.batcher.close()
+        if self.batcher.idle:
+            return
+        log.info(
+            "draining: %d queued, %d running image(s)",
+            self.batcher.queued_images,
+            self.batcher.inflight_images,
+        )
+        self._idle.clear()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+        except TimeoutError:
+            self.batcher.fail_all(ShuttingDown("the server shut down before this request finished"))
+
+    async def stop(self) -> None:
+        await self.drain()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.pool.close()
+        log.info("stopped")
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        return self.pool.readiness()
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, *, keep: bool = False) -> Ticket:
+        """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends."""
+        ticket = self.batcher.submit(request)
+        if keep:
+            self.jobs[ticket.id] = ticket
+        return ticket
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        ticket = self.submit(request)
+        try:
+            return await asyncio.shield(ticket.future)
+        except asyncio.CancelledError:
+            self.batcher.cancel(ticket)
+            raise
+
+    def job(self, job_id: str) -> Ticket:
+        ticket = self.jobs.get(job_id)
+        if ticket is None:
+            raise NotFound(f"no job {job_id!r} (unknown, or finished more than the job TTL ago)", param="id")
+        return ticket
+
+    def cancel(self, job_id: str) -> Ticket:
+        ticket = self.job(job_id)
+        self.batcher.cancel(ticket)
+        return ticket
+
+    def watch(self, ticket: Ticket, listener: Listener) -> Callable[[], None]:
+        return self.batcher.watch(ticket, listener)
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _finished(self, ticket: Ticket) -> None:
+        m = self.metrics
+        m.requests.labels(ticket.error.code if ticket.error else ticket.state.value).inc()
+        if ticket.state is TicketState.SUCCEEDED and ticket.result is not None:
+            t = ticket.result.timings
+            m.images.inc(len(ticket.result.images))
+            m.queue_seconds.observe(t.queued_ms / 1000)
+            m.compute_seconds.observe(t.compute_ms / 1000)
+            m.total_seconds.observe(t.total_ms / 1000)
+        if ticket.id in self.jobs:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.settings.job_ttl, self.jobs.pop, ticket.id, None)
+        if self.batcher.idle:
+            self._idle.set()
+
+    def _register_gauges(self) -> None:
+        m, b = self.metrics, self.batcher
+        m.gauge("muse_queue_images", "Images waiting in the queue", lambda: b.queued_images)
+        m.gauge("muse_inflight_images", "Images running on workers", lambda: b.inflight_images)
+        m.gauge("muse_autoscaler_target", "Workers the autoscaler wants", lambda: self.pool.target)
+        m.labelled_gauge("muse_workers", "Workers by state", "state", self.pool.counts)

@@ -1,0 +1,166 @@
+"""The worker subprocess: load one pipeline on one device, then run the jobs the parent sends.
+
+Started with the `spawn` context (a forked child hangs once the parent's torch has used threads).
+Loading, warm-up and every batch run on the main thread: a model loaded on one thread and run on
+another was measured 3.2x slower here, its OpenMP threads fighting over the cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from muse.messages import (
+    BOOT_FAILURE_EXIT,
+    BootFailure,
+    Failure,
+    Heartbeat,
+    Interrupt,
+    Job,
+    Progress,
+    Ready,
+    Result,
+    Stop,
+)
+
+log = logging.getLogger("muse.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: int
+    model: str
+    device: str
+    threads: int
+    heartbeat_interval: float
+    log_level: str = "info"
+
+
+class Channel:
+    """The worker's end of the pipe; the heartbeat thread and the main thread both send."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.busy = False
+        self.stop_requested = False
+
+    def send(self, message: object) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def drain_control(self, job_id: str) -> bool:
+        """Read control messages that arrived mid-job; True when this job must stop."""
+        interrupted = False
+        while self.conn.poll():
+            message = self.conn.recv()
+            if isinstance(message, Interrupt) and message.job_id == job_id:
+                interrupted = True
+            elif isinstance(message, Stop):
+                self.stop_requested = True
+        return interrupted
+
+
+def heartbeat(channel: Channel, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            channel.send(Heartbeat(busy=channel.busy))
+        except (OSError, ValueError):
+            return  # the pipe is closed: the process is exiting
+
+
+def run_job(channel: Channel, loaded: object, job: Job) -> None:
+    from muse.pipeline import run_batch
+
+    def on_step(step: int) -> bool:
+        channel.send(Progress(job.job_id, step, job.steps))
+        return not channel.drain_control(job.job_id)
+
+    start = time.perf_counter()
+    channel.busy = True
+    try:
+        pngs = run_batch(loaded, job, on_step)  # type: ignore[arg-type]
+    except Exception as exc:
+        log.exception("job %s failed", job.job_id)
+        channel.send(Failure(job.job_id, f"{type(exc).__name__}: {exc}"))
+        return
+    finally:
+        channel.busy = False
+    if pngs is None:
+        channel.send(Failure(job.job_id, "interrupted", interrupted=True))
+    else:
+        channel.send(Result(job.job_id, pngs, (time.perf_counter() - start) * 1000))
+
+
+def quiet_libraries() -> None:
+    """Library chatter (progress bars, optional-dependency hints) would flood the server log per worker."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+
+
+def main(conn: Connection, config: WorkerConfig) -> None:
+    # The parent decides when workers stop; Ctrl-C in a terminal must not kill them mid-batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    channel = Channel(conn)
+    quiet_libraries()
+    try:
+        import torch
+
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        from muse.pipeline import load_pipeline, warm_up
+
+        start = time.perf_counter()
+        loaded = load_pipeline(config.model, config.device)
+        warm_up(loaded)
+        load_s = time.perf_counter() - start
+    except BaseException as exc:
+        message = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
+        log.error("%s\n%s", message, traceback.format_exc())
+        try:
+            channel.send(BootFailure(message))
+        finally:
+            sys.exit(BOOT_FAILURE_EXIT)
+
+    threading.Thread(target=heartbeat, args=(channel, config.heartbeat_interval), daemon=True).start()
+    channel.send(
+        Ready(
+            config.model,
+            config.device,
+            loaded.width,
+            loaded.height,
+            loaded.guidance_scale,
+            load_s,
+            os.getpid(),
+        )
+    )
+    log.info("ready on %s in %.1f s", config.device, load_s)
+    while not channel.stop_requested:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if isinstance(message, Job):
+            run_job(channel, loaded, message)
+        elif isinstance(message, Stop):
+            return
+        # A stale Interrupt (its job already finished) needs nothing.

@@ -1,0 +1,75 @@
+"""Test helpers: a real uvicorn server on an ephemeral port in a background thread, and waits with deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+import uvicorn
+
+from muse.app import create_app
+from muse.config import Settings
+from muse.service import Muse
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 60.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll `condition` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class LiveServer:
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.muse: Muse = self.app.state.muse
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 60, what="uvicorn to start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        wait_for(lambda: httpx.get(self.url + "/readyz").status_code == 200, timeout, 0.1, "/readyz 200")
+
+    def worker_pids(self) -> list[int]:
+        return [w.pid for w in self.muse.pool.workers if w.pid is not None]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+@contextmanager
+def live_server(settings: Settings, ready: bool = True) -> Iterator[LiveServer]:
+    server = LiveServer(settings).start()
+    try:
+        if ready:
+            server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def settings(model: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {"model": model, "devices": "cpu", "threads_per_worker": 1, "log_level": "warning"}
+    base.update(overrides)
+    return Settings(**base)

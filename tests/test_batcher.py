@@ -1,0 +1,268 @@
+"""Batching policy against a fake pool: no processes, milliseconds per test."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from muse.batcher import Batcher, TicketState
+from muse.errors import Cancelled, Overloaded, ShuttingDown, TimedOut, WorkerDied
+from muse.messages import Failure, GenerateRequest, Job, Progress, Result
+
+pytestmark = pytest.mark.anyio
+
+
+class FakePool:
+    def __init__(self, workers: int = 1) -> None:
+        self.idle: list[int] = list(range(workers))
+        self.running: dict[int, Job] = {}
+        self.dispatched: list[Job] = []
+        self.interrupted: list[str] = []
+
+    def idle_worker(self) -> Any | None:
+        return self.idle[0] if self.idle else None
+
+    def dispatch(self, worker: Any, job: Job) -> None:
+        self.idle.remove(worker)
+        self.running[worker] = job
+        self.dispatched.append(job)
+
+    def interrupt(self, job_id: str) -> None:
+        self.interrupted.append(job_id)
+
+    def busy_count(self) -> int:
+        return len(self.running)
+
+    def finish(self, batcher: Batcher, worker: int = 0) -> Job:
+        job = self.running.pop(worker)
+        self.idle.append(worker)
+        pngs = [f"png-{spec.prompt}-{spec.seed}".encode() for spec in job.images]
+        batcher.job_finished(Result(job.job_id, pngs, compute_ms=100.0))
+        batcher.worker_idle()
+        return job
+
+    def die(self, batcher: Batcher, worker: int = 0) -> Job:
+        job = self.running.pop(worker)
+        self.idle.append(worker)
+        batcher.job_lost(job, "worker died")
+        return job
+
+
+def req(
+    prompt: str = "p", *, n: int = 1, steps: int = 2, width: int = 64, seed: int = 1, **kw: Any
+) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=prompt, seed=seed, steps=steps, guidance_scale=4.0, width=width, height=64, n=n, **kw
+    )
+
+
+def make(pool: FakePool, **kw: Any) -> Batcher:
+    return Batcher(pool, model="m", **({"max_batch_size": 4, "max_wait_ms": 10_000} | kw))
+
+
+async def test_idle_worker_gets_a_lone_request_at_once() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    ticket = batcher.submit(req())
+    assert [len(j.images) for j in pool.dispatched] == [1]
+    assert ticket.state is TicketState.RUNNING
+    pool.finish(batcher)
+    result = await ticket.future
+    assert result.images[0].png == b"png-p-1"
+    assert result.batch_size == 1
+
+
+async def test_requests_queued_behind_a_busy_worker_form_one_batch_oldest_first() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    first = batcher.submit(req("a"))
+    others = [batcher.submit(req(f"b{i}")) for i in range(5)]
+    assert len(pool.dispatched) == 1
+    pool.finish(batcher)
+    job = pool.dispatched[1]
+    assert [s.prompt for s in job.images] == ["b0", "b1", "b2", "b3"]  # capped at max_batch_size
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[2].images] == ["b4"]
+    pool.finish(batcher)
+    assert (await first.future).batch_size == 1
+    assert [(await t.future).batch_size for t in others] == [4, 4, 4, 4, 1]
+
+
+async def test_only_compatible_requests_share_a_batch() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"))
+    batcher.submit(req("x", width=64))
+    batcher.submit(req("y", width=128))
+    batcher.submit(req("z", width=64))
+    batcher.submit(req("s", steps=3))
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[1].images] == ["x", "z"]
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[2].images] == ["y"]
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[3].images] == ["s"]
+
+
+async def test_a_request_for_n_images_takes_n_slots_with_consecutive_seeds() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"))
+    three = batcher.submit(req("three", n=3, seed=10))
+    two = batcher.submit(req("two", n=2))  # does not fit beside the three: 3 + 2 > 4
+    one = batcher.submit(req("one"))
+    pool.finish(batcher)
+    assert [(s.prompt, s.seed) for s in pool.dispatched[1].images] == [
+        ("three", 10),
+        ("three", 11),
+        ("three", 12),
+        ("one", 1),
+    ]
+    pool.finish(batcher)
+    pool.finish(batcher)
+    result = await three.future
+    assert [i.seed for i in result.images] == [10, 11, 12]
+    assert [i.png for i in result.images] == [b"png-three-10", b"png-three-11", b"png-three-12"]
+    assert len((await two.future).images) == 2
+    assert (await one.future).images[0].png == b"png-one-1"
+
+
+async def test_part_full_batch_waits_at_most_max_wait_for_company_while_others_are_busy() -> None:
+    pool = FakePool(workers=2)
+    batcher = make(pool, max_wait_ms=30)
+    batcher.submit(req("a"))  # worker 0 busy, worker 1 idle
+    assert len(pool.dispatched) == 1
+    b = batcher.submit(req("b"))
+    assert len(pool.dispatched) == 1, "a part-full batch should wait for company while a worker is busy"
+    c = batcher.submit(req("c"))
+    assert b.state is TicketState.QUEUED
+    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 2), 1.0)
+    assert [s.prompt for s in pool.dispatched[1].images] == ["b", "c"]
+    assert c.state is TicketState.RUNNING
+
+
+async def test_full_batch_goes_at_once_even_while_others_are_busy() -> None:
+    pool = FakePool(workers=2)
+    batcher = make(pool, max_wait_ms=60_000)
+    batcher.submit(req("a"))
+    for i in range(4):
+        batcher.submit(req(f"f{i}"))
+    assert len(pool.dispatched) == 2 and len(pool.dispatched[1].images) == 4
+
+
+async def test_cancelled_queued_request_never_reaches_a_worker() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"))
+    gone = batcher.submit(req("gone"))
+    kept = batcher.submit(req("kept"))
+    assert batcher.cancel(gone)
+    with pytest.raises(Cancelled):
+        await gone.future
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[1].images] == ["kept"]
+    assert batcher.queued_images == 0
+    assert not batcher.cancel(gone), "a ticket ends once"
+    pool.finish(batcher)
+    await kept.future
+
+
+async def test_running_batch_is_interrupted_only_when_all_its_requests_are_gone() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"))
+    a, b = batcher.submit(req("a")), batcher.submit(req("b"))
+    pool.finish(batcher)
+    job = pool.dispatched[1]
+    batcher.cancel(a)
+    assert pool.interrupted == []
+    batcher.cancel(b)
+    assert pool.interrupted == [job.job_id]
+    batcher.job_finished(Failure(job.job_id, "interrupted", interrupted=True))
+    assert a.state is TicketState.CANCELLED and b.state is TicketState.CANCELLED
+
+
+async def test_deadline_while_queued_fails_with_timeout_and_is_never_computed() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"))
+    late = batcher.submit(req("late", timeout_s=0.02))
+    with pytest.raises(TimedOut):
+        await asyncio.wait_for(late.future, 1.0)
+    pool.finish(batcher)
+    assert len(pool.dispatched) == 1
+
+
+async def test_lost_batch_is_retried_once_then_fails_with_worker_died() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_retries=1)
+    ticket = batcher.submit(req("x", seed=5))
+    first = pool.die(batcher)
+    assert ticket.state is TicketState.RUNNING, "retried on the idle worker"
+    second = pool.running[0]
+    assert [s.seed for s in second.images] == [s.seed for s in first.images]
+    pool.die(batcher)
+    with pytest.raises(WorkerDied):
+        await ticket.future
+    assert len(pool.dispatched) == 2
+
+
+async def test_retry_disabled_fails_at_once() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_retries=0)
+    ticket = batcher.submit(req())
+    pool.die(batcher)
+    with pytest.raises(WorkerDied):
+        await ticket.future
+
+
+async def test_overload_is_refused_before_queueing_with_retry_after() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_queue=3)
+    batcher.submit(req("running"))
+    for i in range(3):
+        batcher.submit(req(f"q{i}"))
+    with pytest.raises(Overloaded) as info:
+        batcher.submit(req("over"))
+    assert int(info.value.headers()["Retry-After"]) >= 1
+    assert batcher.queued_images == 3
+
+
+async def test_closed_batcher_refuses_new_work() -> None:
+    batcher = make(FakePool())
+    batcher.close()
+    with pytest.raises(ShuttingDown):
+        batcher.submit(req())
+
+
+async def test_positions_and_progress_events() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_batch_size=1)
+    batcher.submit(req("busy"))
+    a = batcher.submit(req("a", n=1))
+    b = batcher.submit(req("b", n=1))
+    assert batcher.position(a) == 0 and batcher.position(b) == 1
+    events: list[tuple[str, int | None]] = []
+    batcher.watch(b, lambda t, e: events.append((e, batcher.position(t))))
+    pool.finish(batcher)  # a starts, b moves up
+    job = pool.finish(batcher, 0)  # a done, b starts
+    assert job.images[0].prompt == "a"
+    b_job = pool.running[0]
+    for step in (1, 2):
+        batcher.job_progress(Progress(b_job.job_id, step, 2))
+    pool.finish(batcher)
+    assert events == [
+        ("queued", 0),
+        ("running", None),
+        ("progress", None),
+        ("progress", None),
+        ("succeeded", None),
+    ]
+    assert b.step == 2
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)

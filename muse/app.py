@@ -30,9 +30,7 @@ async def muse_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
-        exc.status_code, "invalid_request_error"
-    )
+    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
     error = InvalidRequest(str(exc.detail), code=kind, status=exc.status_code)
     error.type = kind
     return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)

@@ -9,6 +9,7 @@ to zero wakes it at once (cold start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -89,7 +90,5 @@ class Autoscaler:
         while True:
             self.step()
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass

@@ -293,9 +293,7 @@ class Batcher:
         retry = [t for t in alive if t.attempts <= self.max_retries]
         for t in alive:
             if t not in retry:
-                self._finish(
-                    t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too")
-                )
+                self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
         if retry:
             log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), job.job_id)
             for t in retry:
@@ -359,9 +357,7 @@ class Batcher:
         job = Job(
             job_id=secrets.token_hex(6),
             images=[
-                ImageSpec(t.request.prompt, t.request.negative_prompt, s)
-                for t in batch
-                for s in t.request.seeds()
+                ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in batch for s in t.request.seeds()
             ],
             width=first.width,
             height=first.height,

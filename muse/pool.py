@@ -9,6 +9,7 @@ idle pool costs nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -303,10 +304,8 @@ class Pool:
 
     def _stop(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STOPPING
-        try:
+        with contextlib.suppress(OSError):
             worker.conn.send(Stop())
-        except OSError:
-            pass
 
     def _kill(self, worker: WorkerHandle) -> None:
         if worker.process.is_alive():

@@ -50,12 +50,8 @@ class FakePool:
         return job
 
 
-def req(
-    prompt: str = "p", *, n: int = 1, steps: int = 2, width: int = 64, seed: int = 1, **kw: Any
-) -> GenerateRequest:
-    return GenerateRequest(
-        prompt=prompt, seed=seed, steps=steps, guidance_scale=4.0, width=width, height=64, n=n, **kw
-    )
+def req(prompt: str = "p", *, n: int = 1, steps: int = 2, width: int = 64, seed: int = 1, **kw: Any) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, seed=seed, steps=steps, guidance_scale=4.0, width=width, height=64, n=n, **kw)
 
 
 def make(pool: FakePool, **kw: Any) -> Batcher:

@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from muse import worker as worker_module
+from muse.framing import FrameReader
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     BootFailure,
@@ -72,6 +73,10 @@ class WorkerHandle:
     info: Ready | None = None
     jobs_done: int = 0
     exited: asyncio.Future[int | None] | None = None
+    reader: FrameReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = FrameReader(self.conn.fileno())
 
     @property
     def pid(self) -> int | None:
@@ -234,6 +239,7 @@ class Pool:
         handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device, process, parent_conn)
         handle.exited = loop.create_future()
         slot.worker = handle
+        os.set_blocking(parent_conn.fileno(), False)
         loop.add_reader(parent_conn.fileno(), self._on_readable, handle)
         loop.add_reader(process.sentinel, self._on_exit, handle)
         log.info("starting worker %d on %s (pid %s)", worker_id, slot.device, process.pid)
@@ -247,17 +253,16 @@ class Pool:
         worker.job = job
         worker.last_seen = time.monotonic()
         try:
-            worker.conn.send(job)
+            self._send(worker, job)
         except OSError:
             self._on_death(worker, f"worker {worker.id} pipe broke")
 
     def interrupt(self, job_id: str) -> None:
         for w in self.workers:
             if w.job is not None and w.job.job_id == job_id:
-                try:
-                    w.conn.send(Interrupt(job_id))
-                except OSError:
-                    pass  # it is dying; its death is handled by the reader
+                # A broken pipe means it is dying; the reader handles its death.
+                with contextlib.suppress(OSError):
+                    self._send(w, Interrupt(job_id))
 
     def kill(self, worker_id: int) -> None:
         for w in self.workers:
@@ -268,10 +273,21 @@ class Pool:
 
     def _on_readable(self, worker: WorkerHandle) -> None:
         try:
-            while worker.live and worker.conn.poll():
-                self._handle(worker, worker.conn.recv())
+            for message in worker.reader.read():
+                if worker.live:
+                    self._handle(worker, message)
         except (EOFError, OSError):
             self._on_death(worker, f"worker {worker.id} on {worker.device} died")
+
+    def _send(self, worker: WorkerHandle, message: object) -> None:
+        # The loop keeps the fd non-blocking; messages to a worker are small and it reads them
+        # promptly (idle: blocked in recv; busy: polled every step), so a blocking write is brief.
+        fd = worker.conn.fileno()
+        os.set_blocking(fd, True)
+        try:
+            worker.conn.send(message)
+        finally:
+            os.set_blocking(fd, False)
 
     def _handle(self, worker: WorkerHandle, message: object) -> None:
         worker.last_seen = time.monotonic()
@@ -305,7 +321,7 @@ class Pool:
     def _stop(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STOPPING
         with contextlib.suppress(OSError):
-            worker.conn.send(Stop())
+            self._send(worker, Stop())
 
     def _kill(self, worker: WorkerHandle) -> None:
         if worker.process.is_alive():

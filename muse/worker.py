@@ -114,8 +114,11 @@ def quiet_libraries() -> None:
 
 
 def main(conn: Connection, config: WorkerConfig) -> None:
-    # The parent decides when workers stop; Ctrl-C in a terminal must not kill them mid-batch.
+    # The parent decides when workers stop: Ctrl-C in a terminal, or a service manager signalling the
+    # whole process group, must not kill a batch the parent is draining. If the parent dies, the pipe
+    # closes and the worker exits on its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",

@@ -1,0 +1,84 @@
+"""Shared pieces of the benchmarks: a served `muse serve` subprocess and the direct pipeline loop."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[str]:
+    """`muse serve` in a subprocess on a free loopback port; yields its URL once /readyz is 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", *flags]
+    process = subprocess.Popen(cmd, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"muse serve exited with {process.returncode}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("muse serve did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+class DirectPipeline:
+    """The ceiling: the same pipeline called in a loop in this process, no server in between."""
+
+    def __init__(self, model: str, threads: int) -> None:
+        import torch
+
+        from muse.pipeline import load_pipeline, warm_up
+
+        torch.set_num_threads(threads)
+        self.loaded = load_pipeline(model, "cpu")
+        warm_up(self.loaded)
+
+    def run(self, batch: int, steps: int, seed: int = 0) -> float:
+        """One batch; returns seconds."""
+        from muse.messages import ImageSpec, Job
+
+        images = [ImageSpec("a red circle on a blue background", "", seed + i) for i in range(batch)]
+        job = Job("direct", images, self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
+        from muse.pipeline import run_batch
+
+        start = time.perf_counter()
+        run_batch(self.loaded, job, lambda step: True)
+        return time.perf_counter() - start
+
+    def throughput(self, batch: int, steps: int, duration: float) -> float:
+        """Images per second over at least `duration` seconds (whole batches)."""
+        images, spent = 0, 0.0
+        while spent < duration:
+            spent += self.run(batch, steps, seed=images)
+            images += batch
+        return images / spent

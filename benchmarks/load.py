@@ -1,0 +1,150 @@
+"""Closed-loop load generator: C clients, each sending its next request as soon as the last one ends.
+
+    python benchmarks/load.py URL [--concurrency 1,4,16] [--duration 20] [--steps 25]
+
+Per level: completed, errors by status, throughput (images/s), p50/p90/p99 latency. Loopback only;
+every level is bounded in time (and optionally in count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    duration_s: float
+    completed: int
+    images: int
+    errors: dict[str, int] = field(default_factory=dict)
+    throughput: float = 0.0
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]  # type: ignore[index]
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise SystemExit(f"refusing to load {host}: this generator only targets loopback")
+
+
+async def run_level(
+    url: str,
+    concurrency: int,
+    duration: float,
+    body: dict[str, Any],
+    *,
+    max_requests: int | None = None,
+    path: str = "/api/generate",
+) -> LevelResult:
+    """Clients send back to back for `duration` seconds; only completions inside the window count."""
+    check_loopback(url)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    batches: Counter[int] = Counter()
+    images = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    timeout = httpx.Timeout(duration + 600, connect=60)
+    start = time.perf_counter()
+    end = start + duration
+
+    async def client_loop(http: httpx.AsyncClient) -> None:
+        nonlocal images, sent
+        while time.perf_counter() < end and (max_requests is None or sent < max_requests):
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                response = await http.post(path, json=body)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+                continue
+            t1 = time.perf_counter()
+            if t1 > end:
+                break
+            if response.status_code == 200:
+                data = response.json()
+                latencies.append((t1 - t0) * 1000)
+                images += len(data.get("images", []))
+                batches[int(data.get("batch_size", 0))] += 1
+            else:
+                errors[str(response.status_code)] += 1
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
+        await asyncio.gather(*(client_loop(http) for _ in range(concurrency)))
+    elapsed = min(time.perf_counter(), end) - start
+    return LevelResult(
+        concurrency=concurrency,
+        duration_s=round(elapsed, 3),
+        completed=len(latencies),
+        images=images,
+        errors=dict(errors),
+        throughput=round(images / elapsed, 3) if elapsed > 0 else 0.0,
+        p50_ms=_r(percentile(latencies, 50)),
+        p90_ms=_r(percentile(latencies, 90)),
+        p99_ms=_r(percentile(latencies, 99)),
+        batch_sizes=dict(sorted(batches.items())),
+    )
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def print_table(rows: list[LevelResult], title: str = "") -> None:
+    if title:
+        print(title)
+    print(f"{'clients':>8} {'done':>6} {'img/s':>8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9}  errors")
+    for r in rows:
+        print(
+            f"{r.concurrency:>8} {r.completed:>6} {r.throughput:>8.2f} {r.p50_ms or 0:>9.1f} "
+            f"{r.p90_ms or 0:>9.1f} {r.p99_ms or 0:>9.1f}  {r.errors or ''}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url")
+    parser.add_argument("--concurrency", default="1,4,16,64,256,1000")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
+    parser.add_argument("--max-requests", type=int, default=None, help="cap per level")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--prompt", default="a red circle on a blue background")
+    parser.add_argument("--json", default=None, help="write results here")
+    args = parser.parse_args()
+    body = {"prompt": args.prompt, "steps": args.steps}
+    rows = [
+        asyncio.run(run_level(args.url, int(c), args.duration, body, max_requests=args.max_requests))
+        for c in args.concurrency.split(",")
+    ]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([asdict(r) for r in rows], fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Served throughput against the direct pipeline, in one run.
+
+    python benchmarks/serve_vs_direct.py [--batch 8] [--clients 32] [--duration 30] [--quick]
+
+1. direct: the pipeline in a loop at batch B (this process, same thread count as one worker);
+2. served: `muse serve --devices cpu --max-batch-size B` with C closed-loop clients;
+3. idle latency: one client, one image at a time, against one direct batch-1 call;
+4. direct again. The machine drifts, so ratios use the mean of the bracketing direct runs.
+
+Prints a table, writes benchmarks/results/serve_vs_direct.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, DirectPipeline, muse_server
+from load import run_level
+
+from muse.config import EMBEDDED_MODEL
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per measured phase")
+    parser.add_argument("--quick", action="store_true", help="10 s phases")
+    parser.add_argument("--out", default=str(RESULTS / "serve_vs_direct"))
+    args = parser.parse_args()
+    duration = 10.0 if args.quick else args.duration
+    threads = os.cpu_count() or 1
+    body = {"prompt": "a red circle on a blue background", "steps": args.steps}
+
+    direct = DirectPipeline(args.model, threads)
+    before = direct.throughput(args.batch, args.steps, duration)
+    single = statistics.median(direct.run(1, args.steps, seed=i) for i in range(7)) * 1000
+    print(f"direct batch {args.batch}: {before:.2f} images/s; batch 1: {single:.1f} ms")
+
+    flags = ["--model", args.model, "--devices", "cpu", "--max-batch-size", str(args.batch)]
+    flags += ["--threads-per-worker", str(threads), "--max-queue", str(max(256, args.clients * 4))]
+    with muse_server(*flags) as url:
+        asyncio.run(run_level(url, args.clients, 3.0, body))  # warm the server and the clients
+        served = asyncio.run(run_level(url, args.clients, duration, body))
+        idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body))
+    after = direct.throughput(args.batch, args.steps, duration)
+    ceiling = (before + after) / 2
+
+    ratio = served.throughput / ceiling
+    idle_overhead = (idle.p50_ms or 0) - single
+    print()
+    print(f"{'system':<28} {'img/s':>8} {'p50 ms':>9} {'p99 ms':>9}")
+    print(f"{'direct (before)':<28} {before:>8.2f}")
+    print(
+        f"{f'muse, {args.clients} clients':<28} {served.throughput:>8.2f} {served.p50_ms:>9.1f} {served.p99_ms:>9.1f}"
+    )
+    print(f"{'direct (after)':<28} {after:>8.2f}")
+    print(f"{'muse, 1 client (idle)':<28} {idle.throughput:>8.2f} {idle.p50_ms:>9.1f} {idle.p99_ms:>9.1f}")
+    print(f"\nserved / direct = {ratio:.3f}   (target >= 0.9)")
+    print(f"idle latency: served p50 {idle.p50_ms:.1f} ms vs direct {single:.1f} ms (+{idle_overhead:.1f} ms)")
+    print(f"batch sizes seen under load: {served.batch_sizes}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": {
+            "batch": args.batch,
+            "clients": args.clients,
+            "steps": args.steps,
+            "duration_s": duration,
+            "threads": threads,
+            "model": args.model,
+        },
+        "direct_before": before,
+        "direct_after": after,
+        "direct_batch1_ms": single,
+        "served": asdict(served),
+        "idle": asdict(idle),
+        "ratio_served_over_direct": ratio,
+        "idle_overhead_ms": idle_overhead,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["direct\n(before)", f"muse\n{report['config']['clients']} clients", "direct\n(after)"]
+    values = [report["direct_before"], report["served"]["throughput"], report["direct_after"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(labels, values, color=["#999", "#3a7", "#999"])
+    ax.set_ylabel("images / s")
+    ax.set_title(f"served / direct = {report['ratio_served_over_direct']:.2f} (batch {report['config']['batch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

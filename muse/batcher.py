@@ -131,6 +131,8 @@ class Batcher:
         self.closed = False
         self.on_finish: list[Callable[[Ticket], None]] = []
         self.on_batch: list[Callable[[int], None]] = []
+        self.on_interrupt: list[Callable[[], None]] = []
+        self.on_retry: list[Callable[[], None]] = []
         # Exponential averages of observed speed, for Retry-After and ETAs.
         self.image_seconds = 0.0
         self.step_seconds = 0.0
@@ -142,7 +144,8 @@ class Batcher:
     def submit(self, request: GenerateRequest, *, ticket_id: str | None = None) -> Ticket:
         if self.closed:
             raise ShuttingDown("the server is shutting down; retry on another instance")
-        if self.queued_images + request.n > self.max_queue:
+        # An empty queue takes any request, or one bigger than --max-queue could never run.
+        if self.queued_images and self.queued_images + request.n > self.max_queue:
             raise Overloaded(
                 f"queue full ({self.queued_images} images waiting, limit {self.max_queue}); retry later",
                 retry_after=self.estimate_wait(self.queued_images + request.n),
@@ -256,6 +259,9 @@ class Batcher:
                 if message.interrupted
                 else GenerationFailed(f"generation failed: {message.message}")
             )
+            if message.interrupted:
+                for callback in self.on_interrupt:
+                    callback()
             for t in flight.tickets:
                 if not t.done:
                     self._finish(t, TicketState.FAILED, error=error)
@@ -295,6 +301,8 @@ class Batcher:
             if t not in retry:
                 self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
         if retry:
+            for callback in self.on_retry:
+                callback()
             log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), job.job_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None

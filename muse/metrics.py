@@ -16,6 +16,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("muse_requests", "Requests by outcome", ["outcome"], registry=r)
         self.images = Counter("muse_images_generated", "Images generated", registry=r)
+        self.interrupted = Counter("muse_batches_interrupted", "Batches stopped early: every request gone", registry=r)
+        self.retries = Counter("muse_batches_retried", "Batches retried after their worker died", registry=r)
         self.batch_size = Histogram("muse_batch_size", "Images per batch", buckets=BATCH_BUCKETS, registry=r)
         self.queue_seconds = Histogram(
             "muse_queue_seconds", "Time from accepted to running", buckets=LATENCY_BUCKETS, registry=r

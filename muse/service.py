@@ -65,6 +65,8 @@ class Muse:
         self._tasks: list[asyncio.Task[None]] = []
         self.batcher.on_finish.append(self._finished)
         self.batcher.on_batch.append(self.metrics.batch_size.observe)
+        self.batcher.on_interrupt.append(self.metrics.interrupted.inc)
+        self.batcher.on_retry.append(self.metrics.retries.inc)
         self._register_gauges()
 
     # ---- lifecycle --------------------------------------------------------------------------------

@@ -73,3 +73,27 @@ def settings(model: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {"model": model, "devices": "cpu", "threads_per_worker": 1, "log_level": "warning"}
     base.update(overrides)
     return Settings(**base)
+
+
+def metric(server: LiveServer, name: str) -> float:
+    """One sample from /metrics, e.g. `muse_requests_total{outcome="cancelled"}`; 0 when absent."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def job_status(server: LiveServer, job_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{server.url}/api/jobs/{job_id}").json())
+
+
+def submit_job(server: LiveServer, body: dict[str, Any]) -> str:
+    response = httpx.post(server.url + "/api/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def wait_job(server: LiveServer, job_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
+    return wait_for(
+        lambda: (s := job_status(server, job_id))["status"] in states and s, timeout, 0.02, f"job in {states}"
+    )

@@ -262,3 +262,13 @@ async def test_positions_and_progress_events() -> None:
 async def _until(condition: Any) -> None:
     while not condition():
         await asyncio.sleep(0.001)
+
+
+async def test_empty_queue_takes_a_request_bigger_than_max_queue() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_queue=2)
+    batcher.submit(req("busy"))
+    big = batcher.submit(req("big", n=4))
+    assert big.state is TicketState.QUEUED
+    with pytest.raises(Overloaded):
+        batcher.submit(req("more"))

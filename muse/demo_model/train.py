@@ -1,0 +1,274 @@
+"""Train the embedded demo model from scratch on 2 CPU cores, reproducibly.
+
+    python -m muse.demo_model.train                      # the shipped weights (~50 minutes)
+    python -m muse.demo_model.train --smoke --out /tmp/x  # one tiny iteration end to end
+
+Stage 1 trains the VAE on rendered scenes; stage 2 trains the UNet and the text encoder together on
+the frozen VAE's latents, with 10 % empty captions so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from tqdm import tqdm
+
+from muse.demo_model.architecture import SPECS, ModelSpec, build_pipeline, save_pipeline
+from muse.demo_model.scenes import Scene, caption, render_array, sample_scene
+
+log = logging.getLogger("muse.demo_model.train")
+SHIPPED_FOLDER = Path(__file__).parent / "pipeline"
+# Chosen with benchmarks/demo_model_eval.py --sweep on the trained model; stored in muse.json.
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_STEPS = 25
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    spec: str = "demo"
+    seed: int = 0
+    images: int = 40_000
+    vae_steps: int = 1_000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    # Enough to keep the latent space smooth for diffusion, small enough not to blur edges.
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 3_500
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    unet_warmup: int = 200
+    empty_caption: float = 0.1
+    ema_decay: float = 0.999
+    # Min-SNR loss weighting: stops the easy low-noise steps from dominating the gradient.
+    min_snr_gamma: float = 5.0
+    max_minutes: float = 58.0
+    guidance_scale: float = DEFAULT_GUIDANCE
+
+    def scaled(self, factor: float) -> TrainConfig:
+        return dataclasses.replace(
+            self,
+            vae_steps=max(1, round(self.vae_steps * factor)),
+            unet_steps=max(1, round(self.unet_steps * factor)),
+        )
+
+
+SMOKE = TrainConfig(images=32, vae_steps=1, vae_batch=8, unet_steps=1, unet_batch=8, unet_warmup=1)
+
+
+def render_dataset(count: int, size: int, rng: random.Random) -> tuple[list[Scene], np.ndarray]:
+    scenes = [sample_scene(rng) for _ in range(count)]
+    pixels = np.stack([render_array(scene, size) for scene in tqdm(scenes, desc="render", mininterval=5)])
+    return scenes, pixels
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def batches(count: int, batch: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Indices for `steps` batches, walking through shuffled epochs."""
+    order = torch.randperm(count, generator=generator)
+    cursor = 0
+    for _ in range(steps):
+        if cursor + batch > count:
+            order, cursor = torch.randperm(count, generator=generator), 0
+        yield order[cursor : cursor + batch]
+        cursor += batch
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfig, deadline: float) -> None:
+    vae = pipe.vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    bar = tqdm(batches(len(pixels), cfg.vae_batch, cfg.vae_steps, generator), total=cfg.vae_steps, desc="vae")
+    for step, index in enumerate(bar):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * lr_factor(step, cfg.vae_steps, min(50, cfg.vae_steps))
+        images = to_tensor(pixels[index.numpy()])
+        # bf16 autocast doubles VAE speed on this CPU; the UNet is faster in fp32 (measured).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior = vae.encode(images).latent_dist
+            decoded = vae.decode(posterior.sample(generator=generator)).sample
+        reconstruction = F.mse_loss(decoded.float(), images)
+        loss = reconstruction + cfg.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(mse=f"{reconstruction.item():.4f}", refresh=False)
+        if time.monotonic() > deadline:
+            log.warning("VAE stage stopped early at step %d: time budget spent", step)
+            break
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_latents(pipe: StableDiffusionPipeline, pixels: np.ndarray) -> torch.Tensor:
+    """Posterior means of the whole dataset, scaled to unit std as Stable Diffusion does; the factor
+    is stored in the VAE config so the pipeline undoes it when decoding."""
+    chunks = []
+    for start in tqdm(range(0, len(pixels), 256), desc="encode", mininterval=5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            chunks.append(pipe.vae.encode(to_tensor(pixels[start : start + 256])).latent_dist.mean.float())
+    latents = torch.cat(chunks)
+    scaling_factor = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling_factor)
+    log.info("latent scaling factor %.4f", scaling_factor)
+    return latents * scaling_factor
+
+
+class Ema:
+    """Exponential moving average of weights; sampling from it gives cleaner images from short runs."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        # Warm-up: early weights are noise, so average over a shorter horizon at first.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights; calling it twice restores the live ones."""
+        for param, shadow in zip(self.params, self.shadow, strict=True):
+            live = param.detach().clone()
+            param.copy_(shadow)
+            shadow.copy_(live)
+
+
+def tokenize(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+    # Padded to the full length exactly as the pipeline does at inference.
+    return pipe.tokenizer(
+        texts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def train_denoiser(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    scenes: list[Scene],
+    cfg: TrainConfig,
+    deadline: float,
+    snapshot: tuple[Path, int] | None = None,
+) -> None:
+    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    loss_weight = snr.clamp(max=cfg.min_snr_gamma) / snr
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    ema = Ema([unet, text_encoder], cfg.ema_decay)
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = random.Random(cfg.seed + 3)
+    bar = tqdm(batches(len(latents), cfg.unet_batch, cfg.unet_steps, generator), total=cfg.unet_steps, desc="unet")
+    running = None
+    for step, index in enumerate(bar):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.unet_lr * lr_factor(step, cfg.unet_steps, cfg.unet_warmup)
+        texts = ["" if rng.random() < cfg.empty_caption else caption(scenes[i], rng) for i in index.tolist()]
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = torch.randint(0, len(alphas), (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        hidden = text_encoder(tokenize(pipe, texts))[0]
+        predicted = unet(noisy, timesteps, hidden).sample
+        per_sample = (predicted - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weight[timesteps]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.update()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        if snapshot is not None and (step + 1) % snapshot[1] == 0:
+            # Lets the eval judge a run while it still trains.
+            ema.swap()
+            save_pipeline(pipe, snapshot[0] / f"step-{step + 1:05d}", serving_defaults(cfg, pipe))
+            ema.swap()
+        if time.monotonic() > deadline:
+            log.warning("UNet stage stopped early at step %d: time budget spent", step)
+            break
+    ema.swap()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+def serving_defaults(cfg: TrainConfig, pipe: StableDiffusionPipeline) -> dict[str, float | int]:
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return {
+        "guidance_scale": cfg.guidance_scale,
+        "num_inference_steps": DEFAULT_STEPS,
+        "width": native,
+        "height": native,
+    }
+
+
+def train(cfg: TrainConfig, out: Path, snapshot: tuple[Path, int] | None = None) -> Path:
+    started = time.monotonic()
+    deadline = started + cfg.max_minutes * 60
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    spec: ModelSpec = SPECS[cfg.spec]
+    pipe = build_pipeline(spec, seed=cfg.seed)
+    scenes, pixels = render_dataset(cfg.images, spec.image_size, random.Random(cfg.seed))
+    train_vae(pipe, pixels, cfg, deadline)
+    latents = encode_latents(pipe, pixels)
+    del pixels
+    train_denoiser(pipe, latents, scenes, cfg, deadline, snapshot)
+    save_pipeline(pipe, out, serving_defaults(cfg, pipe))
+    log.info("trained in %.1f minutes; wrote %s", (time.monotonic() - started) / 60, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the Muse demo model from scratch.")
+    parser.add_argument("--out", type=Path, default=SHIPPED_FOLDER)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="one tiny iteration, for tests")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply both stages' steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--snapshots", type=Path, help="also save the EMA model here every N UNet steps")
+    parser.add_argument("--snapshot-every", type=int, default=1000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    base = SMOKE if args.smoke else TrainConfig()
+    cfg = dataclasses.replace(base, seed=args.seed).scaled(args.steps_scale)
+    log.info("config %s", cfg)
+    snapshot = (args.snapshots, args.snapshot_every) if args.snapshots else None
+    train(cfg, args.out, snapshot)
+
+
+if __name__ == "__main__":
+    main()

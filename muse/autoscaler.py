@@ -52,6 +52,7 @@ class Autoscaler:
         self._down_since: float | None = None
         self._wake = asyncio.Event()
         self.decisions: list[str] = []
+        self.ticks = 0
 
     def wanted(self) -> int:
         wanted = math.ceil(self.load() / self.max_batch_size)
@@ -63,6 +64,7 @@ class Autoscaler:
             self._wake.set()
 
     def step(self) -> None:
+        self.ticks += 1
         now = self.clock()
         wanted, target = self.wanted(), self.pool.target
         if wanted > target:

@@ -9,6 +9,7 @@
     ├── Cancelled (499)            the client or the API cancelled it
     ├── WorkerDied (503)           its worker died and the retry died too
     ├── ShuttingDown (503)         the server is draining
+    ├── Unavailable (503)          no worker can load the model
     └── GenerationFailed (500)     the pipeline raised
 """
 
@@ -99,3 +100,12 @@ class GenerationFailed(MuseError):
     status = 500
     type = "server_error"
     code = "generation_failed"
+
+
+class Unavailable(MuseError):
+    status = 503
+    type = "server_error"
+    code = "no_workers"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "30"}

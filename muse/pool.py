@@ -119,6 +119,7 @@ class Pool:
         self._ctx = mp.get_context("spawn")
         self._retry_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        self.spawned = 0
 
     @staticmethod
     def _default_threads(devices: Sequence[str]) -> int:
@@ -221,6 +222,7 @@ class Pool:
 
     def _spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = next(self._ids)
+        self.spawned += 1
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         config = worker_module.WorkerConfig(
             worker_id=worker_id,

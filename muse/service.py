@@ -11,7 +11,7 @@ from typing import cast
 from muse.autoscaler import Autoscaler
 from muse.batcher import Batcher, Listener, Ticket, TicketState
 from muse.config import EMBEDDED_MODEL, Settings
-from muse.errors import NotFound, ShuttingDown
+from muse.errors import NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.metrics import Metrics
 from muse.model_info import ModelInfo, inspect
@@ -120,6 +120,8 @@ class Muse:
 
     def submit(self, request: GenerateRequest, *, keep: bool = False) -> Ticket:
         """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends."""
+        if self.pool.usable_slots == 0:
+            raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
         ticket = self.batcher.submit(request)
         if keep:
             self.jobs[ticket.id] = ticket

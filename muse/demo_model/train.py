@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm import tqdm
 
+from muse.demo_model import PIPELINE_FOLDER
 from muse.demo_model.architecture import SPECS, ModelSpec, build_pipeline, save_pipeline
 from muse.demo_model.scenes import Scene, caption, render_array, sample_scene
 
 log = logging.getLogger("muse.demo_model.train")
-SHIPPED_FOLDER = Path(__file__).parent / "pipeline"
 # Chosen with benchmarks/demo_model_eval.py --sweep on the trained model; stored in muse.json.
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 25
@@ -53,7 +53,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     # Min-SNR loss weighting: stops the easy low-noise steps from dominating the gradient.
     min_snr_gamma: float = 5.0
-    max_minutes: float = 58.0
+    # Wall-time budgets (see Schedule): the VAE gets its own, the UNet what is left of the total.
+    vae_minutes: float = 9.0
+    max_minutes: float = 56.0
     guidance_scale: float = DEFAULT_GUIDANCE
 
     def scaled(self, factor: float) -> TrainConfig:
@@ -88,21 +90,39 @@ def batches(count: int, batch: int, steps: int, generator: torch.Generator) -> I
         cursor += batch
 
 
-def lr_factor(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+class Schedule:
+    """Warm-up then cosine decay over a stage, measured in steps or in wall time, whichever runs
+    out first: on a shared machine the stage still anneals properly and ends on time. When the
+    machine is free the steps run out first and the run is reproducible step for step."""
+
+    def __init__(self, steps: int, warmup: int, deadline: float) -> None:
+        self.steps, self.warmup = steps, warmup
+        self.start, self.deadline = time.monotonic(), deadline
+
+    def progress(self, step: int) -> float:
+        elapsed = (time.monotonic() - self.start) / max(self.deadline - self.start, 1e-9)
+        return max(step / self.steps, elapsed)
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress(step))))
+
+    def done(self, step: int) -> bool:
+        if self.progress(step + 1) >= 1.0 and step + 1 < self.steps:
+            log.warning("stage stopped at step %d of %d: its time budget is spent", step + 1, self.steps)
+        return self.progress(step + 1) >= 1.0
 
 
 def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfig, deadline: float) -> None:
     vae = pipe.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
+    schedule = Schedule(cfg.vae_steps, min(50, cfg.vae_steps), deadline)
     bar = tqdm(batches(len(pixels), cfg.vae_batch, cfg.vae_steps, generator), total=cfg.vae_steps, desc="vae")
     for step, index in enumerate(bar):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.vae_lr * lr_factor(step, cfg.vae_steps, min(50, cfg.vae_steps))
+            group["lr"] = cfg.vae_lr * schedule.lr_factor(step)
         images = to_tensor(pixels[index.numpy()])
         # bf16 autocast doubles VAE speed on this CPU; the UNet is faster in fp32 (measured).
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -114,8 +134,7 @@ def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfi
         loss.backward()
         optimizer.step()
         bar.set_postfix(mse=f"{reconstruction.item():.4f}", refresh=False)
-        if time.monotonic() > deadline:
-            log.warning("VAE stage stopped early at step %d: time budget spent", step)
+        if schedule.done(step):
             break
     vae.eval().requires_grad_(False)
 
@@ -189,11 +208,12 @@ def train_denoiser(
     ema = Ema([unet, text_encoder], cfg.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     rng = random.Random(cfg.seed + 3)
+    schedule = Schedule(cfg.unet_steps, cfg.unet_warmup, deadline)
     bar = tqdm(batches(len(latents), cfg.unet_batch, cfg.unet_steps, generator), total=cfg.unet_steps, desc="unet")
     running = None
     for step, index in enumerate(bar):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.unet_lr * lr_factor(step, cfg.unet_steps, cfg.unet_warmup)
+            group["lr"] = cfg.unet_lr * schedule.lr_factor(step)
         texts = ["" if rng.random() < cfg.empty_caption else caption(scenes[i], rng) for i in index.tolist()]
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
@@ -215,8 +235,7 @@ def train_denoiser(
             ema.swap()
             save_pipeline(pipe, snapshot[0] / f"step-{step + 1:05d}", serving_defaults(cfg, pipe))
             ema.swap()
-        if time.monotonic() > deadline:
-            log.warning("UNet stage stopped early at step %d: time budget spent", step)
+        if schedule.done(step):
             break
     ema.swap()
     unet.eval().requires_grad_(False)
@@ -242,7 +261,7 @@ def train(cfg: TrainConfig, out: Path, snapshot: tuple[Path, int] | None = None)
     spec: ModelSpec = SPECS[cfg.spec]
     pipe = build_pipeline(spec, seed=cfg.seed)
     scenes, pixels = render_dataset(cfg.images, spec.image_size, random.Random(cfg.seed))
-    train_vae(pipe, pixels, cfg, deadline)
+    train_vae(pipe, pixels, cfg, min(deadline, time.monotonic() + cfg.vae_minutes * 60))
     latents = encode_latents(pipe, pixels)
     del pixels
     train_denoiser(pipe, latents, scenes, cfg, deadline, snapshot)
@@ -253,7 +272,7 @@ def train(cfg: TrainConfig, out: Path, snapshot: tuple[Path, int] | None = None)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the Muse demo model from scratch.")
-    parser.add_argument("--out", type=Path, default=SHIPPED_FOLDER)
+    parser.add_argument("--out", type=Path, default=PIPELINE_FOLDER)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="one tiny iteration, for tests")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply both stages' steps")

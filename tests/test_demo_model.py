@@ -1,0 +1,121 @@
+"""The embedded demo model: it loads like any checkpoint, draws what it is asked, and can be retrained."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+
+from muse.demo_model import train
+from muse.demo_model.checker import Expectation, judge, read
+from muse.demo_model.scenes import describe, parse, render, sample_scene, scene_for_prompt
+
+SHIPPED = Path(train.__file__).parent / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> StableDiffusionPipeline:
+    torch.set_num_threads(2)
+    pipe = DiffusionPipeline.from_pretrained(SHIPPED)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_folder_is_a_standard_checkpoint(shipped: StableDiffusionPipeline) -> None:
+    assert isinstance(shipped, StableDiffusionPipeline)
+    assert isinstance(shipped.scheduler, DDIMScheduler)
+    assert shipped.scheduler.config.steps_offset == 1
+    assert shipped.tokenizer.model_max_length == shipped.text_encoder.config.max_position_embeddings
+    assert shipped.unet.config.sample_size * shipped.vae_scale_factor == 64
+    defaults = json.loads((SHIPPED / "muse.json").read_text())
+    assert isinstance(defaults["guidance_scale"], float)
+    weights = list(SHIPPED.rglob("*.safetensors"))
+    assert len(weights) == 3
+    assert not list(SHIPPED.rglob("*.bin"))
+    assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) <= 30 * 2**20
+
+
+def test_shipped_model_draws_the_asked_colours(shipped: StableDiffusionPipeline) -> None:
+    prompts = [
+        "a red circle on a blue background",
+        "a yellow square on a black background",
+        "a white triangle on a green background",
+        "a large purple circle on a orange background",
+    ]
+    guidance = json.loads((SHIPPED / "muse.json").read_text())["guidance_scale"]
+    images = shipped(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
+    for prompt, image in zip(prompts, images, strict=True):
+        expected = Expectation.from_prompt(prompt)
+        assert expected is not None
+        verdict = judge(image, expected)
+        assert verdict["fg"] and verdict["bg"], (prompt, read(image))
+
+
+@pytest.mark.parametrize("size", [8, 72, 128])
+def test_shipped_model_renders_other_sizes(shipped: StableDiffusionPipeline, size: int) -> None:
+    image = shipped("a small green square in the top left on a white background", num_inference_steps=2,
+                    height=size, width=size, generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (size, size)
+
+
+def test_prompts_outside_the_grammar_still_work(shipped: StableDiffusionPipeline) -> None:
+    prompt = "Ein Zebra 🦓 photographed at dusk, 35mm, très joli!"
+    ids = shipped.tokenizer(prompt, truncation=True).input_ids
+    # The unknown token is the end token: none may appear before the real end.
+    assert shipped.tokenizer.eos_token_id not in ids[1:-1]
+    image = shipped(prompt, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_checker_scores_clean_renders_perfectly(size: int) -> None:
+    rng = random.Random(size)
+    for _ in range(300):
+        scene = sample_scene(rng)
+        expected = Expectation.from_prompt(describe(scene))
+        assert expected is not None and expected.size == scene.size
+        verdict = judge(render(scene, size), expected)
+        assert set(verdict) == {"fg", "bg", "shape", "size", "position"}
+        assert all(verdict.values()), (scene, read(render(scene, size)))
+
+
+def test_checker_notices_a_wrong_image() -> None:
+    scene = scene_for_prompt("a small red square in the top left on a blue background", random.Random(0))
+    assert scene is not None
+    wrong = Expectation("green", "blue", "circle", "large", "bottom right")
+    assert judge(render(scene), wrong) == {
+        "fg": False, "bg": True, "shape": False, "size": False, "position": False,
+    }  # fmt: skip
+
+
+def test_grammar() -> None:
+    parsed = parse("a small purple triangle in the bottom right on a yellow background")
+    assert parsed is not None and (parsed.size, parsed.position) == ("small", "bottom right")
+    assert Expectation.from_prompt("a red circle in the top on a white background") == Expectation(
+        "red", "white", "circle", "small", "top"
+    )
+    assert Expectation.from_prompt("a large red circle on a white background") == Expectation(
+        "red", "white", "circle", "large", "center"
+    )
+    assert parse("a photo of a cat") is None
+    assert parse("a red blob on a blue background") is None
+
+
+def test_training_runs_end_to_end(tmp_path: Path) -> None:
+    train.main(["--smoke", "--out", str(tmp_path / "model")])
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    assert json.loads((tmp_path / "model" / "muse.json").read_text())["guidance_scale"] > 1
+    assert pipe.vae.config.scaling_factor != 1.0  # measured from the data, not the placeholder's
+    image = pipe("a red circle on a blue background", num_inference_steps=1).images[0]
+    assert image.size == (64, 64)

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,9 +23,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
 @contextmanager
-def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[str]:
-    """`muse serve` in a subprocess on a free loopback port; yields its URL once /readyz is 200."""
+def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[Served]:
+    """`muse serve` in a subprocess on a free loopback port, yielded once /readyz is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", *flags]
     process = subprocess.Popen(cmd, env=os.environ.copy())
@@ -42,7 +49,7 @@ def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("muse serve did not become ready")
             time.sleep(0.2)
-        yield url
+        yield Served(url, process)
     finally:
         process.terminate()
         try:
@@ -82,3 +89,19 @@ class DirectPipeline:
             spent += self.run(batch, steps, seed=images)
             images += batch
         return images / spent
+
+
+def child_processes(parent: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of each direct child of `parent`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent:
+            found.append((int(entry.name), cmdline))
+    return found

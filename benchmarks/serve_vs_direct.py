@@ -50,7 +50,8 @@ def main() -> None:
 
     flags = ["--model", args.model, "--devices", "cpu", "--max-batch-size", str(args.batch)]
     flags += ["--threads-per-worker", str(threads), "--max-queue", str(max(256, args.clients * 4))]
-    with muse_server(*flags) as url:
+    with muse_server(*flags) as served:
+        url = served.url
         asyncio.run(run_level(url, args.clients, 3.0, body))  # warm the server and the clients
         served = asyncio.run(run_level(url, args.clients, duration, body))
         idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body))

@@ -151,12 +151,13 @@ class Batcher:
                 retry_after=self.estimate_wait(self.queued_images + request.n),
             )
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        # Timestamps from time.monotonic(): uvloop's loop.time() only has millisecond resolution.
+        now = time.monotonic()
         timeout = self.request_timeout
         if request.timeout_s is not None:
             timeout = min(timeout, request.timeout_s)
         ticket = Ticket(ticket_id or secrets.token_hex(8), request, loop.create_future(), now, now + timeout)
-        ticket.timer = loop.call_at(ticket.deadline, self._expire, ticket)
+        ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.append(ticket)
         self.queued_images += request.n
         self._pump()
@@ -268,7 +269,7 @@ class Batcher:
             return
         images = len(flight.job.images)
         self.image_seconds = _ewma(self.image_seconds, message.compute_ms / 1000 / max(images, 1))
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         pngs = iter(message.pngs)
         for t in flight.tickets:
             own = [GeneratedImage(next(pngs), seed) for seed in t.request.seeds()]
@@ -329,10 +330,10 @@ class Batcher:
             batch = self._next_batch()
             images = sum(t.request.n for t in batch)
             if images < self.max_batch_size and self.pool.busy_count() > 0:
-                hold_until = batch[0].submitted + self.max_wait
-                if loop.time() < hold_until:
+                wait_left = batch[0].submitted + self.max_wait - time.monotonic()
+                if wait_left > 0:
                     if self._hold is None:
-                        self._hold = loop.call_at(hold_until, self._release_hold)
+                        self._hold = loop.call_later(wait_left, self._release_hold)
                     break
             self._dequeue(batch)
             self._dispatch(worker, batch)
@@ -372,7 +373,7 @@ class Batcher:
             steps=first.steps,
             guidance_scale=first.guidance_scale,
         )
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         self.inflight[job.job_id] = InFlight(job, batch, now, time.monotonic())
         for t in batch:
             t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(job.images), 0

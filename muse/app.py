@@ -5,16 +5,26 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
 
-from muse import api
+from muse import api, pages
 from muse.config import Settings
 from muse.errors import InvalidRequest, MuseError
 from muse.service import Muse
+from muse.slack import start_slack
+from muse.storage import Gallery
+
+# Kept beside the package (the repo's top level), as the project layout says.
+ROOT = Path(__file__).resolve().parent.parent
+STATIC_DIR = ROOT / "static"
+TEMPLATES_DIR = ROOT / "templates"
 
 log = logging.getLogger("muse.app")
 
@@ -42,21 +52,27 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
-    service = muse or Muse(settings)
+    gallery = None if settings.no_gallery else Gallery(Path(settings.data_dir))
+    service = muse or Muse(settings, gallery=gallery)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
+        bot = await start_slack(service, settings)
         try:
             yield
         finally:
+            if bot is not None:
+                await bot.stop()
             await service.stop()
 
+    routes = [*api.routes, *pages.routes, Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
     app = Starlette(
-        routes=api.routes,
+        routes=routes,
         lifespan=lifespan,
         exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
     )
     app.state.muse = service
+    app.state.gallery = gallery
     app.state.settings = settings
     return app

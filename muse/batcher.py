@@ -87,6 +87,7 @@ class Ticket:
     result: GenerateResult | None = None
     error: MuseError | None = None
     listeners: list[Listener] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # gallery ids of its images, once stored
     timer: asyncio.TimerHandle | None = None
 
     @property

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from muse.config import Settings, env_name
+from muse.config import Settings, env_names
 
 if TYPE_CHECKING:
     from muse.service import Muse
@@ -25,13 +25,20 @@ log = logging.getLogger("muse")
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
+        envs = " or ".join(env_names(f))
+        default = "unset" if f.metadata.get("secret") else repr(f.default)
+        if f.name == "model":
+            default = "the embedded demo model"
+        help_text = f"{f.metadata['help']} [env {envs}; default {default}]"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+            continue
         parser.add_argument(
             flag,
-            type=kind,
+            type=type(f.default),
             default=None,
             metavar=f.metadata.get("metavar") or f.name.upper(),
-            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]",
+            help=help_text,
         )
 
 

@@ -15,8 +15,8 @@ from typing import Any
 EMBEDDED_MODEL = str(Path(__file__).parent / "demo_model" / "pipeline")
 
 
-def _opt(default: Any, help: str, *, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "metavar": metavar})
+def _opt(default: Any, help: str, *, metavar: str | None = None, env: str | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "metavar": metavar, "env": env, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,21 @@ class Settings:
     downscale_delay: float = _opt(60.0, "Seconds a worker must be surplus before it is drained.")
     drain_timeout: float = _opt(30.0, "On shutdown, seconds accepted requests get to finish.")
     log_level: str = _opt("info", "debug, info, warning or error.")
+    data_dir: str = _opt("./muse-data", "Folder for the gallery: PNG files and a SQLite index.")
+    no_gallery: bool = _opt(False, "Do not store generated images.")
+    slack_app_token: str = _opt(
+        "", "Slack app-level token (xapp-...) for socket mode.", env="SLACK_APP_TOKEN", secret=True
+    )
+    slack_bot_token: str = _opt("", "Slack bot token (xoxb-...).", env="SLACK_BOT_TOKEN", secret=True)
+    slack_max_jobs_per_user: int = _opt(2, "Most unfinished /muse jobs per Slack user.")
+    api_keys: str = _opt(
+        "",
+        "Comma-separated API keys, or @file with one per line; when set, generating and reading images "
+        "needs 'Authorization: Bearer <key>'.",
+        secret=True,
+    )
+    rate_limit: float = _opt(0.0, "Images per minute per API key (per client address without keys); 0 = off.")
+    public_metrics: bool = _opt(False, "Serve /metrics without an API key.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -48,6 +63,8 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = env.get(env_name(f.name))
+            if raw is None and f.metadata.get("env"):
+                raw = env.get(f.metadata["env"])
             if raw is not None and raw != "":
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -56,9 +73,22 @@ class Settings:
     def device_list(self) -> list[str]:
         return resolve_devices(self.devices)
 
+    def __repr__(self) -> str:
+        # Secrets never reach a log line through a repr.
+        shown = {
+            f.name: ("***" if f.metadata.get("secret") and getattr(self, f.name) else getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
 
 def env_name(field_name: str) -> str:
     return "MUSE_" + field_name.upper()
+
+
+def env_names(f: dataclasses.Field[Any]) -> list[str]:
+    """The variables a field reads, in order of precedence."""
+    return [env_name(f.name)] + ([f.metadata["env"]] if f.metadata.get("env") else [])
 
 
 def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:

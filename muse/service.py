@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from muse.autoscaler import Autoscaler
 from muse.batcher import Batcher, Listener, Ticket, TicketState
@@ -20,9 +20,16 @@ from muse.pool import Pool, PoolListener
 log = logging.getLogger("muse.service")
 
 
+class Gallery(Protocol):
+    """Where finished images are kept (muse.storage); the service only hands results over."""
+
+    def save(self, result: GenerateResult) -> list[str]: ...
+
+
 class Muse:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
         self.settings = settings
+        self.gallery = gallery
         self.devices = settings.device_list()
         self.model: ModelInfo = inspect(settings.model, EMBEDDED_MODEL)
         self.jobs: dict[str, Ticket] = {}
@@ -152,6 +159,13 @@ class Muse:
     # ---- internals --------------------------------------------------------------------------------
 
     def _finished(self, ticket: Ticket) -> None:
+        if ticket.state is TicketState.SUCCEEDED and ticket.result is not None and self.gallery is not None:
+            # Stored before the answer goes out, so a link to it works at once. Small local writes
+            # (file + rename, a WAL commit without fsync) cost far less than a denoising step.
+            try:
+                ticket.saved = self.gallery.save(ticket.result)
+            except Exception:
+                log.exception("could not store the images of request %s", ticket.id)
         m = self.metrics
         m.requests.labels(ticket.error.code if ticket.error else ticket.state.value).inc()
         if ticket.state is TicketState.SUCCEEDED and ticket.result is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +71,13 @@ def live_server(settings: Settings, ready: bool = True) -> Iterator[LiveServer]:
 
 
 def settings(model: str, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {"model": model, "devices": "cpu", "threads_per_worker": 1, "log_level": "warning"}
+    base: dict[str, Any] = {
+        "model": model,
+        "devices": "cpu",
+        "threads_per_worker": 1,
+        "log_level": "warning",
+        "data_dir": tempfile.mkdtemp(prefix="muse-test-data-"),
+    }
     base.update(overrides)
     return Settings(**base)
 

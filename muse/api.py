@@ -13,12 +13,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from muse.batcher import Ticket, TicketState
-from muse.errors import Cancelled
+from muse.errors import Cancelled, MuseError
 from muse.messages import GenerateResult
 from muse.schema import GenerateBody, parse_json, validate
 from muse.service import Muse
 
 SSE_KEEPALIVE_S = 15.0
+
+
+def error_response(error: MuseError, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers() | (headers or {}))
 
 
 def service(request: Request) -> Muse:
@@ -39,6 +43,11 @@ def result_json(result: GenerateResult) -> dict[str, Any]:
             "total_ms": round(result.timings.total_ms, 2),
         },
     }
+
+
+def client_of(request: Request) -> str | None:
+    """Who to charge against --rate-limit (set by muse.auth for every request)."""
+    return getattr(request.state, "identity", None)
 
 
 async def read_body(request: Request) -> GenerateBody:
@@ -66,7 +75,7 @@ async def wait_unless_disconnected(request: Request, ticket: Ticket, muse: Muse)
 async def generate(request: Request) -> Response:
     muse = service(request)
     body = await read_body(request)
-    ticket = muse.submit(body.to_request(muse.model))
+    ticket = muse.submit(body.to_request(muse.model), client=client_of(request))
     result = await wait_unless_disconnected(request, ticket, muse)
     return JSONResponse(result_json(result))
 
@@ -98,7 +107,7 @@ def _round(value: float | None) -> float | None:
 async def create_job(request: Request) -> Response:
     muse = service(request)
     body = await read_body(request)
-    ticket = muse.submit(body.to_request(muse.model), keep=True)
+    ticket = muse.submit(body.to_request(muse.model), keep=True, client=client_of(request))
     base = f"/api/jobs/{ticket.id}"
     return JSONResponse(
         {"id": ticket.id, "status_url": base, "events_url": f"{base}/events", "seed": ticket.request.seed},

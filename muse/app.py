@@ -9,14 +9,19 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from muse import api, pages
+from muse import a1111_api, api, auth, openai_api, openapi, pages
+from muse.api import error_response
+from muse.auth import AccessControl, KeyRing, load_keys
 from muse.config import Settings
 from muse.errors import InvalidRequest, MuseError
+from muse.hardening import BodyLimit, SecurityHeaders
 from muse.service import Muse
 from muse.slack import start_slack
 from muse.storage import Gallery
@@ -27,10 +32,6 @@ STATIC_DIR = ROOT / "static"
 TEMPLATES_DIR = ROOT / "templates"
 
 log = logging.getLogger("muse.app")
-
-
-def error_response(error: MuseError) -> Response:
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers())
 
 
 async def muse_error(request: Request, exc: Exception) -> Response:
@@ -66,12 +67,29 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
                 await bot.stop()
             await service.stop()
 
-    routes = [*api.routes, *pages.routes, Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
+    keys = KeyRing(load_keys(settings.api_keys))
+    routes = [
+        *api.routes,
+        *openai_api.routes,
+        *a1111_api.routes,
+        *auth.routes,
+        Route("/openapi.json", openapi.endpoint),
+        *pages.routes,
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    # Outermost first: size limit before anything reads the body, headers on every response.
+    middleware = [Middleware(SecurityHeaders), Middleware(BodyLimit)]
+    if settings.cors_origins:
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
+    middleware.append(Middleware(AccessControl, keys=keys, public_metrics=settings.public_metrics))
     app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
     )
+    app.state.keys = keys
     app.state.muse = service
     app.state.gallery = gallery
     app.state.settings = settings

@@ -373,6 +373,7 @@ class Batcher:
             height=first.height,
             steps=first.steps,
             guidance_scale=first.guidance_scale,
+            scheduler=first.scheduler,
         )
         now = time.monotonic()
         self.inflight[job.job_id] = InFlight(job, batch, now, time.monotonic())

@@ -55,6 +55,7 @@ class Settings:
     )
     rate_limit: float = _opt(0.0, "Images per minute per API key (per client address without keys); 0 = off.")
     public_metrics: bool = _opt(False, "Serve /metrics without an API key.")
+    cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

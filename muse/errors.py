@@ -3,7 +3,9 @@
 
     MuseError (500)
     ├── InvalidRequest (400/422)   a field is wrong; `param` names it
+    ├── Unauthorized (401)         missing or wrong API key
     ├── NotFound (404)
+    ├── RateLimited (429)          over --rate-limit; carries Retry-After and x-ratelimit-*
     ├── Overloaded (503)           refused before it was queued; carries Retry-After
     ├── TimedOut (504)             deadline passed, queued or running
     ├── Cancelled (499)            the client or the API cancelled it
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -109,3 +112,35 @@ class Unavailable(MuseError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "30"}
+
+
+class Unauthorized(MuseError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="muse"'}
+
+
+class RateLimited(MuseError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: int, remaining: int, reset_s: float) -> None:
+        super().__init__(message)
+        self.limit, self.remaining, self.reset_s = limit, remaining, reset_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.reset_s)))} | rate_headers(
+            self.limit, self.remaining, self.reset_s
+        )
+
+
+def rate_headers(limit: int, remaining: int, reset_s: float) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": str(remaining),
+        "x-ratelimit-reset-requests": f"{reset_s:.1f}s",
+    }

@@ -22,6 +22,7 @@ class BatchKey:
     height: int
     steps: int
     guidance_scale: float
+    scheduler: str = ""
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ class GenerateRequest:
     n: int = 1
     negative_prompt: str = ""
     timeout_s: float | None = None
+    scheduler: str = ""  # "" = the model's own
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.steps, self.guidance_scale)
+        return BatchKey(self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
 
     def seeds(self) -> list[int]:
         # Image i of a request uses seed + i, so any single image can be reproduced alone.
@@ -92,6 +94,7 @@ class Job:
     height: int
     steps: int
     guidance_scale: float
+    scheduler: str = ""
 
 
 @dataclass(frozen=True)

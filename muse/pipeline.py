@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 from muse.messages import ImageSpec, Job
 from muse.model_info import FALLBACK_GUIDANCE, read_defaults
+from muse.schedulers import SCHEDULERS
 
 
 @dataclass
@@ -25,6 +26,16 @@ class LoadedPipeline:
     width: int
     height: int
     guidance_scale: float
+    schedulers: dict[str, Any] = field(default_factory=dict)
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap in the named scheduler, built once from the model's own scheduler config."""
+        if name not in self.schedulers:
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULERS[name])
+            self.schedulers[name] = cls.from_config(self.schedulers[""].config)
+        self.pipe.scheduler = self.schedulers[name]
 
 
 def native_size(pipe: Any) -> tuple[int, int]:
@@ -42,7 +53,7 @@ def load_pipeline(model: str, device: str) -> LoadedPipeline:
     pipe.set_progress_bar_config(disable=True)
     width, height = native_size(pipe)
     guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
-    return LoadedPipeline(pipe, model, device, width, height, guidance)
+    return LoadedPipeline(pipe, model, device, width, height, guidance, {"": pipe.scheduler})
 
 
 def warm_up(loaded: LoadedPipeline) -> None:
@@ -58,6 +69,7 @@ def run_batch(loaded: LoadedPipeline, job: Job, on_step: Callable[[int], bool]) 
     """
     # CPU generators, one per image: the same seed gives the same latents on any device and
     # whatever else shares the batch.
+    loaded.use_scheduler(job.scheduler)
     generators = [torch.Generator(device="cpu").manual_seed(spec.seed) for spec in job.images]
     interrupted = False
 

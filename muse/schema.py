@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from muse.errors import InvalidRequest
 from muse.messages import GenerateRequest
 from muse.model_info import ModelInfo
+from muse.schedulers import SCHEDULERS, canonical
 
 QUALITY_STEPS = {"fast": 25, "quality": 50}
 MAX_PROMPT = 2000
@@ -33,6 +34,7 @@ class GenerateBody(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     n: int = Field(1, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=86400)
+    scheduler: str | None = Field(None, description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's)")
 
     @field_validator("prompt")
     @classmethod
@@ -40,6 +42,14 @@ class GenerateBody(BaseModel):
         if not value.strip():
             raise ValueError("prompt must not be empty")
         return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        name = canonical(value)
+        if name is None:
+            raise ValueError(f"unknown scheduler {value!r}; one of: {', '.join(SCHEDULERS)}")
+        return name
 
     def to_request(self, model: ModelInfo) -> GenerateRequest:
         return GenerateRequest(
@@ -52,6 +62,7 @@ class GenerateBody(BaseModel):
             height=self.height or model.height,
             n=self.n,
             timeout_s=self.timeout_s,
+            scheduler=self.scheduler or "",
         )
 
 

@@ -16,6 +16,7 @@ from muse.messages import GenerateRequest, GenerateResult
 from muse.metrics import Metrics
 from muse.model_info import ModelInfo, inspect
 from muse.pool import Pool, PoolListener
+from muse.ratelimit import RateLimiter
 
 log = logging.getLogger("muse.service")
 
@@ -34,6 +35,7 @@ class Muse:
         self.model: ModelInfo = inspect(settings.model, EMBEDDED_MODEL)
         self.jobs: dict[str, Ticket] = {}
         self.metrics = Metrics()
+        self.limiter = RateLimiter(settings.rate_limit)
         self.draining = False
         max_workers = min(settings.max_workers or len(self.devices), len(self.devices))
         min_workers = max_workers if settings.min_workers < 0 else min(settings.min_workers, max_workers)
@@ -125,10 +127,15 @@ class Muse:
 
     # ---- requests ---------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, *, keep: bool = False) -> Ticket:
-        """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends."""
+    def submit(self, request: GenerateRequest, *, keep: bool = False, client: str | None = None) -> Ticket:
+        """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends.
+
+        `client` (an API key's fingerprint or an address) is charged n images against --rate-limit.
+        """
         if self.pool.usable_slots == 0:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
+        if client is not None:
+            self.limiter.take(client, request.n)
         ticket = self.batcher.submit(request)
         if keep:
             self.jobs[ticket.id] = ticket

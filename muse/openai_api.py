@@ -1,0 +1,154 @@
+"""OpenAI-compatible Images API: `POST /v1/images/generations`, `GET /v1/models`.
+
+Point the official `openai` client at `http://host:8000/v1`. Muse's own knobs travel in
+`extra_body` (negative_prompt, seed, steps, guidance_scale). Errors use OpenAI's shape and status
+codes so the client raises its typed exceptions; once a request is accepted, a failure carries
+`x-should-retry: false` so the client does not submit a duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from muse.api import client_of, error_response, service, wait_unless_disconnected
+from muse.errors import InvalidRequest, MuseError, NotFound
+from muse.schema import MAX_PROMPT, MAX_SEED, GenerateBody, parse_json, validate
+
+HIGH_QUALITY = {"hd", "high", "xhigh", "max"}
+
+
+class ImagesRequest(BaseModel):
+    # Fields of OpenAI's API that change nothing here (style, background, moderation…) are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(max_length=MAX_PROMPT)
+    model: str | None = None
+    n: int | None = Field(None, ge=1, le=8)
+    size: str | None = None
+    quality: Literal["standard", "low", "medium", "auto", "hd", "high", "xhigh", "max"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png"] | None = None
+    stream: Literal[False] | None = None
+    user: str | None = None
+    negative_prompt: str = Field("", max_length=MAX_PROMPT)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+def as_bad_request(error: InvalidRequest) -> InvalidRequest:
+    """OpenAI answers every invalid parameter with 400."""
+    error.status = 400
+    return error
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None or size == "auto":
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise InvalidRequest(f"size: {size!r} is not 'WIDTHxHEIGHT' or 'auto'", param="size", status=400)
+    return int(width), int(height)
+
+
+def to_generate_body(body: ImagesRequest) -> GenerateBody:
+    width, height = parse_size(body.size)
+    fields: dict[str, Any] = {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "quality": "quality" if body.quality in HIGH_QUALITY else "fast",
+        "n": body.n or 1,
+        "steps": body.steps,
+        "seed": body.seed,
+        "guidance_scale": body.guidance_scale,
+        "width": width,
+        "height": height,
+    }
+    try:
+        return validate(GenerateBody, {k: v for k, v in fields.items() if v is not None})  # type: ignore[no-any-return]
+    except InvalidRequest as error:
+        if error.param in ("width", "height"):
+            error.param = "size"
+            error.message = f"size: {error.message.split(': ', 1)[-1]} (sizes are multiples of 8 in 64-2048)"
+        raise as_bad_request(error) from None
+
+
+async def generations(request: Request) -> Response:
+    muse = service(request)
+    try:
+        body: ImagesRequest = validate(ImagesRequest, parse_json(await request.body()))
+    except InvalidRequest as error:
+        raise as_bad_request(error) from None
+    if body.model not in (None, muse.model.name):
+        raise NotFound(
+            f"The model '{body.model}' does not exist; this server serves '{muse.model.name}'",
+            param="model",
+            code="model_not_found",
+        )
+    if body.response_format == "url" and muse.gallery is None:
+        raise InvalidRequest(
+            "response_format 'url' needs the gallery, which this server runs without (--no-gallery)",
+            param="response_format",
+            status=400,
+        )
+    ticket = muse.submit(to_generate_body(body).to_request(muse.model), client=client_of(request))
+    try:
+        result = await wait_unless_disconnected(request, ticket, muse)
+    except MuseError as error:
+        # Accepted, then failed: a retry by the client would generate a duplicate.
+        return error_response(error, {"x-should-retry": "false"})
+    if body.response_format == "url":
+        base = str(request.base_url).rstrip("/")
+        data = [ImageData(url=f"{base}/gallery/{image_id}.png") for image_id in ticket.saved]
+    else:
+        data = [ImageData(b64_json=base64.b64encode(image.png).decode()) for image in result.images]
+    return JSONResponse(ImagesResponse(created=int(time.time()), data=data).model_dump())
+
+
+def model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "muse"}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [model_card(service(request).model.name)]})
+
+
+async def get_model(request: Request) -> Response:
+    name = service(request).model.name
+    if request.path_params["model"] != name:
+        raise NotFound(
+            f"The model '{request.path_params['model']}' does not exist", param="model", code="model_not_found"
+        )
+    return JSONResponse(model_card(name))
+
+
+routes = [
+    Route("/v1/images/generations", generations, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+]

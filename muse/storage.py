@@ -1,15 +1,272 @@
-"""Gallery storage (placeholder: the web-page issue implements it)."""
+"""The gallery: every generated image as a PNG file plus a row in SQLite, surviving restarts.
+
+Layout under `data_dir`:
+    images/<id>.png     the worker's PNG with an AUTOMATIC1111-style `parameters` text chunk
+    gallery.sqlite3     one row per image (WAL mode)
+
+A save writes the file first (temp file + os.replace) and the row after it, so a row always has its
+file; a crash in between leaves only an orphan file, never a row pointing at nothing. `save` runs on
+the event loop, so it does no fsync: WAL with synchronous=NORMAL may lose the last commits on power
+loss, never corrupt the database.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from muse.messages import GenerateResult
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+SAMPLER = "DDIM"  # the scheduler Muse's pipelines sample with; written for A1111-compatible readers
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    negative_prompt TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    steps INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    guidance_scale REAL NOT NULL,
+    model TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    queued_ms REAL NOT NULL,
+    compute_ms REAL NOT NULL,
+    total_ms REAL NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
+"""
+
+COLUMNS = (
+    "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, model, "
+    "batch_size, queued_ms, compute_ms, total_ms, bytes"
+)
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    id: str
+    created: float
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    guidance_scale: float
+    model: str
+    batch_size: int
+    queued_ms: float
+    compute_ms: float
+    total_ms: float
+    bytes: int
+
+    @property
+    def parameters(self) -> str:
+        return parameters_text(
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.guidance_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model,
+        )
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing, newest first. Cursors are image ids: pass `older` as `after`, `newer` as `before`."""
+
+    images: list[GalleryImage]
+    older: str | None
+    newer: str | None
+    total: int
+
+
+def parameters_text(
+    prompt: str, negative: str, steps: int, guidance: float, seed: int, width: int, height: int, model: str
+) -> str:
+    """The `parameters` text AUTOMATIC1111 writes, so its PNG Info tab and other tools read our files."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(
+        f"Steps: {steps}, Sampler: {SAMPLER}, CFG scale: {guidance:g}, Seed: {seed}, Size: {width}x{height}, "
+        f"Model: {model}"
+    )
+    return "\n".join(lines)
+
+
+def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
+    """Insert a text chunk right after IHDR without re-encoding the image (microseconds, not milliseconds).
+
+    Latin-1 text goes in a tEXt chunk, anything else in an uncompressed UTF-8 iTXt chunk, as Pillow does.
+    """
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
+    try:
+        kind, data = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+def like_pattern(query: str) -> str:
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
 
 class Gallery:
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
+        self.data_dir = Path(data_dir)
+        self.images_dir = self.data_dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.images_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)  # a save interrupted before its rename
+        # Built on one thread, used on the server's event loop thread: the lock serialises access.
+        self._db = sqlite3.connect(self.data_dir / "gallery.sqlite3", check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- writing ----------------------------------------------------------------------------------
 
     def save(self, result: GenerateResult) -> list[str]:
-        return []
+        """Store every image of a finished request; returns their ids in order."""
+        request = result.request
+        prompt, negative = (request.prompt, request.negative_prompt) if request else ("", "")
+        guidance = request.guidance_scale if request else 0.0
+        now, t = time.time(), result.timings
+        rows = []
+        for image in result.images:
+            image_id = new_id()
+            text = parameters_text(
+                prompt, negative, result.steps, guidance, image.seed, result.width, result.height, result.model
+            )
+            data = png_with_text(image.png, "parameters", text)
+            self._write_file(image_id, data)
+            rows.append(
+                (image_id, now, prompt, negative, image.seed, result.steps, result.width, result.height, guidance,
+                 result.model, result.batch_size, t.queued_ms, t.compute_ms, t.total_ms, len(data))
+            )  # fmt: skip
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(f"INSERT INTO images ({COLUMNS}) VALUES ({', '.join('?' * 15)})", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [row[0] for row in rows]
+
+    def _write_file(self, image_id: str, data: bytes) -> None:
+        final = self.images_dir / f"{image_id}.png"
+        temp = self.images_dir / f".{image_id}.png.tmp"
+        try:
+            temp.write_bytes(data)
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+
+    def delete(self, image_id: str) -> bool:
+        """Row first, then file: a listing never shows an image whose file is gone."""
+        if not ID_PATTERN.fullmatch(image_id):
+            return False
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount > 0
+        if deleted:
+            (self.images_dir / f"{image_id}.png").unlink(missing_ok=True)
+        return deleted
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def get(self, image_id: str) -> GalleryImage | None:
+        if not ID_PATTERN.fullmatch(image_id):
+            return None
+        with self._lock:
+            row = self._db.execute(f"SELECT {COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+        return GalleryImage(*row) if row else None
+
+    def png_path(self, image_id: str) -> Path | None:
+        if self.get(image_id) is None:
+            return None
+        path = self.images_dir / f"{image_id}.png"
+        return path if path.is_file() else None
+
+    def count(self, query: str = "") -> int:
+        conditions, args = search(query)
+        with self._lock:
+            return int(self._db.execute(f"SELECT count(*) FROM images {where(conditions)}", args).fetchone()[0])
+
+    def page(self, query: str = "", *, limit: int = 24, after: str | None = None, before: str | None = None) -> Page:
+        """Newest first. `after`: the images older than that id; `before`: the page just newer than it.
+
+        Cursors (not offsets) keep pages stable while new images arrive at the top.
+        """
+        limit = max(1, min(limit, 100))
+        matching, matching_args = search(query)
+        with self._lock:
+            cursor = after or before
+            found = self._db.execute("SELECT seq FROM images WHERE id = ?", (cursor,)).fetchone() if cursor else None
+            # An unknown (e.g. deleted) cursor falls back to the first page rather than failing.
+            anchor = found[0] if found else None
+            backwards = anchor is not None and after is None
+            conditions, args = list(matching), list(matching_args)
+            if anchor is not None:
+                conditions.append("seq > ?" if backwards else "seq < ?")
+                args.append(anchor)
+            rows = self._db.execute(
+                f"SELECT {COLUMNS}, seq FROM images {where(conditions)} ORDER BY seq {'ASC' if backwards else 'DESC'} "
+                "LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            if backwards:
+                rows.reverse()
+            older = newer = None
+            if rows:
+                older = rows[-1][0] if self._any([*matching, "seq < ?"], [*matching_args, rows[-1][-1]]) else None
+                newer = rows[0][0] if self._any([*matching, "seq > ?"], [*matching_args, rows[0][-1]]) else None
+            total = int(self._db.execute(f"SELECT count(*) FROM images {where(matching)}", matching_args).fetchone()[0])
+        return Page([GalleryImage(*row[:-1]) for row in rows], older, newer, total)
+
+    def _any(self, conditions: list[str], args: list[object]) -> bool:
+        return self._db.execute(f"SELECT 1 FROM images {where(conditions)} LIMIT 1", args).fetchone() is not None
+
+
+def search(query: str) -> tuple[list[str], list[object]]:
+    """Case-insensitive (ASCII) substring match on the prompt; % and _ in the query match themselves."""
+    query = query.strip()
+    return (["prompt LIKE ? ESCAPE '\\'"], [like_pattern(query)]) if query else ([], [])
+
+
+def where(conditions: list[str]) -> str:
+    return f"WHERE {' AND '.join(conditions)}" if conditions else ""

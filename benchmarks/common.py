@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -30,25 +31,23 @@ class Served:
 
 
 @contextmanager
-def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[Served]:
-    """`muse serve` in a subprocess on a free loopback port, yielded once /readyz is 200."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", *flags]
+def served_process(cmd: list[str], port: int, ready_path: str, timeout: float = 240.0) -> Iterator[Served]:
+    """Run a server command; yield once `ready_path` answers 200; stop it (TERM, then KILL) after."""
     process = subprocess.Popen(cmd, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"muse serve exited with {process.returncode}")
+                raise RuntimeError(f"{cmd[:4]} exited with {process.returncode}")
             try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("muse serve did not become ready")
-            time.sleep(0.2)
+                raise RuntimeError(f"{cmd[:4]} did not become ready")
+            time.sleep(0.2)  # polling an external process's readiness; nothing to wait on instead
         yield Served(url, process)
     finally:
         process.terminate()
@@ -56,6 +55,34 @@ def muse_server(*flags: str, timeout: float = 180.0) -> Iterator[Served]:
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+
+
+def muse_server(*flags: str) -> Any:
+    """`muse serve` in a subprocess on a free loopback port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", "--no-gallery"]
+    return served_process([*cmd, *flags], port, "/readyz")
+
+
+def litserve_server(model: str, max_batch_size: int, batch_timeout: float, threads: int) -> Any:
+    port = free_port()
+    script = Path(__file__).parent / "peers" / "litserve_server.py"
+    cmd = [
+        sys.executable,
+        str(script),
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--batch-timeout",
+        str(batch_timeout),
+    ]
+    return served_process(cmd, port, "/health")
 
 
 class DirectPipeline:

@@ -92,6 +92,10 @@ async def run_level(
                 batches[int(data.get("batch_size", 0))] += 1
             else:
                 errors[str(response.status_code)] += 1
+                retry_after = response.headers.get("retry-after", "")
+                if response.status_code in (429, 503) and retry_after.isdigit():
+                    # A well-behaved client waits as told instead of hammering a full queue.
+                    await asyncio.sleep(min(float(retry_after), max(0.0, end - time.perf_counter())))
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
         await asyncio.gather(*(client_loop(http) for _ in range(concurrency)))

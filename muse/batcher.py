@@ -4,8 +4,9 @@ Policy (pure; tested against a fake pool in milliseconds):
 - a ticket and its future exist *before* the request is queued; every ticket ends exactly once;
 - batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
   (a request for n images takes n slots and is never split);
-- an idle worker gets work at once; only while other workers are busy may a part-full batch wait
-  for company, and then at most `max_wait_ms` after its oldest request arrived;
+- an idle worker gets work at once when the service was quiet; while other workers are busy, or
+  right after a batch finished (its clients are about to send their next requests), a part-full
+  batch may wait for company, at most `max_wait_ms` after its oldest request arrived;
 - cancelled or expired requests never reach a worker; a running batch whose requests are all gone
   is interrupted; a batch whose worker died is retried `max_retries` times, then fails with 503.
 
@@ -138,6 +139,7 @@ class Batcher:
         self.image_seconds = 0.0
         self.step_seconds = 0.0
         self._hold: asyncio.TimerHandle | None = None
+        self._last_finish = float("-inf")
         self._watched = 0
 
     # ---- entry points -----------------------------------------------------------------------------
@@ -255,6 +257,7 @@ class Batcher:
         flight = self.inflight.pop(message.job_id, None)
         if flight is None:
             return
+        self._last_finish = time.monotonic()
         if isinstance(message, Failure):
             error = (
                 Cancelled("interrupted: every request of the batch was gone")
@@ -330,7 +333,8 @@ class Batcher:
                 break
             batch = self._next_batch()
             images = sum(t.request.n for t in batch)
-            if images < self.max_batch_size and self.pool.busy_count() > 0:
+            busy = self.pool.busy_count() > 0 or time.monotonic() - self._last_finish < self.max_wait
+            if images < self.max_batch_size and busy:
                 wait_left = batch[0].submitted + self.max_wait - time.monotonic()
                 if wait_left > 0:
                     if self._hold is None:

@@ -55,7 +55,7 @@ def req(prompt: str = "p", *, n: int = 1, steps: int = 2, width: int = 64, seed:
 
 
 def make(pool: FakePool, **kw: Any) -> Batcher:
-    return Batcher(pool, model="m", **({"max_batch_size": 4, "max_wait_ms": 10_000} | kw))
+    return Batcher(pool, model="m", **({"max_batch_size": 4, "max_wait_ms": 0} | kw))
 
 
 async def test_idle_worker_gets_a_lone_request_at_once() -> None:
@@ -272,3 +272,17 @@ async def test_empty_queue_takes_a_request_bigger_than_max_queue() -> None:
     assert big.state is TicketState.QUEUED
     with pytest.raises(Overloaded):
         batcher.submit(req("more"))
+
+
+async def test_requests_right_after_a_batch_finished_wait_for_company() -> None:
+    # Closed-loop clients resend together when their batch returns; the first must not run alone.
+    pool = FakePool()
+    batcher = make(pool, max_wait_ms=30)
+    batcher.submit(req("a"))
+    pool.finish(batcher)
+    b = batcher.submit(req("b"))
+    assert b.state is TicketState.QUEUED, "a batch just finished: wait briefly for the others"
+    c = batcher.submit(req("c"))
+    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 2), 1.0)
+    assert [s.prompt for s in pool.dispatched[1].images] == ["b", "c"]
+    assert c.state is TicketState.RUNNING

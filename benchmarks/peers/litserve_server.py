@@ -1,0 +1,77 @@
+"""LitServe serving the same diffusers pipeline with its own batching, for benchmarks/compare.py.
+
+    python benchmarks/peers/litserve_server.py --model DIR --port 8001 --max-batch-size 8 --batch-timeout 0.01
+
+Same pipeline code as a Muse worker (load, one generator per image, PNG encoding), so the comparison
+measures the serving layers. Request/response shapes mirror Muse's /api/generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+from typing import Any
+
+import litserve as ls
+
+
+class DiffusionAPI(ls.LitAPI):
+    def __init__(self, model: str, threads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.threads = threads
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from muse.pipeline import load_pipeline, warm_up
+
+        torch.set_num_threads(self.threads)
+        self.loaded = load_pipeline(self.model, "cpu")
+        warm_up(self.loaded)
+
+    # No annotation on `request`: LitServe builds its FastAPI route from it, and a dict type would
+    # become a required query parameter.
+    def decode_request(self, request):  # type: ignore[no-untyped-def]
+        return request
+
+    def predict(self, batch: Any) -> list[dict[str, Any]]:
+        from muse.messages import ImageSpec, Job
+        from muse.pipeline import run_batch
+
+        items = batch if isinstance(batch, list) else [batch]
+        seeds = [int(item.get("seed", i)) for i, item in enumerate(items)]
+        first = items[0]
+        job = Job(
+            "litserve",
+            [ImageSpec(item["prompt"], "", seed) for item, seed in zip(items, seeds, strict=True)],
+            self.loaded.width,
+            self.loaded.height,
+            int(first.get("steps", 25)),
+            self.loaded.guidance_scale,
+        )
+        pngs = run_batch(self.loaded, job, lambda step: True) or []
+        outputs = [{"png": png, "seed": seed, "batch_size": len(items)} for png, seed in zip(pngs, seeds, strict=True)]
+        return outputs if isinstance(batch, list) else outputs[0]
+
+    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        png = base64.b64encode(output["png"]).decode()
+        return {"images": [{"png_base64": png, "seed": output["seed"]}], "batch_size": output["batch_size"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-timeout", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300.0, help="LitServe's request timeout (Muse's is 300 s)")
+    args = parser.parse_args()
+    api = DiffusionAPI(args.model, args.threads, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=args.timeout)
+    server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False, num_api_servers=1)
+
+
+if __name__ == "__main__":
+    main()

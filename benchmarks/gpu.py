@@ -1,0 +1,165 @@
+"""GPU scaling: Stable Diffusion 1.5's architecture at its real sizes, random weights, fp16.
+
+    python benchmarks/gpu.py [--device cuda:0] [--batches 1,2,4,8,16] [--steps 25] [--size 512]
+    python benchmarks/gpu.py --tiny          # CPU smoke test in seconds (CI-sized model)
+
+Builds the UNet, VAE and CLIP text encoder from the configs in benchmarks/sd15/ (timings do not
+depend on weight values), saves the pipeline, then measures images/s by batch size for the direct
+pipeline and for `muse serve` with one worker on the same device (2B closed-loop clients, batch cap
+B), and prints served ÷ direct. Writes benchmarks/results/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, muse_server
+from load import run_level
+
+CONFIGS = Path(__file__).parent / "sd15"
+
+
+def build_sd15(folder: Path, dtype: Any) -> None:
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from muse.demo_model.architecture import DEMO_SPEC, build_tokenizer, save_pipeline
+
+    torch.manual_seed(0)
+    read = lambda name: json.loads((CONFIGS / f"{name}.json").read_text())  # noqa: E731
+    text_config = {k: v for k, v in read("text_encoder").items() if k != "architectures"}
+    # No hub: the tokenizer is Muse's own small BPE, padded to CLIP's 77 tokens; the text encoder
+    # keeps CLIP's full 49,408-token embedding table, so its size and cost are real.
+    tokenizer = build_tokenizer(dataclasses.replace(DEMO_SPEC, max_tokens=77))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(read("vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_config(read("unet")),
+        scheduler=PNDMScheduler.from_config(read("scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(dtype=dtype)
+    save_pipeline(pipe, folder, {"guidance_scale": 7.5})
+
+
+def build_tiny(folder: Path) -> None:
+    from muse.demo_model.architecture import TINY_SPEC, build_pipeline, save_pipeline
+
+    save_pipeline(build_pipeline(TINY_SPEC), folder, {"guidance_scale": 7.5})
+
+
+def direct(model: str, device: str, batches: list[int], steps: int, size: int, reps: int) -> dict[int, Any]:
+    import torch
+
+    from muse.messages import ImageSpec, Job
+    from muse.pipeline import load_pipeline, run_batch
+
+    loaded = load_pipeline(model, device)
+    results = {}
+    for batch in batches:
+        job = Job("direct", [ImageSpec("a photo of a cat", "", i) for i in range(batch)], size, size, steps, 7.5)
+        run_batch(loaded, job, lambda step: True)  # warm-up at this shape
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(reps):
+            run_batch(loaded, job, lambda step: True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        results[batch] = {"images_per_s": batch * reps / elapsed, "peak_gib": memory}
+        print(f"direct batch {batch:>2}: {results[batch]['images_per_s']:.2f} img/s", flush=True)
+    del loaded
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def served(model: str, device: str, batches: list[int], steps: int, size: int, duration: float) -> dict[int, Any]:
+    results = {}
+    body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
+    for batch in batches:
+        flags = ["--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024"]
+        with muse_server(*flags) as server:
+            asyncio.run(run_level(server.url, 2 * batch, min(duration, 5.0), body))  # warm-up
+            row = asyncio.run(run_level(server.url, 2 * batch, duration, body))
+        results[batch] = {
+            "images_per_s": row.throughput,
+            "p50_ms": row.p50_ms,
+            "p99_ms": row.p99_ms,
+            "batch_sizes": row.batch_sizes,
+            "errors": row.errors,
+        }
+        print(f"served batch {batch:>2}: {row.throughput:.2f} img/s (batches seen {row.batch_sizes})", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3, help="direct batches timed per batch size")
+    parser.add_argument("--duration", type=float, default=20.0, help="served seconds per batch size")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 2 steps, 64 px")
+    parser.add_argument("--out", default=str(RESULTS / "gpu.json"))
+    args = parser.parse_args()
+    if args.tiny:
+        args.device, args.steps, args.size, args.reps, args.duration = "cpu", 2, 64, 1, 2.0
+        args.batches = "1,2"
+    batches = [int(b) for b in args.batches.split(",")]
+    import torch
+
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    with tempfile.TemporaryDirectory(prefix="muse-sd15-") as tmp:
+        folder = Path(tmp) / "model"
+        start = time.perf_counter()
+        if args.tiny:
+            build_tiny(folder)
+        else:
+            build_sd15(folder, torch.float16)
+        print(f"built {'tiny' if args.tiny else 'SD 1.5'} pipeline in {time.perf_counter() - start:.0f} s", flush=True)
+        d = direct(str(folder), args.device, batches, args.steps, args.size, args.reps)
+        s = served(str(folder), args.device, batches, args.steps, args.size, args.duration)
+    rows = []
+    print(f"\n{device_name}: {args.size}x{args.size}, {args.steps} steps, fp16 on GPU")
+    print(f"{'batch':>6}{'direct img/s':>14}{'served img/s':>14}{'ratio':>8}{'peak GiB':>10}")
+    for b in batches:
+        ratio = s[b]["images_per_s"] / d[b]["images_per_s"]
+        peak = d[b]["peak_gib"]
+        print(
+            f"{b:>6}{d[b]['images_per_s']:>14.2f}{s[b]['images_per_s']:>14.2f}{ratio:>8.3f}"
+            f"{peak if peak is None else round(peak, 1)!s:>10}"
+        )
+        rows.append({"batch": b, "direct": d[b], "served": s[b], "ratio": ratio})
+    report = {
+        "device": device_name,
+        "size": args.size,
+        "steps": args.steps,
+        "tiny": args.tiny,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

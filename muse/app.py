@@ -63,6 +63,8 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         try:
             yield
         finally:
+            # Drain first: nothing new is accepted (from Slack either) while accepted work finishes.
+            await service.drain()
             if bot is not None:
                 await bot.stop()
             await service.stop()

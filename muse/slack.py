@@ -123,7 +123,6 @@ class SlackBot:
         self.bot_user: str | None = None
         self.active: Counter[str] = Counter()  # unfinished jobs per Slack user
         self.jobs: dict[asyncio.Task[None], Job] = {}
-        self.connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -157,7 +156,6 @@ class SlackBot:
         # Handing the URL over saves the SDK a second apps.connections.open.
         self.handler.client.wss_uri = opened["url"]
         await self.handler.connect_async()
-        self.connected.set()
         log.info("Slack: connected in socket mode as @%s on %s", identity.get("user"), identity.get("team"))
 
     async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:

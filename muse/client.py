@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +42,32 @@ def error_message(response: httpx.Response) -> str:
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
+def iter_events(lines: Iterator[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs from server-sent event lines; comments and keep-alives are skipped."""
+    event = "message"
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[6:])
+
+
 def follow(client: httpx.Client, events_url: str) -> dict[str, Any]:
     """Show queue position, then steps; return the final job document."""
     bar: tqdm[Any] | None = None
     final: dict[str, Any] = {}
     with client.stream("GET", events_url, timeout=None) as stream:
-        event = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "queued":
-                    print(f"queued: {data.get('position', 0)} image(s) ahead", file=sys.stderr)
-                elif event == "progress":
-                    if bar is None:
-                        bar = tqdm(total=data["steps"], desc="generating", unit="step", file=sys.stderr)
-                    bar.n = data["step"]
-                    bar.refresh()
-                elif event in ("succeeded", "failed", "cancelled"):
-                    final = data
-                    break
+        for event, data in iter_events(stream.iter_lines()):
+            if event == "queued":
+                print(f"queued: {data.get('position', 0)} image(s) ahead", file=sys.stderr)
+            elif event == "progress":
+                if bar is None:
+                    bar = tqdm(total=data["steps"], desc="generating", unit="step", file=sys.stderr)
+                bar.n = data["step"]
+                bar.refresh()
+            elif event in ("succeeded", "failed", "cancelled"):
+                final = data
+                break
     if bar is not None:
         bar.close()
     return final

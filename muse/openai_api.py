@@ -12,14 +12,14 @@ import base64
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from muse.api import client_of, error_response, service, wait_unless_disconnected
 from muse.errors import InvalidRequest, MuseError, NotFound
-from muse.schema import MAX_PROMPT, MAX_SEED, GenerateBody, parse_json, validate
+from muse.schema import MAX_PROMPT, MAX_SEED, GenerateBody, Prompt, parse_json, validate
 
 HIGH_QUALITY = {"hd", "high", "xhigh", "max"}
 
@@ -28,7 +28,7 @@ class ImagesRequest(BaseModel):
     # Fields of OpenAI's API that change nothing here (style, background, moderation…) are ignored.
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(max_length=MAX_PROMPT)
+    prompt: Prompt
     model: str | None = None
     n: int | None = Field(None, ge=1, le=8)
     size: str | None = None
@@ -41,13 +41,6 @@ class ImagesRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be empty")
-        return value
 
 
 class ImageData(BaseModel):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from muse.errors import InvalidRequest
 from muse.messages import GenerateRequest
@@ -21,10 +21,20 @@ MAX_PROMPT = 2000
 MAX_SEED = 2**32 - 1
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be empty")
+    return value
+
+
+# Shared by every API that takes a prompt, so all refuse the same prompts the same way.
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT), AfterValidator(_not_blank)]
+
+
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(max_length=MAX_PROMPT)
+    prompt: Prompt
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     quality: Literal["fast", "quality"] = "fast"
     steps: int | None = Field(None, ge=1, le=150)
@@ -35,13 +45,6 @@ class GenerateBody(BaseModel):
     n: int = Field(1, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=86400)
     scheduler: str | None = Field(None, description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's)")
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be empty")
-        return value
 
     @field_validator("scheduler")
     @classmethod

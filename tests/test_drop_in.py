@@ -59,9 +59,9 @@ def test_openai_typed_errors(client: openai.OpenAI, server: LiveServer) -> None:
     assert bad.value.body["param"] == "size"  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         client.images.generate(prompt="x", model="dall-e-3")
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as wrong:
-        with pytest.raises(openai.AuthenticationError):
-            wrong.images.generate(prompt="x")
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with wrong, pytest.raises(openai.AuthenticationError):
+        wrong.images.generate(prompt="x")
     assert [m.id for m in client.models.list()] == [server.muse.model.name]
 
 
@@ -79,8 +79,18 @@ def test_rate_limit_raises_rate_limit_error_with_headers(tiny_model: str) -> Non
 
 
 def test_a1111_round_trip(server: LiveServer) -> None:
-    body = {"prompt": "a green triangle", "negative_prompt": "blur", "steps": 3, "cfg_scale": 5, "seed": 21,
-            "batch_size": 2, "n_iter": 1, "sampler_name": "Euler a", "restore_faces": True, "enable_hr": False}
+    body = {
+        "prompt": "a green triangle",
+        "negative_prompt": "blur",
+        "steps": 3,
+        "cfg_scale": 5,
+        "seed": 21,
+        "batch_size": 2,
+        "n_iter": 1,
+        "sampler_name": "Euler a",
+        "restore_faces": True,
+        "enable_hr": False,
+    }
     response = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, headers=AUTH, timeout=120)
     assert response.status_code == 200, response.text
     data = response.json()
@@ -97,16 +107,22 @@ def test_a1111_round_trip(server: LiveServer) -> None:
     assert "Euler a" in samplers and "DDIM" in samplers
     models = httpx.get(server.url + "/sdapi/v1/sd-models", headers=AUTH).json()
     assert models[0]["model_name"] == server.muse.model.name
-    random_seed = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": -1},
-                             headers=AUTH, timeout=120).json()
+    random_seed = httpx.post(
+        server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": -1}, headers=AUTH, timeout=120
+    ).json()
     assert 0 <= json.loads(random_seed["info"])["seed"] < 2**32
     bad = httpx.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"}, headers=AUTH)
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "sampler_name"
 
 
 def test_keys_guard_image_routes_but_not_health_static_or_docs(server: LiveServer) -> None:
-    for method, path in [("POST", "/api/generate"), ("GET", "/api/jobs/x"), ("GET", "/metrics"),
-                         ("GET", "/sdapi/v1/samplers"), ("GET", "/v1/models")]:
+    for method, path in [
+        ("POST", "/api/generate"),
+        ("GET", "/api/jobs/x"),
+        ("GET", "/metrics"),
+        ("GET", "/sdapi/v1/samplers"),
+        ("GET", "/v1/models"),
+    ]:
         response = httpx.request(method, server.url + path, json={"prompt": "x"})
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"

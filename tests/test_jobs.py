@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from muse.client import iter_events
 from tests.serving import LiveServer, job_status, live_server, metric, settings, submit_job, wait_for, wait_job
 
 # Long enough to still be running while a test queues and cancels things behind it.
@@ -34,14 +34,8 @@ def finish(server: LiveServer, job: str) -> None:
 
 def test_job_lifecycle_with_progress_events_in_order(server: LiveServer) -> None:
     job = submit_job(server, {"prompt": "a red square", "steps": 6, "seed": 3})
-    events: list[tuple[str, dict]] = []
     with httpx.stream("GET", f"{server.url}/api/jobs/{job}/events", timeout=60) as stream:
-        event = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
+        events = list(iter_events(stream.iter_lines()))
     assert [name for name, _ in events][-1] == "succeeded"
     # The job may start before the stream opens; what arrives is consecutive and ends at the last step.
     progress = [data["step"] for name, data in events if name == "progress"]
@@ -58,14 +52,10 @@ def test_events_report_every_step_of_a_job_that_waits_in_the_queue(server: LiveS
     assert queued["status"] == "queued" and queued["position"] == 0
     events: list[tuple[str, dict]] = []
     with httpx.stream("GET", f"{server.url}/api/jobs/{job}/events", timeout=120) as stream:
-        event = ""
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
-                if event == "queued":
-                    httpx.delete(f"{server.url}/api/jobs/{blocker}")  # let it through
+        for event, data in iter_events(stream.iter_lines()):
+            events.append((event, data))
+            if event == "queued":
+                httpx.delete(f"{server.url}/api/jobs/{blocker}")  # let it through
     names = [name for name, _ in events]
     assert names[0] == "queued" and names[-1] == "succeeded"
     assert [d["step"] for n, d in events if n == "progress"] == [1, 2, 3, 4, 5]

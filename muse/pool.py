@@ -185,6 +185,11 @@ class Pool:
         active = [w for w in self.workers if not w.draining and w.state is not WorkerState.STOPPING]
         missing = self.target - len(active)
         if missing > 0:
+            # Undrain before spawning: a draining worker is already loaded.
+            for w in self.workers:
+                if missing and w.draining and w.state is not WorkerState.STOPPING:
+                    w.draining = False
+                    missing -= 1
             next_retry = None
             for slot in self.slots:
                 if missing == 0:
@@ -196,12 +201,6 @@ class Pool:
                     continue
                 self._spawn(slot)
                 missing -= 1
-            if missing > 0:
-                # Undrain rather than spawn: a draining worker is already loaded.
-                for w in self.workers:
-                    if missing and w.draining and w.state is not WorkerState.STOPPING:
-                        w.draining = False
-                        missing -= 1
             if missing > 0 and next_retry is not None:
                 self._schedule_retry(next_retry - now)
         elif missing < 0:

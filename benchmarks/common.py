@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +35,8 @@ class Served:
 @contextmanager
 def served_process(cmd: list[str], port: int, ready_path: str, timeout: float = 240.0) -> Iterator[Served]:
     """Run a server command; yield once `ready_path` answers 200; stop it (TERM, then KILL) after."""
-    process = subprocess.Popen(cmd, env=os.environ.copy())
+    # Its own process group, so the servers' children (LitServe's workers) are stopped with it.
+    process = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -50,12 +53,18 @@ def served_process(cmd: list[str], port: int, ready_path: str, timeout: float = 
             time.sleep(0.2)  # polling an external process's readiness; nothing to wait on instead
         yield Served(url, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT (LitServe's clean stop; Muse drains on it), then SIGKILL whatever is left of the group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def muse_server(*flags: str) -> Any:

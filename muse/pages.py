@@ -1,7 +1,171 @@
-"""HTMX pages (placeholder: the web-page issue implements them)."""
+"""HTMX pages: the studio (generate form + live job cards). The gallery lives in pages_gallery.
+
+Every route answers a full page to a plain request and only its fragment to an HTMX one (contact-app
+style): a job card polls itself every 500 ms and stops by coming back without its trigger once done.
+Without JavaScript the forms still work: POST, then a 303 to a page that refreshes until the job ends.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
 
-routes: list[BaseRoute] = []
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from muse import pages_gallery
+from muse.batcher import Ticket, TicketState
+from muse.errors import InvalidRequest, MuseError, NotFound
+from muse.pages_forms import FormValues, problem
+from muse.pages_render import (
+    content_disposition,
+    download_name,
+    friendly,
+    is_fragment,
+    problem_response,
+    render,
+    service,
+    studio_context,
+)
+from muse.service import Muse
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ImageView:
+    url: str
+    download_url: str
+    filename: str
+    detail_url: str | None
+    seed: int
+    alt: str
+    width: int
+    height: int
+    reuse: str  # query string that refills the form with this image's settings and seed
+
+
+def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
+    request = ticket.request
+    images: list[ImageView] = []
+    result = ticket.result
+    if result is not None:
+        saved = ticket.saved if len(ticket.saved) == len(result.images) else []
+        base = FormValues.from_request(request, muse.model, keep_seed=False)
+        for i, image in enumerate(result.images):
+            # Gallery URLs outlive the job; without a gallery the job serves its own images until it expires.
+            url = f"/gallery/{saved[i]}.png" if saved else f"/jobs/{ticket.id}/images/{i}.png"
+            images.append(
+                ImageView(
+                    url=url,
+                    download_url=f"{url}?download=1",
+                    filename=download_name(request.prompt, image.seed),
+                    detail_url=f"/gallery/{saved[i]}" if saved else None,
+                    seed=image.seed,
+                    alt=request.prompt,
+                    width=result.width,
+                    height=result.height,
+                    reuse=base.reproducing(image.seed).query(),
+                )
+            )
+    position = muse.batcher.position(ticket)
+    return {
+        "id": ticket.id,
+        "state": ticket.state.value,
+        "done": ticket.done,
+        "position": position,
+        "step": ticket.step,
+        "steps": request.steps,
+        "percent": round(100 * ticket.step / max(1, request.steps)),
+        "eta": muse.batcher.eta(ticket),
+        "request": request,
+        "batch_size": ticket.batch_size,
+        "result": result,
+        "images": images,
+        "problem": problem(ticket.error) if ticket.error is not None else None,
+        "again": FormValues.from_request(request, muse.model, keep_seed=False),
+    }
+
+
+async def read_form(request: Request) -> FormValues:
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
+        raise InvalidRequest("the form is too large", status=413)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        raise InvalidRequest("send the form as application/x-www-form-urlencoded", status=415)
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise InvalidRequest("the form is too large", status=413)
+    return FormValues.from_pairs(dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)))
+
+
+# ---- routes ---------------------------------------------------------------------------------------
+
+
+@friendly
+async def studio(request: Request) -> Response:
+    form = FormValues.from_pairs(dict(request.query_params))
+    context = studio_context(request, form)
+    # "Reuse seed" swaps in just the refilled form.
+    return render(request, "_form.html" if is_fragment(request) else "studio.html", context)
+
+
+@friendly
+async def create_job(request: Request) -> Response:
+    form = await read_form(request)
+    muse = service(request)
+    try:
+        # Charged against --rate-limit like the JSON API (the identity comes from muse.auth).
+        client = getattr(request.state, "identity", None)
+        ticket = muse.submit(form.to_request(muse.model), keep=True, client=client)
+    except MuseError as error:
+        return problem_response(request, error, form)
+    if not is_fragment(request):
+        return RedirectResponse(f"/jobs/{ticket.id}", status_code=303)
+    return render(request, "_job.html", {"job": job_view(muse, ticket)}, 201)
+
+
+@friendly
+async def show_job(request: Request) -> Response:
+    muse = service(request)
+    ticket = muse.job(request.path_params["id"])
+    if is_fragment(request):
+        return render(request, "_job.html", {"job": job_view(muse, ticket)})
+    form = FormValues.from_request(ticket.request, muse.model, keep_seed=False)
+    return render(request, "studio.html", studio_context(request, form) | {"jobs": [job_view(muse, ticket)]})
+
+
+@friendly
+async def cancel_job(request: Request) -> Response:
+    muse = service(request)
+    ticket = muse.cancel(request.path_params["id"])
+    if not is_fragment(request):
+        return RedirectResponse(f"/jobs/{ticket.id}", status_code=303)
+    return render(request, "_job.html", {"job": job_view(muse, ticket)})
+
+
+@friendly
+async def job_image(request: Request) -> Response:
+    """A finished job's image straight from memory, for when the gallery is off (or failed to store it)."""
+    ticket = service(request).job(request.path_params["id"])
+    index: int = request.path_params["index"]
+    if ticket.state is not TicketState.SUCCEEDED or ticket.result is None or index >= len(ticket.result.images):
+        raise NotFound("no such image in this job", param="index")
+    image = ticket.result.images[index]
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if "download" in request.query_params:
+        headers["Content-Disposition"] = content_disposition(download_name(ticket.request.prompt, image.seed))
+    return Response(image.png, media_type="image/png", headers=headers)
+
+
+routes: list[BaseRoute] = [
+    Route("/", studio, methods=["GET"], name="studio"),
+    Route("/jobs", create_job, methods=["POST"], name="create_job"),
+    Route("/jobs/{id}", show_job, methods=["GET"], name="job"),
+    Route("/jobs/{id}/cancel", cancel_job, methods=["POST"], name="cancel_job"),
+    Route("/jobs/{id}/images/{index:int}.png", job_image, methods=["GET"], name="job_image"),
+    *pages_gallery.routes,
+]

@@ -20,14 +20,14 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
-from muse.messages import GenerateResult
+from muse.messages import GenerateRequest, GenerateResult
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ID_PATTERN = re.compile(r"[0-9a-f]{16}")
-SAMPLER = "DDIM"  # the scheduler Muse's pipelines sample with; written for A1111-compatible readers
+DEFAULT_SAMPLER = "Default"  # what A1111-style metadata says when the model's own scheduler ran
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS images (
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     guidance_scale REAL NOT NULL,
+    scheduler TEXT NOT NULL,
     model TEXT NOT NULL,
     batch_size INTEGER NOT NULL,
     queued_ms REAL NOT NULL,
@@ -52,9 +53,11 @@ CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
 """
 
 COLUMNS = (
-    "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, model, "
+    "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, scheduler, model, "
     "batch_size, queued_ms, compute_ms, total_ms, bytes"
 )
+
+PLACEHOLDERS = ", ".join("?" * len(COLUMNS.split(",")))
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class GalleryImage:
     width: int
     height: int
     guidance_scale: float
+    scheduler: str  # "" = the model's own
     model: str
     batch_size: int
     queued_ms: float
@@ -77,16 +81,15 @@ class GalleryImage:
 
     @property
     def parameters(self) -> str:
-        return parameters_text(
-            self.prompt,
-            self.negative_prompt,
-            self.steps,
-            self.guidance_scale,
-            self.seed,
-            self.width,
-            self.height,
-            self.model,
+        """The `parameters` text AUTOMATIC1111 writes, so its PNG Info tab and other tools read our files."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {self.steps}, Sampler: {self.scheduler or DEFAULT_SAMPLER}, CFG scale: {self.guidance_scale:g}, "
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
         )
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -97,20 +100,6 @@ class Page:
     older: str | None
     newer: str | None
     total: int
-
-
-def parameters_text(
-    prompt: str, negative: str, steps: int, guidance: float, seed: int, width: int, height: int, model: str
-) -> str:
-    """The `parameters` text AUTOMATIC1111 writes, so its PNG Info tab and other tools read our files."""
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(
-        f"Steps: {steps}, Sampler: {SAMPLER}, CFG scale: {guidance:g}, Seed: {seed}, Size: {width}x{height}, "
-        f"Model: {model}"
-    )
-    return "\n".join(lines)
 
 
 def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
@@ -161,31 +150,44 @@ class Gallery:
 
     def save(self, result: GenerateResult) -> list[str]:
         """Store every image of a finished request; returns their ids in order."""
-        request = result.request
-        prompt, negative = (request.prompt, request.negative_prompt) if request else ("", "")
-        guidance = request.guidance_scale if request else 0.0
+        request = result.request or GenerateRequest("", 0, result.steps, 0.0, result.width, result.height)
         now, t = time.time(), result.timings
-        rows = []
+        records = []
         for image in result.images:
-            image_id = new_id()
-            text = parameters_text(
-                prompt, negative, result.steps, guidance, image.seed, result.width, result.height, result.model
+            record = GalleryImage(
+                id=new_id(),
+                created=now,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                seed=image.seed,
+                steps=result.steps,
+                width=result.width,
+                height=result.height,
+                guidance_scale=request.guidance_scale,
+                scheduler=request.scheduler,
+                model=result.model,
+                batch_size=result.batch_size,
+                queued_ms=t.queued_ms,
+                compute_ms=t.compute_ms,
+                total_ms=t.total_ms,
+                bytes=0,
             )
-            data = png_with_text(image.png, "parameters", text)
-            self._write_file(image_id, data)
-            rows.append(
-                (image_id, now, prompt, negative, image.seed, result.steps, result.width, result.height, guidance,
-                 result.model, result.batch_size, t.queued_ms, t.compute_ms, t.total_ms, len(data))
-            )  # fmt: skip
+            data = png_with_text(image.png, "parameters", record.parameters)
+            self._write_file(record.id, data)
+            records.append(astuple(replace(record, bytes=len(data))))
+        if not records:
+            return []
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany(f"INSERT INTO images ({COLUMNS}) VALUES ({', '.join('?' * 15)})", rows)
+                self._db.executemany(
+                    f"INSERT INTO images ({COLUMNS}) VALUES ({', '.join('?' * len(records[0]))})", records
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return [row[0] for row in rows]
+        return [record[0] for record in records]
 
     def _write_file(self, image_id: str, data: bytes) -> None:
         final = self.images_dir / f"{image_id}.png"

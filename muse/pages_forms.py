@@ -1,0 +1,190 @@
+"""The generate form as the pages see it: raw strings in, a validated GenerateRequest out, and errors as
+readable messages that name the form control at fault."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+from urllib.parse import urlencode
+
+from muse.errors import (
+    Cancelled,
+    GenerationFailed,
+    InvalidRequest,
+    MuseError,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    ShuttingDown,
+    TimedOut,
+    Unavailable,
+    WorkerDied,
+)
+from muse.messages import GenerateRequest
+from muse.model_info import ModelInfo
+from muse.schema import QUALITY_STEPS, GenerateBody, validate
+
+TIMES = "\u00d7"  # the multiplication sign, for sizes as people write them
+
+# Request fields → the label of the form control a person can fix.
+LABELS = {
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "quality": "Quality",
+    "steps": "Steps",
+    "seed": "Seed",
+    "size": "Size",
+    "width": "Size",
+    "height": "Size",
+    "guidance_scale": "Guidance",
+    "n": "Images",
+    "scheduler": "Sampler",
+}
+
+
+@dataclass(frozen=True)
+class FormValues:
+    """What the form shows, as typed: blank means "the default" (random seed, native size, …)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    quality: str = "fast"
+    steps: str = ""
+    seed: str = ""
+    size: str = ""
+    guidance_scale: str = ""
+    scheduler: str = ""
+    n: str = "1"
+
+    @classmethod
+    def from_pairs(cls, pairs: Mapping[str, str]) -> FormValues:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in pairs.items() if k in known})
+
+    @classmethod
+    def from_request(cls, request: GenerateRequest, model: ModelInfo, *, keep_seed: bool) -> FormValues:
+        quality = next((q for q, steps in QUALITY_STEPS.items() if steps == request.steps), None)
+        native = (request.width, request.height) == (model.width, model.height)
+        return cls(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            quality=quality or "fast",
+            steps="" if quality else str(request.steps),
+            seed=str(request.seed) if keep_seed else "",
+            size="" if native else f"{request.width}x{request.height}",
+            guidance_scale="" if request.guidance_scale == model.guidance_scale else f"{request.guidance_scale:g}",
+            scheduler=request.scheduler,
+            n=str(request.n),
+        )
+
+    @property
+    def advanced(self) -> bool:
+        """Open the advanced section when any of its fields holds something."""
+        return any(
+            (self.negative_prompt, self.steps, self.seed, self.size, self.guidance_scale, self.n not in ("", "1"))
+        )
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in asdict(self).items() if v != ""]
+
+    def query(self) -> str:
+        return urlencode(self.items())
+
+    def reproducing(self, seed: int) -> FormValues:
+        """These settings with one image's seed, n=1: generating gives back exactly that image."""
+        return replace(self, seed=str(seed), n="1")
+
+    def to_request(self, model: ModelInfo) -> GenerateRequest:
+        """Validate like the JSON API does; raises InvalidRequest naming the field."""
+        data: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "quality": self.quality,
+            "n": _integer("n", self.n or "1"),
+        }
+        for name in ("steps", "seed"):
+            if value := getattr(self, name).strip():
+                data[name] = _integer(name, value)
+        if scheduler := self.scheduler.strip():
+            data["scheduler"] = scheduler
+        if guidance := self.guidance_scale.strip():
+            data["guidance_scale"] = _number("guidance_scale", guidance)
+        if size := self.size.strip():
+            width, _, height = size.lower().partition("x")
+            data["width"], data["height"] = _integer("size", width), _integer("size", height)
+        body: GenerateBody = validate(GenerateBody, data)
+        return body.to_request(model)
+
+
+def _integer(name: str, value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise InvalidRequest(f"{name}: must be a whole number, not {value!r}", param=name) from None
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{name}: must be a number, not {value!r}", param=name)
+    return number
+
+
+def size_options(model: ModelInfo) -> list[tuple[str, str]]:
+    """Native size first (the blank value), then wider, taller and larger ones that the API accepts."""
+    options = [("", f"{model.width}{TIMES}{model.height} (native)")]
+    for fw, fh in ((1.5, 1), (1, 1.5), (1.5, 1.5), (2, 2)):
+        width, height = round(model.width * fw / 8) * 8, round(model.height * fh / 8) * 8
+        value = f"{width}x{height}"
+        fits = 64 <= width <= 2048 and 64 <= height <= 2048 and (width, height) != (model.width, model.height)
+        if fits and value not in dict(options):
+            options.append((value, f"{width}{TIMES}{height}"))
+    return options
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An error as a person reads it in a card."""
+
+    title: str
+    message: str
+    tone: str  # "error", "busy" or "muted": how loudly the card says it
+    status: int
+    field: str | None = None
+    retry_after: int | None = None
+    retryable: bool = False
+
+
+def problem(error: MuseError) -> Problem:
+    message = error.message
+    if isinstance(error, InvalidRequest) and error.param:
+        message = message.removeprefix(f"{error.param}: ")
+    message = message[:1].upper() + message[1:]
+    if isinstance(error, InvalidRequest):
+        label = LABELS.get(error.param or "")
+        title = f"Check the {label.lower()}" if label else "Can't generate that"
+        return Problem(title, message, "error", error.status, field=label)
+    if isinstance(error, Overloaded):
+        return Problem("Muse is busy", message, "busy", error.status, retry_after=error.retry_after, retryable=True)
+    kinds: list[tuple[type[MuseError], str, str, bool]] = [
+        (RateLimited, "Slow down", "busy", True),
+        (ShuttingDown, "Muse is restarting", "busy", True),
+        (Unavailable, "No worker is available", "busy", True),
+        (TimedOut, "Took too long", "error", True),
+        (WorkerDied, "A worker crashed", "error", True),
+        (GenerationFailed, "Generation failed", "error", True),
+        (Cancelled, "Cancelled", "muted", True),
+        (NotFound, "Not found", "muted", False),
+    ]
+    for kind, title, tone, retryable in kinds:
+        if isinstance(error, kind):
+            retry = error.headers().get("Retry-After")
+            return Problem(
+                title, message, tone, error.status, retry_after=int(retry) if retry else None, retryable=retryable
+            )
+    return Problem("Something went wrong", message, "error", error.status, retryable=True)

@@ -1,0 +1,157 @@
+"""Rendering for the HTMX pages: the Jinja environment, full page or fragment, and small formatting helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import re
+import unicodedata
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.templating import Jinja2Templates
+
+from muse.errors import MuseError
+from muse.pages_forms import FormValues, problem, size_options
+from muse.schedulers import SCHEDULERS
+from muse.service import Muse
+from muse.storage import Gallery
+
+log = logging.getLogger("muse.pages")
+
+RECENT = 8  # thumbnails of the latest images under the studio's form
+Handler = Callable[[Request], Awaitable[Response]]
+
+# Beside the package, like muse.app's TEMPLATES_DIR (not imported from there: app imports this module).
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+# htmx is pinned: the CDN copy and static/htmx.min.js are the same file, so one SRI hash covers both.
+HTMX_VERSION = "2.0.11"
+HTMX_CDN = f"https://cdn.jsdelivr.net/npm/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
+HTMX_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
+
+
+def duration(ms: float | None) -> str:
+    if ms is None:
+        return ""
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    seconds = ms / 1000
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+
+
+def eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 1:
+        return "less than a second"
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    return f"about {seconds / 60:.0f} min"
+
+
+def timestamp(created: float) -> str:
+    return dt.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M")
+
+
+def iso_time(created: float) -> str:
+    return dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="seconds")
+
+
+def download_name(prompt: str, seed: int) -> str:
+    """`a-red-fox-in-the-snow-1234.png`: the first words of the prompt, then the seed."""
+    text = unicodedata.normalize("NFKC", prompt).lower()
+    words = re.findall(r"\w+", text)
+    slug = ""
+    for word in words:
+        if len(slug) + len(word) + 1 > 60:
+            break
+        slug = f"{slug}-{word}" if slug else word
+    return f"{slug or 'muse'}-{seed}.png"
+
+
+def content_disposition(filename: str) -> str:
+    # Old clients read `filename` (ASCII only); current ones prefer the UTF-8 `filename*`.
+    ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "-", filename).strip("-") or "image.png"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
+templates.env.filters.update(duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time)
+templates.env.globals.update(htmx_version=HTMX_VERSION, htmx_cdn=HTMX_CDN, htmx_integrity=HTMX_INTEGRITY)
+
+
+def service(request: Request) -> Muse:
+    return request.app.state.muse  # type: ignore[no-any-return]
+
+
+def gallery_of(request: Request) -> Gallery | None:
+    return getattr(request.app.state, "gallery", None)
+
+
+def is_fragment(request: Request) -> bool:
+    """An HTMX request wants the fragment, except a history restore, which needs the whole page."""
+    return request.headers.get("HX-Request") == "true" and "HX-History-Restore-Request" not in request.headers
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+    muse = service(request)
+    base = {
+        # Set by the auth middleware when API keys are on; empty otherwise, and then nothing checks it.
+        "csrf_token": getattr(request.state, "csrf_token", ""),
+        "gallery_enabled": gallery_of(request) is not None,
+        "model": muse.model,
+    }
+    response = templates.TemplateResponse(request, name, base | context, status_code=status_code)
+    # The same URL answers with a page or a fragment: caches and the back button must keep them apart.
+    response.headers["Vary"] = "HX-Request"
+    return response
+
+
+def page_or_fragment(
+    request: Request, page: str, fragment: str, context: dict[str, Any], status_code: int = 200
+) -> Response:
+    return render(request, fragment if is_fragment(request) else page, context, status_code)
+
+
+def studio_context(request: Request, form: FormValues) -> dict[str, Any]:
+    gallery = gallery_of(request)
+    return {
+        "form": form,
+        "sizes": size_options(service(request).model),
+        "samplers": list(SCHEDULERS),
+        "recent": gallery.page(limit=RECENT).images if gallery is not None else [],
+        "jobs": [],
+    }
+
+
+def problem_response(request: Request, error: MuseError, form: FormValues | None = None) -> Response:
+    """The error as a card: alone for HTMX; in the studio (form refilled) or on its own page otherwise."""
+    shown = problem(error)
+    context: dict[str, Any] = {"problem": shown, "retry_form": form if shown.retryable else None}
+    if is_fragment(request):
+        return render(request, "_problem.html", context, shown.status)
+    if form is not None:
+        return render(request, "studio.html", studio_context(request, form) | context, shown.status)
+    return render(request, "problem.html", context, shown.status)
+
+
+def friendly(handler: Handler) -> Handler:
+    """Errors become a card, never the JSON error body or a blank page."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except MuseError as error:
+            return problem_response(request, error)
+        except Exception as exc:
+            log.exception("page %s %s failed", request.method, request.url.path, exc_info=exc)
+            return problem_response(request, MuseError("an unexpected error happened; the server log has the details"))
+
+    return wrapped

@@ -1,0 +1,197 @@
+"""The gallery store on its own: files and rows, PNG metadata, listing, search, delete, crash safety."""
+
+from __future__ import annotations
+
+import io
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
+from muse.storage import Gallery, png_with_text
+
+
+def png(color: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def result(
+    prompt: str = "a red square", n: int = 1, seed: int = 42, negative: str = "", scheduler: str = ""
+) -> GenerateResult:
+    request = GenerateRequest(
+        prompt=prompt,
+        seed=seed,
+        steps=4,
+        guidance_scale=3.5,
+        width=8,
+        height=8,
+        n=n,
+        negative_prompt=negative,
+        scheduler=scheduler,
+    )
+    return GenerateResult(
+        images=[GeneratedImage(png(), s) for s in request.seeds()],
+        model="tiny",
+        steps=4,
+        width=8,
+        height=8,
+        batch_size=n,
+        timings=Timings(queued_ms=1.5, compute_ms=20.0, total_ms=22.0),
+        request=request,
+    )
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> Iterator[Gallery]:
+    store = Gallery(tmp_path / "data")
+    yield store
+    store.close()
+
+
+def test_save_writes_png_with_a1111_parameters_and_a_row(gallery: Gallery) -> None:
+    [image_id] = gallery.save(result("a red square", negative="blurry", scheduler="Euler a"))
+    path = gallery.png_path(image_id)
+    assert path is not None and path.parent == gallery.images_dir
+    with Image.open(path) as image:
+        assert image.size == (8, 8)
+        assert image.info["parameters"] == (
+            "a red square\nNegative prompt: blurry\n"
+            "Steps: 4, Sampler: Euler a, CFG scale: 3.5, Seed: 42, Size: 8x8, Model: tiny"
+        )
+    row = gallery.get(image_id)
+    assert row is not None
+    assert (row.prompt, row.negative_prompt, row.seed, row.steps, row.width, row.height) == (
+        "a red square",
+        "blurry",
+        42,
+        4,
+        8,
+        8,
+    )
+    assert (row.guidance_scale, row.scheduler, row.model) == (3.5, "Euler a", "tiny")
+    assert (row.compute_ms, row.total_ms) == (20.0, 22.0)
+    assert row.bytes == path.stat().st_size and row.created > 0
+
+
+def test_each_image_of_a_request_gets_its_own_seed_and_id(gallery: Gallery) -> None:
+    ids = gallery.save(result(n=3, seed=10))
+    assert len(set(ids)) == 3
+    assert [gallery.get(i).seed for i in ids] == [10, 11, 12]  # type: ignore[union-attr]
+
+
+def test_non_latin1_prompt_goes_in_an_itxt_chunk(gallery: Gallery) -> None:
+    [image_id] = gallery.save(result("海辺の灯台 🌅"))
+    with Image.open(gallery.png_path(image_id)) as image:  # type: ignore[arg-type]
+        assert image.info["parameters"].startswith("海辺の灯台 🌅\nSteps: 4, Sampler: Default,")
+
+
+def test_text_chunk_keeps_the_pixels() -> None:
+    original = png((1, 2, 3))
+    tagged = png_with_text(original, "parameters", "p\nSteps: 1")
+    assert Image.open(io.BytesIO(tagged)).tobytes() == Image.open(io.BytesIO(original)).tobytes()
+    with pytest.raises(ValueError):
+        png_with_text(b"not a png", "parameters", "x")
+
+
+def test_database_runs_in_wal_mode_without_full_sync(gallery: Gallery) -> None:
+    db = sqlite3.connect(gallery.data_dir / "gallery.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    # synchronous is per connection: read it from the gallery's own.
+    assert gallery._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_save_never_fsyncs(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(fd: int) -> None:
+        raise AssertionError("save must not fsync: it runs on the event loop")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    assert len(gallery.save(result(n=2))) == 2
+
+
+def test_a_failed_rename_leaves_neither_file_nor_row(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        gallery.save(result())
+    assert list(gallery.images_dir.iterdir()) == []
+    assert gallery.count() == 0
+
+
+def test_rows_are_written_after_their_files(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between file and row leaves an orphan file, never a row without its file."""
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        seen.append(gallery.count())
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    gallery.save(result(n=2))
+    assert seen == [0, 0]
+
+
+def test_leftover_temp_files_are_removed_on_open(tmp_path: Path) -> None:
+    first = Gallery(tmp_path)
+    first.close()
+    (first.images_dir / ".0123456789abcdef.png.tmp").write_bytes(b"half")
+    Gallery(tmp_path).close()
+    assert list(first.images_dir.glob("*.tmp")) == []
+
+
+def test_gallery_survives_reopening(tmp_path: Path) -> None:
+    first = Gallery(tmp_path)
+    ids = first.save(result("kept"))
+    first.close()
+    again = Gallery(tmp_path)
+    assert [i.id for i in again.page().images] == ids
+    assert again.png_path(ids[0]) is not None
+    again.close()
+
+
+def test_listing_is_newest_first_with_stable_cursors(gallery: Gallery) -> None:
+    ids = [gallery.save(result(f"image {i}"))[0] for i in range(7)]
+    newest_first = ids[::-1]
+    first = gallery.page(limit=3)
+    assert [i.id for i in first.images] == newest_first[:3]
+    assert first.newer is None and first.older == newest_first[2] and first.total == 7
+    gallery.save(result("arrives later"))  # must not shift the next page
+    second = gallery.page(limit=3, after=first.older)
+    assert [i.id for i in second.images] == newest_first[3:6]
+    last = gallery.page(limit=3, after=second.older)
+    assert [i.id for i in last.images] == newest_first[6:] and last.older is None
+    back = gallery.page(limit=3, before=last.newer)
+    assert [i.id for i in back.images] == newest_first[3:6]
+
+
+def test_search_matches_prompt_substrings_case_insensitively(gallery: Gallery) -> None:
+    gallery.save(result("A Red Fox"))
+    gallery.save(result("a blue whale"))
+    gallery.save(result("100% red_velvet"))
+    assert [i.prompt for i in gallery.page("red").images] == ["100% red_velvet", "A Red Fox"]
+    assert [i.prompt for i in gallery.page("0% r").images] == ["100% red_velvet"]
+    assert gallery.page("%").total == 1 and gallery.page("_").total == 1, "wildcards match themselves"
+    assert gallery.count("whale") == 1 and gallery.count("  ") == 3
+
+
+def test_delete_removes_row_then_file(gallery: Gallery) -> None:
+    [image_id] = gallery.save(result())
+    path = gallery.png_path(image_id)
+    assert gallery.delete(image_id) is True
+    assert gallery.get(image_id) is None and path is not None and not path.exists()
+    assert gallery.delete(image_id) is False
+
+
+def test_ids_that_are_not_gallery_ids_are_refused(gallery: Gallery) -> None:
+    assert gallery.get("../gallery") is None
+    assert gallery.png_path("..") is None
+    assert gallery.delete("*") is False

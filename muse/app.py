@@ -68,6 +68,8 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
             if bot is not None:
                 await bot.stop()
             await service.stop()
+            if gallery is not None:
+                gallery.close()
 
     keys = KeyRing(load_keys(settings.api_keys))
     routes = [

@@ -32,6 +32,7 @@ CSRF_HEADER = "x-csrf-token"
 OPEN_PREFIXES = ("/healthz", "/readyz", "/static/", "/login", "/logout", "/openapi.json", "/favicon.ico")
 API_PREFIXES = ("/api/", "/v1/", "/sdapi/", "/metrics")
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 def load_keys(spec: str) -> list[str]:
@@ -101,8 +102,13 @@ class AccessControl:
             await response(scope, receive, send)
             return
         if bearer is None and request.method in UNSAFE:
-            sent = request.headers.get(CSRF_HEADER, "")
-            if not csrf or not hmac.compare_digest(sent.encode(), csrf.encode()):
+            sent = request.headers.get(CSRF_HEADER)
+            if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPE):
+                # A plain form post (no JavaScript) carries the token as a field; replay the body.
+                body = await read_all(receive)
+                sent = parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
+                receive = replay(body)
+            if not csrf or not hmac.compare_digest((sent or "").encode(), csrf.encode()):
                 error = InvalidRequest("missing or wrong CSRF token", code="csrf_failed", status=403)
                 error.type = "permission_error"
                 await JSONResponse(error.to_dict(), status_code=403)(scope, receive, send)
@@ -121,6 +127,31 @@ class AccessControl:
             return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
         error = Unauthorized(f"{why}: send 'Authorization: Bearer <key>'")
         return JSONResponse(error.to_dict(), status_code=401, headers=error.headers())
+
+
+async def read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 def bearer_token(request: Request) -> str | None:

@@ -230,11 +230,20 @@ class Batcher:
 
     def eta(self, ticket: Ticket) -> float | None:
         if ticket.state is TicketState.QUEUED:
+            if not self.image_seconds:
+                return None
             position = self.position(ticket) or 0
-            return self.estimate_wait(position + ticket.request.n) if self.image_seconds else None
+            # Nothing starts before a worker frees up: the soonest running batch must end first.
+            running = [(f.job.steps - self._step_of(f)) * self.step_seconds for f in self.inflight.values()]
+            free_in = min(running) if running and self.pool.idle_worker() is None else 0.0
+            return free_in + self.estimate_wait(position + ticket.request.n)
         if ticket.state is TicketState.RUNNING and self.step_seconds:
             return max(0.0, (ticket.request.steps - ticket.step) * self.step_seconds)
         return None
+
+    @staticmethod
+    def _step_of(flight: InFlight) -> int:
+        return max((t.step for t in flight.tickets), default=0)
 
     # ---- pool callbacks ---------------------------------------------------------------------------
 

@@ -183,3 +183,28 @@ def test_openapi_describes_every_json_endpoint(server: LiveServer) -> None:
     assert generate["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("GenerateBody")
     assert {"200", "422", "503"} <= set(generate["responses"])
     assert "prompt" in doc["components"]["schemas"]["GenerateBody"]["properties"]
+
+
+def test_plain_form_posts_carry_csrf_as_a_field(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url) as browser:
+        csrf = browser.get("/login").cookies["muse_csrf"]
+        browser.post("/login", data={"key": KEY, "csrf_token": csrf, "next": "/"})
+        form = {"prompt": "a form post", "steps": "2"}
+        assert browser.post("/jobs", data=form).status_code == 403
+        accepted = browser.post("/jobs", data=form | {"csrf_token": csrf})
+        assert accepted.status_code in (200, 202, 303), accepted.text
+
+
+def test_csp_allows_exactly_the_inline_htmx_fallback() -> None:
+    import base64
+    import hashlib
+    import re
+    from pathlib import Path
+
+    from muse.hardening import FALLBACK_SCRIPT_HASH
+
+    base = (Path(__file__).parent.parent / "templates" / "base.html").read_text()
+    inline = re.findall(r"<script>(.*?)</script>", base)
+    assert len(inline) == 1, "one inline script, allowed by its hash"
+    digest = base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode()
+    assert f"sha256-{digest}" == FALLBACK_SCRIPT_HASH

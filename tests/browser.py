@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,19 @@ CHROMIUM_ARGS = [
 EXTERNAL = re.compile(r"^https?://(?!127\.0\.0\.1[:/]|localhost[:/])")
 
 
+def ensure_chromium() -> None:
+    """Install Debian's chromium when it is missing and we may (root with apt): the tests bring
+    what they need beyond pip, so a fresh machine passes with the README's test command alone."""
+    if CHROMIUM.exists() or "MUSE_TEST_CHROMIUM" in os.environ:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, capture_output=True)
+
+
 def launch(playwright: Playwright) -> Browser:
+    ensure_chromium()
     if not CHROMIUM.exists():
         pytest.fail(
             f"Chromium not found at {CHROMIUM}: the browser tests need Debian's chromium package "

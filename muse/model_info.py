@@ -55,5 +55,5 @@ def inspect(model: str, embedded: str) -> ModelInfo:
         sample = unet["sample_size"]
         h, w = (sample, sample) if isinstance(sample, int) else sample
         width, height = int(w * scale), int(h * scale)
-    guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE)) if folder.is_dir() else 7.5
+    guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
     return ModelInfo(model_name(model, embedded), width, height, guidance)

@@ -32,7 +32,7 @@ class Muse:
         self.settings = settings
         self.gallery = gallery
         self.devices = settings.device_list()
-        self.model: ModelInfo = inspect(settings.model, EMBEDDED_MODEL)
+        self._model = inspect(settings.model, EMBEDDED_MODEL)
         self.jobs: dict[str, Ticket] = {}
         self.metrics = Metrics()
         self.limiter = RateLimiter(settings.rate_limit)
@@ -50,7 +50,7 @@ class Muse:
         self.pool.target = min_workers
         self.batcher = Batcher(
             self.pool,
-            model=self.model.name,
+            model=self._model.name,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -77,6 +77,14 @@ class Muse:
         self.batcher.on_interrupt.append(self.metrics.interrupted.inc)
         self.batcher.on_retry.append(self.metrics.retries.inc)
         self._register_gauges()
+
+    @property
+    def model(self) -> ModelInfo:
+        """The served model; once a worker has loaded it, its own report of size and guidance wins."""
+        ready = self.pool.info
+        if ready is None:
+            return self._model
+        return ModelInfo(self._model.name, ready.width, ready.height, ready.guidance_scale)
 
     # ---- lifecycle --------------------------------------------------------------------------------
 

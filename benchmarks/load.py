@@ -59,8 +59,10 @@ async def run_level(
     *,
     max_requests: int | None = None,
     path: str = "/api/generate",
+    warmup: float = 0.0,
 ) -> LevelResult:
-    """Clients send back to back for `duration` seconds; only completions inside the window count."""
+    """Clients send back to back; after `warmup` seconds (the pipeline filling up, not counted) the
+    window of `duration` seconds opens, and only completions inside it count."""
     check_loopback(url)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -69,7 +71,7 @@ async def run_level(
     sent = 0
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     timeout = httpx.Timeout(duration + 600, connect=60)
-    start = time.perf_counter()
+    start = time.perf_counter() + warmup
     end = start + duration
 
     async def client_loop(http: httpx.AsyncClient) -> None:
@@ -85,21 +87,30 @@ async def run_level(
             t1 = time.perf_counter()
             if t1 > end:
                 break
+            counted = t1 >= start  # completions during the warm-up are not measured
             if response.status_code == 200:
-                data = response.json()
-                latencies.append((t1 - t0) * 1000)
-                images += len(data.get("images", []))
-                batches[int(data.get("batch_size", 0))] += 1
-            else:
+                if counted:
+                    data = response.json()
+                    latencies.append((t1 - t0) * 1000)
+                    images += len(data.get("images", []))
+                    batches[int(data.get("batch_size", 0))] += 1
+                continue
+            if counted:
                 errors[str(response.status_code)] += 1
-                retry_after = response.headers.get("retry-after", "")
-                if response.status_code in (429, 503) and retry_after.isdigit():
-                    # A well-behaved client waits as told instead of hammering a full queue.
-                    await asyncio.sleep(min(float(retry_after), max(0.0, end - time.perf_counter())))
+            retry_after = response.headers.get("retry-after", "")
+            if response.status_code in (429, 503) and retry_after.isdigit():
+                # A well-behaved client waits as told instead of hammering a full queue, warm-up or not.
+                await asyncio.sleep(min(float(retry_after), max(0.0, end - time.perf_counter())))
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
-        await asyncio.gather(*(client_loop(http) for _ in range(concurrency)))
-    elapsed = min(time.perf_counter(), end) - start
+        tasks = [asyncio.create_task(client_loop(http)) for _ in range(concurrency)]
+        await asyncio.wait(tasks, timeout=max(0.0, end - time.perf_counter()) + 0.05)
+        # Requests still in flight when the window closes are abandoned (their connections close),
+        # rather than waited out: a deep queue would otherwise take minutes to drain.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = max(1e-9, min(time.perf_counter(), end) - start)
     return LevelResult(
         concurrency=concurrency,
         duration_s=round(elapsed, 3),
@@ -134,6 +145,7 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("--concurrency", default="1,4,16,64,256,1000")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds per level before counting")
     parser.add_argument("--max-requests", type=int, default=None, help="cap per level")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--prompt", default="a red circle on a blue background")
@@ -141,7 +153,9 @@ def main() -> None:
     args = parser.parse_args()
     body = {"prompt": args.prompt, "steps": args.steps}
     rows = [
-        asyncio.run(run_level(args.url, int(c), args.duration, body, max_requests=args.max_requests))
+        asyncio.run(
+            run_level(args.url, int(c), args.duration, body, max_requests=args.max_requests, warmup=args.warmup)
+        )
         for c in args.concurrency.split(",")
     ]
     print_table(rows)

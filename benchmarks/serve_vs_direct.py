@@ -52,9 +52,8 @@ def main() -> None:
     flags += ["--threads-per-worker", str(threads), "--max-queue", str(max(256, args.clients * 4))]
     with muse_server(*flags) as served:
         url = served.url
-        asyncio.run(run_level(url, args.clients, 3.0, body))  # warm the server and the clients
-        served = asyncio.run(run_level(url, args.clients, duration, body))
-        idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body))
+        served = asyncio.run(run_level(url, args.clients, duration, body, warmup=8.0))
+        idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body, warmup=2.0))
     after = direct.throughput(args.batch, args.steps, duration)
     ceiling = (before + after) / 2
 

@@ -203,7 +203,13 @@ def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, defaults: d
     if "guidance_scale" not in defaults:
         raise ValueError("serving defaults need a guidance_scale")
     folder = Path(folder)
+    # Training pads every batch; the tokenizer must not keep that state in the saved folder.
+    pipe.tokenizer.backend_tokenizer.no_padding()
+    pipe.tokenizer.backend_tokenizer.no_truncation()
     pipe.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.pop("_name_or_path", None) is not None:
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     serving = {**defaults, "guidance_scale": float(defaults["guidance_scale"])}
     (folder / SERVING_DEFAULTS_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
     return folder

@@ -150,15 +150,16 @@ def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfi
 
 
 @torch.no_grad()
-def encode_latents(pipe: StableDiffusionPipeline, pixels: np.ndarray) -> torch.Tensor:
+def encode_latents(pipe: StableDiffusionPipeline, pixels: np.ndarray, measure: bool = True) -> torch.Tensor:
     """Posterior means of the whole dataset, scaled to unit std as Stable Diffusion does; the factor
-    is stored in the VAE config so the pipeline undoes it when decoding."""
+    is stored in the VAE config so the pipeline undoes it when decoding. A resumed run keeps the
+    factor its UNet was trained with."""
     chunks = []
     for start in tqdm(range(0, len(pixels), 256), desc="encode", mininterval=5):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             chunks.append(pipe.vae.encode(to_tensor(pixels[start : start + 256])).latent_dist.mean.float())
     latents = torch.cat(chunks)
-    scaling_factor = float(1.0 / latents.std())
+    scaling_factor = float(1.0 / latents.std()) if measure else float(pipe.vae.config.scaling_factor)
     pipe.vae.register_to_config(scaling_factor=scaling_factor)
     log.info("latent scaling factor %.4f", scaling_factor)
     return latents * scaling_factor
@@ -262,17 +263,21 @@ def serving_defaults(cfg: TrainConfig, pipe: StableDiffusionPipeline) -> dict[st
     }
 
 
-def train(cfg: TrainConfig, out: Path, snapshot: tuple[Path, int] | None = None) -> Path:
+def train(cfg: TrainConfig, out: Path, snapshot: tuple[Path, int] | None = None, resume: Path | None = None) -> Path:
+    """From scratch, or with ``resume`` a further UNet + text-encoder stage on a trained folder
+    (same data, same frozen VAE): how a run cut short by a busy machine is finished."""
     started = time.monotonic()
     deadline = started + cfg.max_minutes * 60
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     spec: ModelSpec = SPECS[cfg.spec]
-    pipe = build_pipeline(spec, seed=cfg.seed)
+    pipe = StableDiffusionPipeline.from_pretrained(resume) if resume else build_pipeline(spec, seed=cfg.seed)
     scenes, pixels = render_dataset(cfg.images, spec.image_size, random.Random(cfg.seed))
-    train_vae(pipe, pixels, cfg, min(deadline, time.monotonic() + cfg.vae_minutes * 60))
-    latents = encode_latents(pipe, pixels)
+    if resume is None:
+        train_vae(pipe, pixels, cfg, min(deadline, time.monotonic() + cfg.vae_minutes * 60))
+    pipe.vae.eval().requires_grad_(False)
+    latents = encode_latents(pipe, pixels, measure=resume is None)
     del pixels
     train_denoiser(pipe, latents, scenes, cfg, deadline, snapshot)
     save_pipeline(pipe, out, serving_defaults(cfg, pipe))
@@ -289,14 +294,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--snapshots", type=Path, help="also save the EMA model here every N UNet steps")
     parser.add_argument("--snapshot-every", type=int, default=1000)
+    parser.add_argument("--resume", type=Path, help="continue the UNet stage of this trained folder")
+    parser.add_argument("--minutes", type=float, help="wall-time budget of the whole run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     base = SMOKE if args.smoke else TrainConfig()
     cfg = dataclasses.replace(base, seed=args.seed).scaled(args.steps_scale)
+    if args.minutes is not None:
+        cfg = dataclasses.replace(cfg, max_minutes=args.minutes)
+    if args.resume is not None:
+        # Fine-tuning already trained weights: a gentler peak learning rate.
+        cfg = dataclasses.replace(cfg, unet_lr=cfg.unet_lr / 2)
     log.info("config %s", cfg)
     snapshot = (args.snapshots, args.snapshot_every) if args.snapshots else None
-    train(cfg, args.out, snapshot)
+    train(cfg, args.out, snapshot, args.resume)
 
 
 if __name__ == "__main__":

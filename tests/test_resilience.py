@@ -181,8 +181,21 @@ def test_cli_generate_writes_png_and_reports_errors(tiny_model: str, tmp_path: P
     with live_server(settings(tiny_model)) as server:
         out = tmp_path / "out.png"
         run = subprocess.run(
-            [sys.executable, "-m", "muse", "generate", "a red circle", "-o", str(out), "--url", server.url,
-             "--steps", "3", "--seed", "5"],
+            [
+                sys.executable,
+                "-m",
+                "muse",
+                "generate",
+                "a red circle",
+                "-o",
+                str(out),
+                "--url",
+                server.url,
+                "--steps",
+                "3",
+                "--seed",
+                "5",
+            ],
             capture_output=True,
             text=True,
             timeout=120,

@@ -63,15 +63,15 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     args = parser.parse_args()
     levels = [int(x) for x in (args.levels or ("1,16,256" if args.quick else "1,4,16,64,256,1000")).split(",")]
-    duration = args.duration or (15.0 if args.quick else 30.0)
-    warmup = 5.0 if args.quick else 8.0
+    duration = args.duration or (10.0 if args.quick else 30.0)
+    warmup = 4.0 if args.quick else 8.0
     threads = os.cpu_count() or 1
     body = {"prompt": "a red circle on a blue background", "steps": args.steps, "seed": 1}
     started = time.strftime("%Y-%m-%d %H:%M")
 
     direct = DirectPipeline(args.model, threads)
     single_ms = statistics.median(direct.run(1, args.steps, seed=i) for i in range(5)) * 1000
-    direct_window = min(duration, 12.0)
+    direct_window = 8.0 if args.quick else 12.0
     directs = [direct.throughput(args.batch, args.steps, direct_window)]
     print(f"direct: batch {args.batch} {directs[-1]:.2f} img/s; one image {single_ms:.1f} ms", flush=True)
 

@@ -33,11 +33,13 @@ class MuseError(Exception):
         if code is not None:
             self.code = code
 
+    retry_after: int | None = None  # seconds; becomes a Retry-After header when set
+
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {}
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class InvalidRequest(MuseError):
@@ -65,9 +67,6 @@ class Overloaded(MuseError):
         super().__init__(message, code=code)
         self.retry_after = max(1, round(retry_after))
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
 
 class TimedOut(MuseError):
     status = 504
@@ -85,18 +84,14 @@ class WorkerDied(MuseError):
     status = 503
     type = "server_error"
     code = "worker_died"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    retry_after = 1
 
 
 class ShuttingDown(MuseError):
     status = 503
     type = "overloaded_error"
     code = "shutting_down"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
+    retry_after = 5
 
 
 class GenerationFailed(MuseError):
@@ -109,9 +104,7 @@ class Unavailable(MuseError):
     status = 503
     type = "server_error"
     code = "no_workers"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "30"}
+    retry_after = 30
 
 
 class Unauthorized(MuseError):

@@ -5,8 +5,9 @@ Policy (pure; tested against a fake pool in milliseconds):
 - batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
   (a request for n images takes n slots and is never split);
 - an idle worker gets work at once when the service was quiet; while other workers are busy, or
-  right after a batch finished (its clients are about to send their next requests), a part-full
-  batch may wait for company, at most `max_wait_ms` after its oldest request arrived;
+  right after a batch of several requests finished and not all of its clients have sent their next
+  request yet, a part-full batch may wait for company, at most `max_wait_ms` after its oldest
+  request arrived (a lone client's next request never waits);
 - cancelled or expired requests never reach a worker; a running batch whose requests are all gone
   is interrupted; a batch whose worker died is retried `max_retries` times, then fails with 503.
 
@@ -140,6 +141,8 @@ class Batcher:
         self.step_seconds = 0.0
         self._hold: asyncio.TimerHandle | None = None
         self._last_finish = float("-inf")
+        # Requests of the batch that finished last whose clients have not sent their next one yet.
+        self._returning = 0
         self._watched = 0
 
     # ---- entry points -----------------------------------------------------------------------------
@@ -163,6 +166,7 @@ class Batcher:
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.append(ticket)
         self.queued_images += request.n
+        self._returning = max(0, self._returning - 1)
         self._pump()
         self.on_demand()
         return ticket
@@ -267,6 +271,7 @@ class Batcher:
         if flight is None:
             return
         self._last_finish = time.monotonic()
+        self._returning = len(flight.tickets)
         if isinstance(message, Failure):
             error = (
                 Cancelled("interrupted: every request of the batch was gone")
@@ -342,7 +347,8 @@ class Batcher:
                 break
             batch = self._next_batch()
             images = sum(t.request.n for t in batch)
-            busy = self.pool.busy_count() > 0 or time.monotonic() - self._last_finish < self.max_wait
+            company_due = self._returning > 0 and time.monotonic() - self._last_finish < self.max_wait
+            busy = self.pool.busy_count() > 0 or company_due
             if images < self.max_batch_size and busy:
                 wait_left = batch[0].submitted + self.max_wait - time.monotonic()
                 if wait_left > 0:

@@ -274,15 +274,27 @@ async def test_empty_queue_takes_a_request_bigger_than_max_queue() -> None:
         batcher.submit(req("more"))
 
 
-async def test_requests_right_after_a_batch_finished_wait_for_company() -> None:
+async def test_requests_right_after_a_batch_finished_wait_for_its_other_clients() -> None:
     # Closed-loop clients resend together when their batch returns; the first must not run alone.
     pool = FakePool()
-    batcher = make(pool, max_wait_ms=30)
-    batcher.submit(req("a"))
+    batcher = make(pool, max_batch_size=2, max_wait_ms=60_000)
+    batcher.submit(req("a1"))
+    batcher.submit(req("a2"))
+    batcher.submit(req("a3"))
+    pool.finish(batcher)  # a1 ran alone; a2 + a3 fill the next batch, so it goes at once
+    assert [s.prompt for s in pool.dispatched[1].images] == ["a2", "a3"]
     pool.finish(batcher)
     b = batcher.submit(req("b"))
-    assert b.state is TicketState.QUEUED, "a batch just finished: wait briefly for the others"
+    assert b.state is TicketState.QUEUED, "a batch of two just finished: wait for the other client"
     c = batcher.submit(req("c"))
-    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 2), 1.0)
-    assert [s.prompt for s in pool.dispatched[1].images] == ["b", "c"]
+    assert [s.prompt for s in pool.dispatched[2].images] == ["b", "c"], "both back: no need to wait longer"
     assert c.state is TicketState.RUNNING
+
+
+async def test_a_lone_clients_next_request_never_waits() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_wait_ms=60_000)
+    for prompt in ["first", "second", "third"]:
+        ticket = batcher.submit(req(prompt))
+        assert ticket.state is TicketState.RUNNING, f"{prompt}: one client, nobody else to wait for"
+        pool.finish(batcher)

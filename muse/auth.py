@@ -107,7 +107,7 @@ class AccessControl:
                 # A plain form post (no JavaScript) carries the token as a field; replay the body.
                 body = await read_all(receive)
                 sent = parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
-                receive = replay(body)
+                receive = replay(body, receive)
             if not csrf or not hmac.compare_digest((sent or "").encode(), csrf.encode()):
                 error = InvalidRequest("missing or wrong CSRF token", code="csrf_failed", status=403)
                 error.type = "permission_error"
@@ -141,7 +141,8 @@ async def read_all(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def replay(body: bytes) -> Receive:
+def replay(body: bytes, then: Receive) -> Receive:
+    """The body already read, then the connection's own messages (a later disconnect stays visible)."""
     sent = False
 
     async def receive() -> Message:
@@ -149,7 +150,7 @@ def replay(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await then()
 
     return receive
 

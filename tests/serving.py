@@ -104,3 +104,19 @@ def wait_job(server: LiveServer, job_id: str, states: set[str], timeout: float =
     return wait_for(
         lambda: (s := job_status(server, job_id))["status"] in states and s, timeout, 0.02, f"job in {states}"
     )
+
+
+# A job long enough (150 steps of 8 images) to keep the one worker busy until it is released.
+BLOCKER = {"prompt": "blocker", "steps": 150, "n": 8}
+
+
+def run_blocker(server: LiveServer) -> str:
+    job = submit_job(server, BLOCKER)
+    wait_job(server, job, {"running"})
+    return job
+
+
+def release(server: LiveServer, job: str) -> None:
+    """Cancel the blocker and wait until nothing runs."""
+    httpx.delete(f"{server.url}/api/jobs/{job}")
+    wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")

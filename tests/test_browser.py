@@ -20,9 +20,8 @@ from muse.app import STATIC_DIR
 from muse.batcher import TicketState
 from muse.pages_render import HTMX_CDN, HTMX_VERSION
 from tests.browser import Restartable, Watched, launch, open_page
-from tests.serving import settings, submit_job, wait_for, wait_job
+from tests.serving import run_blocker, settings, wait_for
 
-BLOCKER = {"prompt": "blocker", "steps": 150, "n": 8}
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -129,8 +128,7 @@ def test_type_submit_watch_progress_and_get_the_image(
 
 
 def test_cancel_a_queued_job(watched: Watched, served: Restartable) -> None:
-    blocker = submit_job(served.server, BLOCKER)
-    wait_job(served.server, blocker, {"running"})
+    blocker = run_blocker(served.server)
     try:
         page = watched.page
         page.goto(f"{served.url}/?steps=5")

@@ -9,27 +9,23 @@ import httpx
 import pytest
 
 from muse.client import iter_events
-from tests.serving import LiveServer, job_status, live_server, metric, settings, submit_job, wait_for, wait_job
-
-# Long enough to still be running while a test queues and cancels things behind it.
-BLOCKER = {"prompt": "blocker", "steps": 150, "n": 8}
+from tests.serving import (
+    LiveServer,
+    job_status,
+    live_server,
+    metric,
+    release,
+    run_blocker,
+    settings,
+    submit_job,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str) -> Iterator[LiveServer]:
     with live_server(settings(tiny_model, max_queue=4, job_ttl=30, max_wait_ms=1)) as s:
         yield s
-
-
-def run_blocker(server: LiveServer) -> str:
-    job = submit_job(server, BLOCKER)
-    wait_job(server, job, {"running"})
-    return job
-
-
-def finish(server: LiveServer, job: str) -> None:
-    httpx.delete(f"{server.url}/api/jobs/{job}")
-    wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")
 
 
 def test_job_lifecycle_with_progress_events_in_order(server: LiveServer) -> None:
@@ -68,7 +64,7 @@ def test_cancelled_queued_job_never_reaches_a_worker(server: LiveServer) -> None
     job = submit_job(server, {"prompt": "never", "steps": 2, "n": 3})
     cancelled = httpx.delete(f"{server.url}/api/jobs/{job}")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    finish(server, blocker)
+    release(server, blocker)
     assert metric(server, "muse_batch_size_sum") == images_before, "the cancelled job must not be computed"
     assert job_status(server, job)["error"]["code"] == "cancelled"
 
@@ -97,7 +93,7 @@ def test_deadline_while_queued_is_504_and_never_computed(server: LiveServer) -> 
     response = httpx.post(server.url + "/api/generate", json={"prompt": "late", "steps": 2, "timeout_s": 0.3})
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
-    finish(server, blocker)
+    release(server, blocker)
     assert metric(server, "muse_batch_size_sum") == images_before
 
 
@@ -121,7 +117,7 @@ def test_disconnected_client_request_is_never_computed(server: LiveServer) -> No
         30,
         what="the server to notice the disconnect",
     )
-    finish(server, blocker)
+    release(server, blocker)
     assert metric(server, "muse_batch_size_sum") == images_before
 
 

@@ -26,10 +26,9 @@ from muse.batcher import Ticket, TicketState
 from muse.errors import GenerationFailed, WorkerDied
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
 from muse.pages_render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION
-from tests.serving import LiveServer, live_server, settings, submit_job, wait_for, wait_job
+from tests.serving import LiveServer, live_server, release, run_blocker, settings, submit_job, wait_for, wait_job
 
 HX = {"HX-Request": "true"}
-BLOCKER = {"prompt": "blocker", "steps": 150, "n": 8}
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +61,6 @@ def job_id(fragment: str) -> str:
 
 def polls(fragment: str) -> bool:
     return "hx-trigger=" in fragment.split(">", 1)[0]
-
-
-def run_blocker(server: LiveServer) -> str:
-    job = submit_job(server, BLOCKER)
-    wait_job(server, job, {"running"})
-    return job
-
-
-def release(server: LiveServer, job: str) -> None:
-    httpx.delete(f"{server.url}/api/jobs/{job}")
-    wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")
 
 
 # ---- studio and assets ----------------------------------------------------------------------------

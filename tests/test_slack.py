@@ -20,11 +20,10 @@ from PIL import Image
 
 import muse.slack
 from tests.fake_slack import FakeSlack
-from tests.serving import LiveServer, job_status, live_server, settings, submit_job, wait_for, wait_job
+from tests.serving import LiveServer, job_status, live_server, run_blocker, settings, submit_job, wait_for
 
 APP_TOKEN = "xapp-test"
 BOT_TOKEN = "xoxb-test"
-BLOCKER = {"prompt": "blocker", "steps": 150, "n": 8}
 # Loggers turned up to DEBUG while the module runs, so the token check sees everything the SDK says.
 LOUD = ("slack_sdk", "slack_bolt", "muse", "aiohttp")
 
@@ -101,12 +100,6 @@ def api_pngs(server: LiveServer, body: dict) -> list[bytes]:
     return [base64.b64decode(image["png_base64"]) for image in response.json()["images"]]
 
 
-def block(server: LiveServer) -> str:
-    job = submit_job(server, BLOCKER)
-    wait_job(server, job, {"running"})
-    return job
-
-
 def unblock(server: LiveServer, *jobs: str) -> None:
     for job in jobs:
         httpx.delete(f"{server.url}/api/jobs/{job}")
@@ -173,7 +166,7 @@ def test_generates_and_uploads_the_same_pngs_as_the_api(server: LiveServer, fake
 def test_ack_gives_the_queue_position_and_each_user_gets_a_limited_number_of_jobs(
     server: LiveServer, fake: FakeSlack
 ) -> None:
-    blocker = block(server)
+    blocker = run_blocker(server)
     try:
         assert "queued, next in line" in command(fake, "first fox --steps 2")
         assert "queued behind 1 image" in command(fake, "second fox --steps 2")
@@ -192,7 +185,7 @@ def test_ack_gives_the_queue_position_and_each_user_gets_a_limited_number_of_job
 
 
 def test_overload_is_refused_with_the_retry_time(server: LiveServer, fake: FakeSlack) -> None:
-    blocker = block(server)
+    blocker = run_blocker(server)
     waiting = submit_job(server, {"prompt": "fills the queue", "steps": 2, "n": 4})
     try:
         reply = command(fake, "one too many --steps 2")

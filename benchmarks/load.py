@@ -35,6 +35,11 @@ class LevelResult:
     p90_ms: float | None = None
     p99_ms: float | None = None
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    # Medians of what Muse reports in each answer's "timings" (None for servers that do not):
+    # client latency minus server total is HTTP + JSON; total minus queued + compute is the pipe.
+    server_queued_p50_ms: float | None = None
+    server_compute_p50_ms: float | None = None
+    server_total_p50_ms: float | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -67,6 +72,7 @@ async def run_level(
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     batches: Counter[int] = Counter()
+    timings: dict[str, list[float]] = {"queued_ms": [], "compute_ms": [], "total_ms": []}
     images = 0
     sent = 0
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
@@ -94,6 +100,9 @@ async def run_level(
                     latencies.append((t1 - t0) * 1000)
                     images += len(data.get("images", []))
                     batches[int(data.get("batch_size", 0))] += 1
+                    for name, values in timings.items():
+                        if name in data.get("timings", {}):
+                            values.append(float(data["timings"][name]))
                 continue
             if counted:
                 errors[str(response.status_code)] += 1
@@ -122,6 +131,9 @@ async def run_level(
         p90_ms=_r(percentile(latencies, 90)),
         p99_ms=_r(percentile(latencies, 99)),
         batch_sizes=dict(sorted(batches.items())),
+        server_queued_p50_ms=_r(percentile(timings["queued_ms"], 50)),
+        server_compute_p50_ms=_r(percentile(timings["compute_ms"], 50)),
+        server_total_p50_ms=_r(percentile(timings["total_ms"], 50)),
     )
 
 

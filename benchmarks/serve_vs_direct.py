@@ -69,6 +69,10 @@ def main() -> None:
     print(f"{'muse, 1 client (idle)':<28} {idle.throughput:>8.2f} {idle.p50_ms:>9.1f} {idle.p99_ms:>9.1f}")
     print(f"\nserved / direct = {ratio:.3f}   (target >= 0.9)")
     print(f"idle latency: served p50 {idle.p50_ms:.1f} ms vs direct {single:.1f} ms (+{idle_overhead:.1f} ms)")
+    print(
+        f"  of which, as the server saw it: queued {idle.server_queued_p50_ms} ms, worker compute "
+        f"{idle.server_compute_p50_ms} ms, total {idle.server_total_p50_ms} ms (p50s)"
+    )
     print(f"batch sizes seen under load: {served.batch_sizes}")
 
     out = Path(args.out)

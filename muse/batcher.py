@@ -136,6 +136,10 @@ class Batcher:
         self.on_batch: list[Callable[[int], None]] = []
         self.on_interrupt: list[Callable[[], None]] = []
         self.on_retry: list[Callable[[], None]] = []
+        # Called whenever nothing is queued or running any more: after the last ticket ends, or
+        # after a batch whose tickets had all ended (cancelled, client gone) comes back.
+        self.on_idle: list[Callable[[], None]] = []
+        self._idle_signalled = True
         # Exponential averages of observed speed, for Retry-After and ETAs.
         self.image_seconds = 0.0
         self.step_seconds = 0.0
@@ -166,6 +170,7 @@ class Batcher:
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.append(ticket)
         self.queued_images += request.n
+        self._idle_signalled = False
         self._returning = max(0, self._returning - 1)
         self._pump()
         self.on_demand()
@@ -270,6 +275,12 @@ class Batcher:
         flight = self.inflight.pop(message.job_id, None)
         if flight is None:
             return
+        try:
+            self._job_finished(flight, message)
+        finally:
+            self._settle()
+
+    def _job_finished(self, flight: InFlight, message: Result | Failure) -> None:
         self._last_finish = time.monotonic()
         self._returning = len(flight.tickets)
         if isinstance(message, Failure):
@@ -314,20 +325,29 @@ class Batcher:
         flight = self.inflight.pop(job.job_id, None)
         if flight is None:
             return
+        try:
+            self._job_lost(flight, reason)
+        finally:
+            self._settle()
+
+    def _job_lost(self, flight: InFlight, reason: str) -> None:
         alive = [t for t in flight.tickets if not t.done]
         retry = [t for t in alive if t.attempts <= self.max_retries]
+        if retry:
+            for callback in self.on_retry:
+                callback()
+            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.job.job_id)
+            for t in retry:
+                t.state, t.step, t.started = TicketState.QUEUED, 0, None
+            # Back to the front, oldest first: they were accepted before anything still queued.
+            # Queued before the others fail, so the batcher never looks idle in between.
+            self.queue = sorted(retry, key=lambda t: t.submitted) + self.queue
+            self.queued_images += sum(t.request.n for t in retry)
+            self._idle_signalled = False
         for t in alive:
             if t not in retry:
                 self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
         if retry:
-            for callback in self.on_retry:
-                callback()
-            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), job.job_id)
-            for t in retry:
-                t.state, t.step, t.started = TicketState.QUEUED, 0, None
-            # Back to the front, oldest first: they were accepted before anything still queued.
-            self.queue = sorted(retry, key=lambda t: t.submitted) + self.queue
-            self.queued_images += sum(t.request.n for t in retry)
             self._pump()
 
     # ---- internals --------------------------------------------------------------------------------
@@ -429,6 +449,14 @@ class Batcher:
             callback(ticket)
         self._watched -= len(ticket.listeners)
         ticket.listeners.clear()
+        self._settle()
+
+    def _settle(self) -> None:
+        # Once per busy spell: only a submit or a retry makes the batcher busy again.
+        if self.idle and not self._idle_signalled:
+            self._idle_signalled = True
+            for callback in self.on_idle:
+                callback()
 
     def _emit(self, ticket: Ticket, event: str) -> None:
         for listener in list(ticket.listeners):

@@ -73,6 +73,7 @@ class Muse:
         self._idle = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.batcher.on_finish.append(self._finished)
+        self.batcher.on_idle.append(self._idle.set)
         self.batcher.on_batch.append(self.metrics.batch_size.observe)
         self.batcher.on_interrupt.append(self.metrics.interrupted.inc)
         self.batcher.on_retry.append(self.metrics.retries.inc)
@@ -192,8 +193,6 @@ class Muse:
         if ticket.id in self.jobs:
             loop = asyncio.get_running_loop()
             loop.call_later(self.settings.job_ttl, self.jobs.pop, ticket.id, None)
-        if self.batcher.idle:
-            self._idle.set()
 
     def _register_gauges(self) -> None:
         m, b = self.metrics, self.batcher

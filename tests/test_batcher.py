@@ -180,6 +180,44 @@ async def test_running_batch_is_interrupted_only_when_all_its_requests_are_gone(
     assert a.state is TicketState.CANCELLED and b.state is TicketState.CANCELLED
 
 
+@pytest.mark.parametrize("ending", ["interrupted", "finished anyway"])
+async def test_idle_is_signalled_when_a_batch_of_gone_requests_comes_back(ending: str) -> None:
+    # A drain waits for this signal: the batch still holds the worker after its clients left.
+    pool = FakePool()
+    batcher = make(pool)
+    idle: list[bool] = []
+    batcher.on_idle.append(lambda: idle.append(batcher.idle))
+    ticket = batcher.submit(req("gone"))
+    batcher.cancel(ticket)
+    assert idle == [], "the batch is still running"
+    job = pool.running.pop(0)
+    pool.idle.append(0)
+    if ending == "interrupted":
+        batcher.job_finished(Failure(job.job_id, "interrupted", interrupted=True))
+    else:
+        batcher.job_finished(Result(job.job_id, [b"png"], compute_ms=1.0))
+    assert idle == [True]
+
+
+async def test_a_lost_batch_never_looks_idle_while_part_of_it_is_retried() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_retries=1)
+    old = batcher.submit(req("old"))
+    first = pool.running.pop(0)  # the worker dies and is not back yet
+    batcher.job_lost(first, "worker died")
+    new = batcher.submit(req("new"))
+    pool.idle.append(0)
+    batcher.worker_idle()
+    assert [s.prompt for s in pool.running[0].images] == ["old", "new"]
+    idle: list[bool] = []
+    batcher.on_idle.append(lambda: idle.append(True))
+    pool.die(batcher)  # old has used its retry, new has not
+    assert old.state is TicketState.FAILED and new.state is TicketState.RUNNING
+    assert idle == [], "new is still to run"
+    pool.finish(batcher)
+    assert idle == [True]
+
+
 async def test_deadline_while_queued_fails_with_timeout_and_is_never_computed() -> None:
     pool = FakePool()
     batcher = make(pool)

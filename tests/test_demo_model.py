@@ -40,12 +40,6 @@ def test_shipped_folder_is_a_standard_checkpoint(shipped: StableDiffusionPipelin
     assert sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file()) <= 30 * 2**20
 
 
-@pytest.mark.xfail(
-    reason="the shipped weights are under-trained (~2,050 UNet steps of 3,500 on a contended machine): "
-    "colours are right about half the time, see benchmarks/results/demo_model_eval.json; "
-    "drop this mark when a full training run ships",
-    strict=False,
-)
 def test_shipped_model_draws_the_asked_colours(shipped: StableDiffusionPipeline) -> None:
     prompts = [
         "a red circle on a blue background",

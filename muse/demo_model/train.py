@@ -31,7 +31,7 @@ from muse.demo_model.scenes import Scene, caption, render_array, sample_scene
 
 log = logging.getLogger("muse.demo_model.train")
 # Chosen with benchmarks/demo_model_eval.py --sweep on the trained model; stored in muse.json.
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 7.0
 DEFAULT_STEPS = 25
 
 

@@ -5,7 +5,9 @@
 1. direct: the pipeline in a loop at batch B (this process, same thread count as one worker);
 2. served: `muse serve --devices cpu --max-batch-size B` with C closed-loop clients;
 3. idle latency: one client, one image at a time, against one direct batch-1 call;
-4. direct again. The machine drifts, so ratios use the mean of the bracketing direct runs.
+4. idle latency again, paired: a direct call and a served request alternate, so drift and other
+   tenants' load hit both alike; the median of the per-pair differences is the overhead;
+5. direct again. The machine drifts, so ratios use the mean of the bracketing direct runs.
 
 Prints a table, writes benchmarks/results/serve_vs_direct.json and .png.
 """
@@ -18,8 +20,12 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -37,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per measured phase")
     parser.add_argument("--quick", action="store_true", help="10 s phases")
+    parser.add_argument("--pairs", type=int, default=15, help="direct/served pairs for the idle latency")
     parser.add_argument("--out", default=str(RESULTS / "serve_vs_direct"))
     args = parser.parse_args()
     duration = 10.0 if args.quick else args.duration
@@ -54,6 +61,7 @@ def main() -> None:
         url = served.url
         served = asyncio.run(run_level(url, args.clients, duration, body, warmup=8.0))
         idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body, warmup=2.0))
+        paired = paired_idle(direct, url, body, args.steps, pairs=args.pairs)
     after = direct.throughput(args.batch, args.steps, duration)
     ceiling = (before + after) / 2
 
@@ -72,6 +80,11 @@ def main() -> None:
     print(
         f"  of which, as the server saw it: queued {idle.server_queued_p50_ms} ms, worker compute "
         f"{idle.server_compute_p50_ms} ms, total {idle.server_total_p50_ms} ms (p50s)"
+    )
+    print(
+        f"paired idle latency ({len(paired['pairs'])} pairs): direct p50 {paired['direct_p50_ms']:.1f} ms, "
+        f"served p50 {paired['served_p50_ms']:.1f} ms, median difference {paired['overhead_p50_ms']:+.1f} ms "
+        f"(worker compute minus direct: {paired['compute_minus_direct_p50_ms']:+.1f} ms)"
     )
     print(f"batch sizes seen under load: {served.batch_sizes}")
 
@@ -93,10 +106,35 @@ def main() -> None:
         "idle": asdict(idle),
         "ratio_served_over_direct": ratio,
         "idle_overhead_ms": idle_overhead,
+        "paired_idle": paired,
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def paired_idle(direct: DirectPipeline, url: str, body: dict[str, Any], steps: int, pairs: int) -> dict[str, Any]:
+    """Alternate one direct batch-1 call and one served request (one image, nothing else running)."""
+    rows = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        client.post("/api/generate", json=body).raise_for_status()  # the connection and batch-1 shapes
+        for i in range(pairs):
+            direct_ms = direct.run(1, steps, seed=i) * 1000
+            start = time.perf_counter()
+            response = client.post("/api/generate", json=body)
+            served_ms = (time.perf_counter() - start) * 1000
+            response.raise_for_status()
+            compute_ms = float(response.json()["timings"]["compute_ms"])
+            rows.append({"direct_ms": direct_ms, "served_ms": served_ms, "server_compute_ms": compute_ms})
+    median = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    return {
+        "pairs": rows,
+        "direct_p50_ms": median("direct_ms"),
+        "served_p50_ms": median("served_ms"),
+        "overhead_p50_ms": statistics.median(r["served_ms"] - r["direct_ms"] for r in rows),
+        "compute_minus_direct_p50_ms": statistics.median(r["server_compute_ms"] - r["direct_ms"] for r in rows),
+        "served_minus_compute_p50_ms": statistics.median(r["served_ms"] - r["server_compute_ms"] for r in rows),
+    }
 
 
 def plot(report: dict, path: Path) -> None:

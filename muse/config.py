@@ -26,7 +26,9 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to serve the network).")
     port: int = _opt(8000, "Port to listen on (0 picks a free one).")
     max_batch_size: int = _opt(8, "Most images in one batch (a request for n images takes n slots).")
-    max_wait_ms: float = _opt(10.0, "Longest a part-full batch waits for company while other workers are busy (ms).")
+    max_wait_ms: float = _opt(
+        10.0, "Most ms a part-full batch waits for company (workers busy, or a finished batch's clients resending)."
+    )
     threads_per_worker: int = _opt(0, "Torch threads per CPU worker (0 = CPU cores / CPU workers).")
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muse.schedulers import SCHEDULERS
+
 EMBEDDED_NAME = "muse-demo"
 # Stable Diffusion's own defaults, used when the folder says nothing (e.g. a hub id).
 FALLBACK_SIZE = 512
@@ -22,6 +24,8 @@ class ModelInfo:
     width: int
     height: int
     guidance_scale: float
+    # The A1111 name of the scheduler stored with the model ("" when unknown), for image metadata.
+    scheduler: str = ""
 
 
 def read_defaults(model: str) -> dict[str, Any]:
@@ -56,4 +60,12 @@ def inspect(model: str, embedded: str) -> ModelInfo:
         h, w = (sample, sample) if isinstance(sample, int) else sample
         width, height = int(w * scale), int(h * scale)
     guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
-    return ModelInfo(model_name(model, embedded), width, height, guidance)
+    return ModelInfo(model_name(model, embedded), width, height, guidance, stored_scheduler(folder))
+
+
+def stored_scheduler(folder: Path) -> str:
+    """The A1111 name of the scheduler class `model_index.json` names, or "" if Muse has no name for it."""
+    index = _read_json(folder / "model_index.json") or {}
+    entry = index.get("scheduler")
+    cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    return next((name for name, known in SCHEDULERS.items() if known == cls), "")

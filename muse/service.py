@@ -85,7 +85,7 @@ class Muse:
         ready = self.pool.info
         if ready is None:
             return self._model
-        return ModelInfo(self._model.name, ready.width, ready.height, ready.guidance_scale)
+        return ModelInfo(self._model.name, ready.width, ready.height, ready.guidance_scale, self._model.scheduler)
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ class Muse:
             # Stored before the answer goes out, so a link to it works at once. Small local writes
             # (file + rename, a WAL commit without fsync) cost far less than a denoising step.
             try:
-                ticket.saved = self.gallery.save(ticket.result)
+                ticket.saved = self.gallery.save(ticket.result, model_scheduler=self._model.scheduler)
             except Exception:
                 log.exception("could not store the images of request %s", ticket.id)
         m = self.metrics

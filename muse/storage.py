@@ -148,8 +148,9 @@ class Gallery:
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def save(self, result: GenerateResult) -> list[str]:
-        """Store every image of a finished request; returns their ids in order."""
+    def save(self, result: GenerateResult, model_scheduler: str = "") -> list[str]:
+        """Store every image of a finished request; returns their ids in order. `model_scheduler`
+        names the model's own scheduler, recorded when the request left the choice to the model."""
         request = result.request or GenerateRequest("", 0, result.steps, 0.0, result.width, result.height)
         now, t = time.time(), result.timings
         records = []
@@ -164,7 +165,7 @@ class Gallery:
                 width=result.width,
                 height=result.height,
                 guidance_scale=request.guidance_scale,
-                scheduler=request.scheduler,
+                scheduler=request.scheduler or model_scheduler,
                 model=result.model,
                 batch_size=result.batch_size,
                 queued_ms=t.queued_ms,

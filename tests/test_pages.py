@@ -126,7 +126,11 @@ def test_job_card_polls_until_done_then_shows_images_and_actions(server: LiveSer
 
     image = httpx.get(f"{server.url}/gallery/{ids[0]}.png")
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(image.content)).info["parameters"].startswith("a lighthouse, at dusk!\nSteps: 3")
+    assert (
+        Image.open(io.BytesIO(image.content))
+        .info["parameters"]
+        .startswith("a lighthouse, at dusk!\nSteps: 3, Sampler: DDIM,")
+    ), "the model's own scheduler, named"
     download = httpx.get(f"{server.url}/gallery/{ids[0]}.png?download=1")
     assert download.headers["content-disposition"].startswith('attachment; filename="a-lighthouse-at-dusk-7.png"')
 

@@ -91,6 +91,14 @@ def test_non_latin1_prompt_goes_in_an_itxt_chunk(gallery: Gallery) -> None:
         assert image.info["parameters"].startswith("海辺の灯台 🌅\nSteps: 4, Sampler: Default,")
 
 
+def test_the_models_own_scheduler_is_named_when_the_request_left_it_to_the_model(gallery: Gallery) -> None:
+    [own] = gallery.save(result("own"), model_scheduler="DDIM")
+    [chosen] = gallery.save(result("chosen", scheduler="Euler a"), model_scheduler="DDIM")
+    for image_id, sampler in [(own, "DDIM"), (chosen, "Euler a")]:
+        with Image.open(gallery.png_path(image_id)) as image:  # type: ignore[arg-type]
+            assert f"Sampler: {sampler}," in image.info["parameters"]
+
+
 def test_text_chunk_keeps_the_pixels() -> None:
     original = png((1, 2, 3))
     tagged = png_with_text(original, "parameters", "p\nSteps: 1")

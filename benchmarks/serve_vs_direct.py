@@ -7,7 +7,9 @@
 3. idle latency: one client, one image at a time, against one direct batch-1 call;
 4. idle latency again, paired: a direct call and a served request alternate, so drift and other
    tenants' load hit both alike; the median of the per-pair differences is the overhead;
-5. direct again. The machine drifts, so ratios use the mean of the bracketing direct runs.
+5. Muse's own overhead on one-step requests (so compute noise is small), split into the HTTP floor
+   (GET /healthz with the same client), the server's part outside the worker and the rest;
+6. direct again. The machine drifts, so ratios use the mean of the bracketing direct runs.
 
 Prints a table, writes benchmarks/results/serve_vs_direct.json and .png.
 """
@@ -62,6 +64,7 @@ def main() -> None:
         served = asyncio.run(run_level(url, args.clients, duration, body, warmup=8.0))
         idle = asyncio.run(run_level(url, 1, min(duration, 10.0), body, warmup=2.0))
         paired = paired_idle(direct, url, body, args.steps, pairs=args.pairs)
+        overhead = overhead_breakdown(url, body)
     after = direct.throughput(args.batch, args.steps, duration)
     ceiling = (before + after) / 2
 
@@ -86,6 +89,11 @@ def main() -> None:
         f"served p50 {paired['served_p50_ms']:.1f} ms, median difference {paired['overhead_p50_ms']:+.1f} ms "
         f"(worker compute minus direct: {paired['compute_minus_direct_p50_ms']:+.1f} ms)"
     )
+    print(
+        f"overhead of a 1-step request (p50s): client latency minus worker compute {overhead['total_ms']:.2f} ms; "
+        f"HTTP floor (GET /healthz) {overhead['http_floor_ms']:.2f} ms; inside the server, outside the worker "
+        f"{overhead['server_ms']:.2f} ms"
+    )
     print(f"batch sizes seen under load: {served.batch_sizes}")
 
     out = Path(args.out)
@@ -107,6 +115,7 @@ def main() -> None:
         "ratio_served_over_direct": ratio,
         "idle_overhead_ms": idle_overhead,
         "paired_idle": paired,
+        "overhead_1_step": overhead,
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))
@@ -134,6 +143,30 @@ def paired_idle(direct: DirectPipeline, url: str, body: dict[str, Any], steps: i
         "overhead_p50_ms": statistics.median(r["served_ms"] - r["direct_ms"] for r in rows),
         "compute_minus_direct_p50_ms": statistics.median(r["server_compute_ms"] - r["direct_ms"] for r in rows),
         "served_minus_compute_p50_ms": statistics.median(r["served_ms"] - r["server_compute_ms"] for r in rows),
+    }
+
+
+def overhead_breakdown(url: str, body: dict[str, Any], reps: int = 60) -> dict[str, float]:
+    """Muse's own cost per request, measured where the pipeline call is short (1 step)."""
+    one_step = {**body, "steps": 1}
+    total, server, floor = [], [], []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(reps + 10):
+            start = time.perf_counter()
+            client.get("/healthz").raise_for_status()
+            middle = time.perf_counter()
+            response = client.post("/api/generate", json=one_step)
+            end = time.perf_counter()
+            response.raise_for_status()
+            timings = response.json()["timings"]
+            if i >= 10:  # the first few pay for connection set-up and the new step count
+                floor.append((middle - start) * 1000)
+                total.append((end - middle) * 1000 - timings["compute_ms"])
+                server.append(timings["total_ms"] - timings["compute_ms"])
+    return {
+        "total_ms": statistics.median(total),
+        "http_floor_ms": statistics.median(floor),
+        "server_ms": statistics.median(server),
     }
 
 

@@ -4,10 +4,11 @@ Policy (pure; tested against a fake pool in milliseconds):
 - a ticket and its future exist *before* the request is queued; every ticket ends exactly once;
 - batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
   (a request for n images takes n slots and is never split);
-- an idle worker gets work at once when the service was quiet; while other workers are busy, or
-  right after a batch of several requests finished and not all of its clients have sent their next
-  request yet, a part-full batch may wait for company, at most `max_wait_ms` after its oldest
-  request arrived (a lone client's next request never waits);
+- an idle worker gets work at once when the service was quiet; while other workers are busy, a
+  part-full batch may wait for company at most `max_wait_ms` after its oldest request arrived;
+  right after a batch of several requests finished, while its clients are still coming back, it
+  waits until they are all back, `max_wait_ms` after the latest arrival, or `RETURN_HOLDS` x
+  `max_wait_ms` after the finish, whichever comes first (a lone client's next request never waits);
 - cancelled or expired requests never reach a worker; a running batch whose requests are all gone
   is interrupted; a batch whose worker died is retried `max_retries` times, then fails with 503.
 
@@ -48,6 +49,8 @@ from muse.messages import (
 )
 
 log = logging.getLogger("muse.batcher")
+# After a batch finishes, its clients' next requests may be held at most this many max_waits.
+RETURN_HOLDS = 4
 
 
 class WorkerPool(Protocol):
@@ -145,6 +148,7 @@ class Batcher:
         self.step_seconds = 0.0
         self._hold: asyncio.TimerHandle | None = None
         self._last_finish = float("-inf")
+        self._last_arrival = float("-inf")
         # Requests of the batch that finished last whose clients have not sent their next one yet.
         self._returning = 0
         self._watched = 0
@@ -172,6 +176,7 @@ class Batcher:
         self.queued_images += request.n
         self._idle_signalled = False
         self._returning = max(0, self._returning - 1)
+        self._last_arrival = now
         self._pump()
         self.on_demand()
         return ticket
@@ -367,10 +372,8 @@ class Batcher:
                 break
             batch = self._next_batch()
             images = sum(t.request.n for t in batch)
-            company_due = self._returning > 0 and time.monotonic() - self._last_finish < self.max_wait
-            busy = self.pool.busy_count() > 0 or company_due
-            if images < self.max_batch_size and busy:
-                wait_left = batch[0].submitted + self.max_wait - time.monotonic()
+            if images < self.max_batch_size:
+                wait_left = self._hold_until(batch[0]) - time.monotonic()
                 if wait_left > 0:
                     if self._hold is None:
                         self._hold = loop.call_later(wait_left, self._release_hold)
@@ -380,6 +383,20 @@ class Batcher:
             moved = True
         if moved:
             self._emit_positions()
+
+    def _hold_until(self, oldest: Ticket) -> float:
+        """How long a part-full batch may wait for company (a monotonic time; the past means go)."""
+        until = float("-inf")
+        if self.pool.busy_count() > 0:
+            until = oldest.submitted + self.max_wait
+        if self._returning > 0:
+            # The finished batch's clients come back one by one: keep waiting while they keep
+            # arriving (max_wait after the latest), but never longer than RETURN_HOLDS * max_wait
+            # after the finish. Measured from the finish, not from the oldest request, so a
+            # request left over from an earlier split still waits to rejoin the others.
+            latest = max(self._last_finish, self._last_arrival)
+            until = max(until, min(latest + self.max_wait, self._last_finish + RETURN_HOLDS * self.max_wait))
+        return until
 
     def _release_hold(self) -> None:
         self._hold = None

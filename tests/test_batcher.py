@@ -329,6 +329,43 @@ async def test_requests_right_after_a_batch_finished_wait_for_its_other_clients(
     assert c.state is TicketState.RUNNING
 
 
+async def test_a_request_left_over_from_a_split_batch_waits_to_rejoin_the_others() -> None:
+    # Four closed-loop clients once split 3 + 1 must not stay split: the straggler, queued long
+    # ago, still waits (briefly) for the three whose batch just finished.
+    pool = FakePool()
+    batcher = make(pool, max_wait_ms=50)
+    three = [batcher.submit(req(f"c{i}")) for i in range(3)]
+    assert len(pool.dispatched) == 1 and len(pool.dispatched[0].images) == 1, "c0 alone on the idle worker"
+    pool.finish(batcher)  # c1 + c2 go next (a full hold's worth later at most)
+    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 2), 1.0)
+    straggler = batcher.submit(req("s"))
+    straggler.submitted -= 5.0  # it has waited a whole batch already
+    pool.finish(batcher)
+    assert straggler.state is TicketState.QUEUED, "the two clients of the batch just finished are due back"
+    batcher.submit(req("c1 again"))
+    assert straggler.state is TicketState.QUEUED
+    batcher.submit(req("c2 again"))
+    assert [s.prompt for s in pool.dispatched[2].images] == ["s", "c1 again", "c2 again"]
+    assert all(t.state is TicketState.SUCCEEDED for t in three)
+
+
+async def test_returning_clients_are_waited_for_while_they_keep_coming_but_not_forever() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_wait_ms=40)
+    batcher.submit(req("busy"))
+    gone = [batcher.submit(req(f"g{i}")) for i in range(3)]
+    pool.finish(batcher)
+    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 2), 1.0)
+    pool.finish(batcher)  # three clients due back; none of them ever comes
+    start = asyncio.get_running_loop().time()
+    late = batcher.submit(req("someone else"))
+    assert late.state is TicketState.QUEUED
+    await asyncio.wait_for(_until(lambda: len(pool.dispatched) == 3), 1.0)
+    waited = asyncio.get_running_loop().time() - start
+    assert waited < 4 * 0.04 + 0.1, f"held {waited:.3f} s: the hold must end"
+    assert all(t.state is TicketState.SUCCEEDED for t in gone)
+
+
 async def test_a_lone_clients_next_request_never_waits() -> None:
     pool = FakePool()
     batcher = make(pool, max_wait_ms=60_000)

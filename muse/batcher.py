@@ -142,7 +142,6 @@ class Batcher:
         # Called whenever nothing is queued or running any more: after the last ticket ends, or
         # after a batch whose tickets had all ended (cancelled, client gone) comes back.
         self.on_idle: list[Callable[[], None]] = []
-        self._idle_signalled = True
         # Exponential averages of observed speed, for Retry-After and ETAs.
         self.image_seconds = 0.0
         self.step_seconds = 0.0
@@ -174,7 +173,6 @@ class Batcher:
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.append(ticket)
         self.queued_images += request.n
-        self._idle_signalled = False
         self._returning = max(0, self._returning - 1)
         self._last_arrival = now
         self._pump()
@@ -192,6 +190,7 @@ class Batcher:
             self._finish(ticket, state, error=error)
             self._pump()
             self._emit_positions()
+            self._settle()
         else:
             self._finish(ticket, state, error=error)
             for job_id, flight in self.inflight.items():
@@ -287,7 +286,8 @@ class Batcher:
 
     def _job_finished(self, flight: InFlight, message: Result | Failure) -> None:
         self._last_finish = time.monotonic()
-        self._returning = len(flight.tickets)
+        # Only clients still waiting get an answer now and may send again; cancelled ones will not.
+        self._returning = sum(not t.done for t in flight.tickets)
         if isinstance(message, Failure):
             error = (
                 Cancelled("interrupted: every request of the batch was gone")
@@ -338,6 +338,9 @@ class Batcher:
     def _job_lost(self, flight: InFlight, reason: str) -> None:
         alive = [t for t in flight.tickets if not t.done]
         retry = [t for t in alive if t.attempts <= self.max_retries]
+        for t in alive:
+            if t not in retry:
+                self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
         if retry:
             for callback in self.on_retry:
                 callback()
@@ -345,14 +348,8 @@ class Batcher:
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
             # Back to the front, oldest first: they were accepted before anything still queued.
-            # Queued before the others fail, so the batcher never looks idle in between.
             self.queue = sorted(retry, key=lambda t: t.submitted) + self.queue
             self.queued_images += sum(t.request.n for t in retry)
-            self._idle_signalled = False
-        for t in alive:
-            if t not in retry:
-                self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
-        if retry:
             self._pump()
 
     # ---- internals --------------------------------------------------------------------------------
@@ -466,12 +463,11 @@ class Batcher:
             callback(ticket)
         self._watched -= len(ticket.listeners)
         ticket.listeners.clear()
-        self._settle()
 
     def _settle(self) -> None:
-        # Once per busy spell: only a submit or a retry makes the batcher busy again.
-        if self.idle and not self._idle_signalled:
-            self._idle_signalled = True
+        # Called once at the end of each entry point that can remove the last work (a cancelled
+        # queued ticket, a batch back or lost), never from inside one, so idle is announced once.
+        if self.idle:
             for callback in self.on_idle:
                 callback()
 

@@ -366,6 +366,19 @@ async def test_returning_clients_are_waited_for_while_they_keep_coming_but_not_f
     assert all(t.state is TicketState.SUCCEEDED for t in gone)
 
 
+async def test_a_cancelled_requests_client_is_not_waited_for() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_batch_size=2, max_wait_ms=60_000)
+    batcher.submit(req("busy"))
+    gone, kept = batcher.submit(req("gone")), batcher.submit(req("kept"))
+    pool.finish(batcher)  # gone + kept fill a batch and run
+    batcher.cancel(gone)
+    pool.finish(batcher)
+    assert kept.state is TicketState.SUCCEEDED
+    again = batcher.submit(req("kept again"))
+    assert again.state is TicketState.RUNNING, "the only client that got an answer is back"
+
+
 async def test_a_lone_clients_next_request_never_waits() -> None:
     pool = FakePool()
     batcher = make(pool, max_wait_ms=60_000)

@@ -116,7 +116,8 @@ def run_blocker(server: LiveServer) -> str:
     return job
 
 
-def release(server: LiveServer, job: str) -> None:
-    """Cancel the blocker and wait until nothing runs."""
-    httpx.delete(f"{server.url}/api/jobs/{job}")
+def release(server: LiveServer, *jobs: str) -> None:
+    """Cancel the blocker (and any other jobs) and wait until nothing runs."""
+    for job in jobs:
+        httpx.delete(f"{server.url}/api/jobs/{job}")
     wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")

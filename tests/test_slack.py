@@ -20,7 +20,7 @@ from PIL import Image
 
 import muse.slack
 from tests.fake_slack import FakeSlack
-from tests.serving import LiveServer, job_status, live_server, run_blocker, settings, submit_job, wait_for
+from tests.serving import LiveServer, job_status, live_server, release, run_blocker, settings, submit_job, wait_for
 
 APP_TOKEN = "xapp-test"
 BOT_TOKEN = "xoxb-test"
@@ -100,11 +100,6 @@ def api_pngs(server: LiveServer, body: dict) -> list[bytes]:
     return [base64.b64decode(image["png_base64"]) for image in response.json()["images"]]
 
 
-def unblock(server: LiveServer, *jobs: str) -> None:
-    for job in jobs:
-        httpx.delete(f"{server.url}/api/jobs/{job}")
-
-
 def idle(server: LiveServer) -> None:
     wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")
 
@@ -174,7 +169,7 @@ def test_ack_gives_the_queue_position_and_each_user_gets_a_limited_number_of_job
         assert "You already have 2 image requests in progress (at most 2 per person)" in refused
         assert "queued behind 2 images" in command(fake, "bob's fox --steps 2", user="U_BOB")
     finally:
-        unblock(server, blocker)
+        httpx.delete(f"{server.url}/api/jobs/{blocker}")
     for prompt in ("first fox", "second fox", "bob's fox"):
         fake.wait_share(prompt)
     assert not any("third fox" in share.comment for share in fake.state.shares)
@@ -192,8 +187,7 @@ def test_overload_is_refused_with_the_retry_time(server: LiveServer, fake: FakeS
         assert reply.startswith(":no_entry: Muse is busy: queue full") and "Try again in about" in reply
         assert job_status(server, waiting)["status"] == "queued"
     finally:
-        unblock(server, waiting, blocker)
-    idle(server)
+        release(server, waiting, blocker)
 
 
 def test_bot_not_in_the_channel_says_invite_it_before_generating(server: LiveServer, fake: FakeSlack) -> None:

@@ -61,6 +61,20 @@ def test_shipped_model_draws_the_asked_colours(shipped: StableDiffusionPipeline)
         assert verdict["fg"] and verdict["bg"], (prompt, read(image))
 
 
+def test_shipped_model_puts_small_shapes_where_asked(shipped: StableDiffusionPipeline) -> None:
+    corners = ["top left", "top right", "bottom left", "bottom right"]
+    prompts = [f"a small white circle in the {corner} on a blue background" for corner in corners]
+    guidance = json.loads((SHIPPED / "muse.json").read_text())["guidance_scale"]
+    images = shipped(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=guidance,
+        # One noise for all four: only the words differ, so a model that ignores them fails.
+        generator=[torch.Generator().manual_seed(0) for _ in prompts],
+    ).images
+    assert [read(image).position for image in images] == corners
+
+
 @pytest.mark.parametrize("size", [8, 72, 128])
 def test_shipped_model_renders_other_sizes(shipped: StableDiffusionPipeline, size: int) -> None:
     image = shipped("a small green square in the top left on a white background", num_inference_steps=2,
@@ -119,3 +133,18 @@ def test_training_runs_end_to_end(tmp_path: Path) -> None:
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the data, not the placeholder's
     image = pipe("a red circle on a blue background", num_inference_steps=1).images[0]
     assert image.size == (64, 64)
+
+
+def test_loss_weights_keep_the_noisiest_steps() -> None:
+    from diffusers import DDPMScheduler
+
+    from muse.demo_model.architecture import scheduler_config
+
+    alphas = DDPMScheduler.from_config(scheduler_config()).alphas_cumprod
+    assert alphas[-1] == 0  # zero terminal SNR: the first sampling step sees pure noise
+    weights = train.loss_weights(alphas, "v_prediction", cap=5.0)
+    snr = alphas / (1 - alphas)
+    clean_weight = weights * (snr + 1)  # the same loss, in terms of the clean latent's error
+    assert clean_weight[-1] == pytest.approx(1.0)
+    assert clean_weight[0] == pytest.approx(5.0)
+    assert torch.all(clean_weight[1:] <= clean_weight[:-1] + 1e-6)

@@ -23,7 +23,12 @@ from muse.demo_model.scenes import VOCABULARY
 
 SERVING_DEFAULTS_FILE = "muse.json"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# Stable Diffusion's noise schedule; training uses it through DDPMScheduler, sampling through DDIM.
+# Stable Diffusion's noise schedule rescaled to zero terminal SNR, with v-prediction and sampling
+# from the last timestep (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+# With SD's own schedule the noisiest training input still leaks the image's layout, so the model
+# learnt to read where to draw from the noise and ignored position words: the first sampling step
+# now sees pure noise in training too, and only the prompt can say where the shape goes.
+# Training uses it through DDPMScheduler, sampling through DDIM.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -32,7 +37,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
 }
 
 

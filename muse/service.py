@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -85,7 +86,10 @@ class Muse:
         ready = self.pool.info
         if ready is None:
             return self._model
-        return ModelInfo(self._model.name, ready.width, ready.height, ready.guidance_scale, self._model.scheduler)
+        # replace(), not a new ModelInfo: fields the worker does not report (name, scheduler) are kept.
+        return dataclasses.replace(
+            self._model, width=ready.width, height=ready.height, guidance_scale=ready.guidance_scale
+        )
 
     # ---- lifecycle --------------------------------------------------------------------------------
 

@@ -133,10 +133,11 @@ class Pool:
         return [s.worker for s in self.slots if s.worker is not None and s.worker.live]
 
     def idle_worker(self) -> WorkerHandle | None:
-        for w in self.workers:
-            if w.state is WorkerState.IDLE and not w.draining:
-                return w
-        return None
+        """The worker idle longest (an idle worker sends nothing, so `last_seen` is when it became
+        idle). Taking the first idle one instead piled every batch onto worker 0 whenever a batch
+        was held back until both were idle."""
+        idle = [w for w in self.workers if w.state is WorkerState.IDLE and not w.draining]
+        return min(idle, key=lambda w: w.last_seen, default=None)
 
     def busy_count(self) -> int:
         return sum(1 for w in self.workers if w.state is WorkerState.BUSY)

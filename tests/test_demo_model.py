@@ -13,7 +13,16 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from muse.demo_model import train
 from muse.demo_model.checker import Expectation, judge, read
-from muse.demo_model.scenes import describe, parse, render, sample_scene, scene_for_prompt
+from muse.demo_model.scenes import (
+    EDGE_GRID,
+    PALETTE,
+    SIZE_RANGE,
+    describe,
+    parse,
+    render,
+    sample_scene,
+    scene_for_prompt,
+)
 
 SHIPPED = Path(train.__file__).parent / "pipeline"
 
@@ -103,6 +112,24 @@ def test_checker_scores_clean_renders_perfectly(size: int) -> None:
         assert all(verdict.values()), (scene, read(render(scene, size)))
 
 
+def test_shape_edges_sit_on_the_latent_grid_inside_the_border() -> None:
+    rng = random.Random(3)
+    for _ in range(500):
+        scene = sample_scene(rng)
+        low, high = SIZE_RANGE[scene.size]
+        assert low <= scene.scale <= high
+        cells = scene.scale * EDGE_GRID
+        for centre in (scene.cx, scene.cy):
+            first = (centre - scene.scale / 2) * EDGE_GRID
+            assert first == pytest.approx(round(first))
+            assert 1 <= round(first) <= EDGE_GRID - 1 - round(cells)
+        # Exactly scale wide, with no half-covered rim: a 64-pixel square covers whole 4-pixel cells.
+        if scene.shape == "square":
+            pixels = np.asarray(render(scene, 64), dtype=np.int32)
+            covered = (np.abs(pixels - PALETTE[scene.fg]).sum(-1) < 3).sum()
+            assert covered == round(scene.scale * 64) ** 2
+
+
 def test_checker_notices_a_wrong_image() -> None:
     scene = scene_for_prompt("a small red square in the top left on a blue background", random.Random(0))
     assert scene is not None
@@ -148,3 +175,10 @@ def test_loss_weights_keep_the_noisiest_steps() -> None:
     assert clean_weight[-1] == pytest.approx(1.0)
     assert clean_weight[0] == pytest.approx(5.0)
     assert torch.all(clean_weight[1:] <= clean_weight[:-1] + 1e-6)
+
+
+def test_layout_share_falls_to_its_end_and_stays() -> None:
+    cfg = train.TrainConfig(layout_share_start=0.75, layout_share_end=0.0, layout_share_until=0.4)
+    assert cfg.layout_share(0.0) == pytest.approx(0.75)
+    assert cfg.layout_share(0.2) == pytest.approx(0.375)
+    assert cfg.layout_share(0.4) == cfg.layout_share(1.0) == pytest.approx(0.0)

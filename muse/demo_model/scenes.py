@@ -7,6 +7,7 @@ small shape. The same module renders the training data and the clean references 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -45,6 +46,10 @@ POSITIONS: dict[str, tuple[float, float]] = {
 SIZE_RANGE: dict[str, tuple[float, float]] = {"small": (0.25, 0.33), "large": (0.56, 0.72)}
 POSITION_JITTER = 0.04
 LARGE_JITTER = 0.03
+# Shape boxes have their edges on this grid (fractions of the side), one cell in from the border.
+# At 64 pixels it is the 4-pixel grid of the VAE's latents, so no edge falls inside a latent pixel:
+# with edges anywhere, the UNet drew small squares with wobbly, rounded sides that read as circles.
+EDGE_GRID = 16
 
 # Words the tokenizer learns as whole tokens; anything else falls back to byte pieces.
 VOCABULARY: tuple[str, ...] = tuple(
@@ -81,12 +86,20 @@ def sample_scene(rng: random.Random, small_fraction: float = 0.6) -> Scene:
 
 
 def place(fg: str, bg: str, shape: str, size: str, position: str, rng: random.Random) -> Scene:
-    """Geometry for a described scene, with the jitter the training data uses."""
-    scale = rng.uniform(*SIZE_RANGE[size])
+    """Geometry for a described scene, with the jitter the training data uses, snapped to EDGE_GRID."""
+    low, high = SIZE_RANGE[size]
+    cells = min(max(round(rng.uniform(low, high) * EDGE_GRID), math.ceil(low * EDGE_GRID)), int(high * EDGE_GRID))
+    side = cells / EDGE_GRID
     jitter = POSITION_JITTER if size == "small" else LARGE_JITTER
     x, y = POSITIONS[position]
-    x, y = x + rng.uniform(-jitter, jitter), y + rng.uniform(-jitter, jitter)
-    return Scene(fg, bg, shape, size, position, scale, x, y)
+
+    def centre(middle: float) -> float:
+        first = round((middle + rng.uniform(-jitter, jitter) - side / 2) * EDGE_GRID)
+        first = min(max(first, 1), EDGE_GRID - 1 - cells)
+        return first / EDGE_GRID + side / 2
+
+    cx = centre(x)
+    return Scene(fg, bg, shape, size, position, side, cx, centre(y))
 
 
 @dataclass(frozen=True)
@@ -149,15 +162,16 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     image = Image.new("RGB", (big, big), PALETTE[scene.bg])
     draw = ImageDraw.Draw(image)
     half = scene.scale * big / 2
-    cx, cy = scene.cx * big, scene.cy * big
-    box = (cx - half, cy - half, cx + half, cy + half)
+    # PIL fills the far edge's pixels too: one pixel in keeps a shape exactly scale wide.
+    left, top = scene.cx * big - half, scene.cy * big - half
+    right, bottom = scene.cx * big + half - 1, scene.cy * big + half - 1
     colour = PALETTE[scene.fg]
     if scene.shape == "circle":
-        draw.ellipse(box, fill=colour)
+        draw.ellipse((left, top, right, bottom), fill=colour)
     elif scene.shape == "square":
-        draw.rectangle(box, fill=colour)
+        draw.rectangle((left, top, right, bottom), fill=colour)
     else:
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=colour)
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=colour)
     return image.reduce(2)
 
 

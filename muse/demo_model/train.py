@@ -31,7 +31,7 @@ from muse.demo_model.scenes import Scene, caption, render_array, sample_scene
 
 log = logging.getLogger("muse.demo_model.train")
 # Chosen with benchmarks/demo_model_eval.py --sweep on the trained model; stored in muse.json.
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 2.5
 DEFAULT_STEPS = 25
 
 
@@ -56,10 +56,12 @@ class TrainConfig:
     # Share of each batch drawn from the noisiest timesteps (>= layout_timestep), where only the
     # prompt can say where the shape goes. Position is learnt there all at once, after a few hundred
     # steps of this signal (measured); uniform timesteps alone gave too little of it in 56 minutes.
-    # The share falls over the stage so that detail, learnt at lower noise, gets the later steps.
+    # The share falls to layout_share_end by layout_share_until (a fraction of the stage), so that
+    # detail, learnt at lower noise, gets the later steps; uniform timesteps keep 10 % up there.
     layout_timestep: int = 900
     layout_share_start: float = 0.75
-    layout_share_end: float = 0.15
+    layout_share_end: float = 0.0
+    layout_share_until: float = 0.4
     # Caps the loss weight of the easy low-noise steps (Min-SNR style) so they do not dominate.
     max_loss_weight: float = 5.0
     # Wall-time budgets (see Schedule): the VAE gets its own, the UNet what is left of the total.
@@ -73,6 +75,10 @@ class TrainConfig:
             vae_steps=max(1, round(self.vae_steps * factor)),
             unet_steps=max(1, round(self.unet_steps * factor)),
         )
+
+    def layout_share(self, progress: float) -> float:
+        fallen = min(1.0, progress / self.layout_share_until) if self.layout_share_until > 0 else 1.0
+        return self.layout_share_start + (self.layout_share_end - self.layout_share_start) * fallen
 
 
 SMOKE = TrainConfig(images=32, vae_steps=1, vae_batch=8, unet_steps=1, unet_batch=8, unet_warmup=1)
@@ -246,9 +252,7 @@ def train_denoiser(
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, len(alphas), (len(index),), generator=generator)
-        progress = min(1.0, schedule.progress(step))
-        share = cfg.layout_share_start + (cfg.layout_share_end - cfg.layout_share_start) * progress
-        layout = torch.rand(len(index), generator=generator) < share
+        layout = torch.rand(len(index), generator=generator) < cfg.layout_share(schedule.progress(step))
         noisiest = torch.randint(cfg.layout_timestep, len(alphas), (len(index),), generator=generator)
         timesteps = torch.where(layout, noisiest, timesteps)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)

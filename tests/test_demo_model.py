@@ -84,6 +84,26 @@ def test_shipped_model_puts_small_shapes_where_asked(shipped: StableDiffusionPip
     assert [read(image).position for image in images] == corners
 
 
+def test_shipped_model_draws_small_squares_with_corners(shipped: StableDiffusionPipeline) -> None:
+    # Small squares are its weakest shape: the session-3 model drew them round (3 of these 16 were
+    # squares; the shipped one gets 11). Its circles must stay circles.
+    scenes = [("red", "white", "top left"), ("yellow", "blue", "bottom right"), ("black", "orange", "left"),
+              ("green", "purple", "top")]  # fmt: skip
+    guidance = json.loads((SHIPPED / "muse.json").read_text())["guidance_scale"]
+    shapes: dict[str, list[str | None]] = {}
+    for shape in ("square", "circle"):
+        prompts = [f"a small {fg} {shape} in the {where} on a {bg} background" for fg, bg, where in scenes] * 4
+        images = shipped(
+            prompts,
+            num_inference_steps=25,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(i // len(scenes)) for i in range(len(prompts))],
+        ).images
+        shapes[shape] = [read(image).shape for image in images]
+    assert shapes["square"].count("square") >= 8, shapes
+    assert shapes["circle"].count("circle") >= 14, shapes
+
+
 @pytest.mark.parametrize("size", [8, 72, 128])
 def test_shipped_model_renders_other_sizes(shipped: StableDiffusionPipeline, size: int) -> None:
     image = shipped("a small green square in the top left on a white background", num_inference_steps=2,

@@ -1,6 +1,6 @@
 """Train the embedded demo model from scratch on 2 CPU cores, reproducibly.
 
-    python -m muse.demo_model.train                      # the shipped weights (~55 minutes)
+    python -m muse.demo_model.train                      # the shipped weights (~56 minutes)
     python -m muse.demo_model.train --smoke --out /tmp/x  # one tiny iteration end to end
 
 Stage 1 trains the VAE on rendered scenes; stage 2 trains the UNet and the text encoder together on

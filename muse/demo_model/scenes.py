@@ -88,7 +88,9 @@ def sample_scene(rng: random.Random, small_fraction: float = 0.6) -> Scene:
 def place(fg: str, bg: str, shape: str, size: str, position: str, rng: random.Random) -> Scene:
     """Geometry for a described scene, with the jitter the training data uses, snapped to EDGE_GRID."""
     low, high = SIZE_RANGE[size]
-    cells = min(max(round(rng.uniform(low, high) * EDGE_GRID), math.ceil(low * EDGE_GRID)), int(high * EDGE_GRID))
+    # Whole cells, kept inside the size range: rounding alone could step just outside it.
+    cells = round(rng.uniform(low, high) * EDGE_GRID)
+    cells = min(max(cells, math.ceil(low * EDGE_GRID)), int(high * EDGE_GRID))
     side = cells / EDGE_GRID
     jitter = POSITION_JITTER if size == "small" else LARGE_JITTER
     x, y = POSITIONS[position]
@@ -98,8 +100,8 @@ def place(fg: str, bg: str, shape: str, size: str, position: str, rng: random.Ra
         first = min(max(first, 1), EDGE_GRID - 1 - cells)
         return first / EDGE_GRID + side / 2
 
-    cx = centre(x)
-    return Scene(fg, bg, shape, size, position, side, cx, centre(y))
+    cx, cy = centre(x), centre(y)
+    return Scene(fg, bg, shape, size, position, side, cx, cy)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from muse.demo_model.checker import FIELDS, Expectation, judge
 from muse.demo_model.scenes import COLOURS, POSITIONS, SHAPES, render, scene_for_prompt
+from muse.model_info import FALLBACK_GUIDANCE, read_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "muse" / "demo_model" / "pipeline"
@@ -69,8 +70,7 @@ def load(model: Path, threads: int) -> Any:
 
 
 def serving_guidance(model: Path) -> float:
-    defaults = model / "muse.json"
-    return float(json.loads(defaults.read_text())["guidance_scale"]) if defaults.exists() else 7.5
+    return float(read_defaults(str(model)).get("guidance_scale", FALLBACK_GUIDANCE))
 
 
 def generate(pipe: Any, prompts: list[str], args: argparse.Namespace, guidance: float) -> list[Image.Image]:

@@ -62,6 +62,12 @@ def test_quality_maps_to_steps_and_explicit_steps_win(server: LiveServer) -> Non
 
 
 def test_sixteen_concurrent_requests_batch_and_use_both_workers(server: LiveServer) -> None:
+    # /readyz turns 200 with the first ready worker; a burst sent while the other still loads
+    # rightly all goes to that one (seen: [0, 0] -> [0, 3]), so wait for both.
+    wait_for(
+        lambda: [w.state for w in server.muse.pool.workers] == [WorkerState.IDLE] * 2,
+        what="both workers idle",
+    )
     done_before = [w.jobs_done for w in server.muse.pool.workers]
 
     async def run() -> list[httpx.Response]:

@@ -100,7 +100,7 @@ class DirectPipeline:
     def __init__(self, model: str, threads: int) -> None:
         import torch
 
-        from muse.pipeline import load_pipeline, warm_up
+        from muse.worker.pipeline import load_pipeline, warm_up
 
         torch.set_num_threads(threads)
         self.loaded = load_pipeline(model, "cpu")
@@ -112,7 +112,7 @@ class DirectPipeline:
 
         images = [ImageSpec("a red circle on a blue background", "", seed + i) for i in range(batch)]
         job = Job("direct", images, self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
-        from muse.pipeline import run_batch
+        from muse.worker.pipeline import run_batch
 
         start = time.perf_counter()
         run_batch(self.loaded, job, lambda step: True)

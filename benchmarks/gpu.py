@@ -65,7 +65,7 @@ def direct(model: str, device: str, batches: list[int], steps: int, size: int, r
     import torch
 
     from muse.messages import ImageSpec, Job
-    from muse.pipeline import load_pipeline, run_batch
+    from muse.worker.pipeline import load_pipeline, run_batch
 
     loaded = load_pipeline(model, device)
     results = {}

@@ -16,20 +16,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from muse import a1111_api, api, auth, openai_api, openapi, pages
-from muse.api import error_response
-from muse.auth import AccessControl, KeyRing, load_keys
+from muse.api import a1111, auth, native, openai, openapi
+from muse.api.auth import AccessControl, KeyRing, load_keys
+from muse.api.middleware import BodyLimit, SecurityHeaders
+from muse.api.native import error_response
 from muse.config import Settings
+from muse.core.service import Muse
 from muse.errors import InvalidRequest, MuseError
-from muse.hardening import BodyLimit, SecurityHeaders
-from muse.service import Muse
-from muse.slack import start_slack
+from muse.slack.bot import start_slack
 from muse.storage import Gallery
-
-# Kept beside the package (the repo's top level), as the project layout says.
-ROOT = Path(__file__).resolve().parent.parent
-STATIC_DIR = ROOT / "static"
-TEMPLATES_DIR = ROOT / "templates"
+from muse.web import pages
+from muse.web.assets import STATIC_DIR
 
 log = logging.getLogger("muse.app")
 
@@ -73,9 +70,9 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
 
     keys = KeyRing(load_keys(settings.api_keys))
     routes = [
-        *api.routes,
-        *openai_api.routes,
-        *a1111_api.routes,
+        *native.routes,
+        *openai.routes,
+        *a1111.routes,
         *auth.routes,
         Route("/openapi.json", openapi.endpoint),
         *pages.routes,

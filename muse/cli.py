@@ -17,7 +17,7 @@ import uvicorn
 from muse.config import Settings, env_names
 
 if TYPE_CHECKING:
-    from muse.service import Muse
+    from muse.core.service import Muse
 
 log = logging.getLogger("muse")
 

@@ -14,7 +14,7 @@ import uvicorn
 
 from muse.app import create_app
 from muse.config import Settings
-from muse.service import Muse
+from muse.core.service import Muse
 
 T = TypeVar("T")
 

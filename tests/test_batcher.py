@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from muse.batcher import Batcher, TicketState
+from muse.core.batcher import Batcher, TicketState
 from muse.errors import Cancelled, Overloaded, ShuttingDown, TimedOut, WorkerDied
 from muse.messages import Failure, GenerateRequest, Job, Progress, Result
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from muse.app import STATIC_DIR
-from muse.batcher import TicketState
-from muse.pages_render import HTMX_CDN, HTMX_VERSION
+from muse.core.batcher import TicketState
+from muse.web.assets import STATIC_DIR
+from muse.web.render import HTMX_CDN, HTMX_VERSION
 from tests.browser import Restartable, Watched, launch, open_page
 from tests.serving import run_blocker, settings, wait_for
 

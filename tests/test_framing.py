@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from muse.framing import FrameReader
 from muse.messages import Progress, Result
+from muse.pools.framing import FrameReader
 
 
 def test_reader_reassembles_large_messages_arriving_in_pieces() -> None:

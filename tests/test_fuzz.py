@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from muse.a1111_api import Txt2ImgResponse
-from muse.openai_api import ImagesResponse
-from muse.openapi import ErrorBody, GenerateResponse, JobCreated
+from muse.api.a1111 import Txt2ImgResponse
+from muse.api.openai import ImagesResponse
+from muse.api.openapi import ErrorBody, GenerateResponse, JobCreated
 from tests.serving import LiveServer, live_server
 from tests.serving import settings as muse_settings
 

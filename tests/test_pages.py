@@ -21,11 +21,12 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from muse.app import STATIC_DIR, create_app
-from muse.batcher import Ticket, TicketState
+from muse.app import create_app
+from muse.core.batcher import Ticket, TicketState
 from muse.errors import GenerationFailed, WorkerDied
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
-from muse.pages_render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION
+from muse.web.assets import STATIC_DIR
+from muse.web.render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION
 from tests.serving import LiveServer, live_server, release, run_blocker, settings, submit_job, wait_for, wait_job
 
 HX = {"HX-Request": "true"}
@@ -72,7 +73,7 @@ def test_studio_page_has_the_form_pinned_htmx_and_csrf_header(server: LiveServer
     assert page.startswith("<!doctype html>") and 'id="generate-form"' in page and 'id="jobs"' in page
     assert f'<script src="{HTMX_CDN}" integrity="{HTMX_INTEGRITY}" crossorigin="anonymous">' in page
     assert "window.htmx || document.write('<script src=\"/static/htmx.min.js\"><\\/script>')" in page
-    # The double-submit CSRF token from muse.auth rides on every HTMX request.
+    # The double-submit CSRF token from muse.api.auth rides on every HTMX request.
     token = response.cookies["muse_csrf"]
     assert f"""<body hx-headers='{{"X-CSRF-Token": "{token}"}}'>""" in page
     # Labelled controls: every input the form shows has a <label for=…>.

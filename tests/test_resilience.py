@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from muse.pool import WorkerState
+from muse.pools.local import WorkerState
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_for, wait_job
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-import muse.slack
+import muse.slack.bot
 from tests.fake_slack import FakeSlack
 from tests.serving import LiveServer, job_status, live_server, release, run_blocker, settings, submit_job, wait_for
 
@@ -69,9 +69,9 @@ def fake() -> Iterator[FakeSlack]:
 @pytest.fixture(scope="module")
 def server(tiny_model: str, fake: FakeSlack, logs: Captured) -> Iterator[LiveServer]:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(muse.slack.API_URL_ENV, fake.api_url)
+        patch.setenv(muse.slack.bot.API_URL_ENV, fake.api_url)
         # Short enough that the abrupt-drop test is quick, long enough that a busy machine still pongs in time.
-        patch.setattr(muse.slack, "PING_INTERVAL_S", 3.0)
+        patch.setattr(muse.slack.bot, "PING_INTERVAL_S", 3.0)
         config = settings(
             tiny_model,
             slack_app_token=APP_TOKEN,
@@ -268,7 +268,7 @@ def test_start_up_without_a_working_bot_says_so_once_and_the_api_keeps_working(
         caplog.set_level(logging.DEBUG, logger=name)
     config = settings(tiny_model, slack_app_token=app_token, slack_bot_token=bot_token, min_workers=0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(muse.slack.API_URL_ENV, fake.api_url)
+        patch.setenv(muse.slack.bot.API_URL_ENV, fake.api_url)
         with live_server(config) as s:
             wait_for(lambda: expected in caplog.text, 30, what=expected)
             assert httpx.get(s.url + "/healthz").status_code == 200
@@ -288,7 +288,7 @@ def test_slack_out_of_reach_at_start_up_is_retried_in_the_background(
     closed.stop()  # nothing listens on its port now
     config = settings(tiny_model, slack_app_token=APP_TOKEN, slack_bot_token=BOT_TOKEN, min_workers=0)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(muse.slack.API_URL_ENV, dead_url)
+        patch.setenv(muse.slack.bot.API_URL_ENV, dead_url)
         with live_server(config) as s:
             wait_for(lambda: "Slack: auth.test failed" in caplog.text, 30, what="the retry warning")
             assert "retrying in" in caplog.text

@@ -18,10 +18,10 @@ from muse.errors import (
 )
 from muse.messages import GenerateRequest
 from muse.schema import GenerateBody, validate
-from muse.slack import token_problem
-from muse.slack_command import CommandError, Generate, Help, describe_invalid, parse
-from muse.slack_redact import REDACTED, Redact, protect
-from muse.slack_replies import comment, failed, queued, refused, usage
+from muse.slack.bot import token_problem
+from muse.slack.command import CommandError, Generate, Help, describe_invalid, parse
+from muse.slack.redact import REDACTED, Redact, protect
+from muse.slack.replies import comment, failed, queued, refused, usage
 
 
 @pytest.mark.parametrize("text", ["", "   ", "help", "HELP", "--help", "-h", "?", "--seed 3", "a cat --help"])

@@ -24,7 +24,7 @@ class DiffusionAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        from muse.pipeline import load_pipeline, warm_up
+        from muse.worker.pipeline import load_pipeline, warm_up
 
         torch.set_num_threads(self.threads)
         self.loaded = load_pipeline(self.model, "cpu")
@@ -37,7 +37,7 @@ class DiffusionAPI(ls.LitAPI):
 
     def predict(self, batch: Any) -> list[dict[str, Any]]:
         from muse.messages import ImageSpec, Job
-        from muse.pipeline import run_batch
+        from muse.worker.pipeline import run_batch
 
         items = batch if isinstance(batch, list) else [batch]
         seeds = [int(item.get("seed", i)) for i, item in enumerate(items)]

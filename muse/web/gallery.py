@@ -7,9 +7,9 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from muse.errors import NotFound
-from muse.pages_forms import FormValues
-from muse.pages_render import content_disposition, download_name, friendly, gallery_of, is_fragment, render, service
 from muse.storage import Gallery, GalleryImage
+from muse.web.forms import FormValues
+from muse.web.render import content_disposition, download_name, friendly, gallery_of, is_fragment, render, service
 
 PAGE_SIZE = 24
 

@@ -12,11 +12,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from muse.batcher import Ticket, TicketState
+from muse.core.batcher import Ticket, TicketState
+from muse.core.service import Muse
 from muse.errors import Cancelled, MuseError
 from muse.messages import GenerateResult
 from muse.schema import GenerateBody, parse_json, validate
-from muse.service import Muse
 
 SSE_KEEPALIVE_S = 15.0
 
@@ -46,7 +46,7 @@ def result_json(result: GenerateResult) -> dict[str, Any]:
 
 
 def client_of(request: Request) -> str | None:
-    """Who to charge against --rate-limit (set by muse.auth for every request)."""
+    """Who to charge against --rate-limit (set by muse.api.auth for every request)."""
     return getattr(request.state, "identity", None)
 
 

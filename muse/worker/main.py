@@ -78,7 +78,7 @@ def heartbeat(channel: Channel, interval: float) -> None:
 
 
 def run_job(channel: Channel, loaded: object, job: Job) -> None:
-    from muse.pipeline import run_batch
+    from muse.worker.pipeline import run_batch
 
     def on_step(step: int) -> bool:
         channel.send(Progress(job.job_id, step, job.steps))
@@ -130,7 +130,7 @@ def main(conn: Connection, config: WorkerConfig) -> None:
 
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        from muse.pipeline import load_pipeline, warm_up
+        from muse.worker.pipeline import load_pipeline, warm_up
 
         start = time.perf_counter()
         loaded = load_pipeline(config.model, config.device)

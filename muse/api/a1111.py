@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api import client_of, service, wait_unless_disconnected
-from muse.batcher import Ticket, TicketState
+from muse.api.native import client_of, service, wait_unless_disconnected
+from muse.core.batcher import Ticket, TicketState
 from muse.errors import InvalidRequest
 from muse.schedulers import SCHEDULERS
 from muse.schema import MAX_SEED, GenerateBody, parse_json, validate

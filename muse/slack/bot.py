@@ -34,15 +34,15 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from muse import slack_replies as replies
-from muse.batcher import Ticket
 from muse.config import Settings
+from muse.core.batcher import Ticket
+from muse.core.service import Muse
 from muse.errors import InvalidRequest, MuseError, ShuttingDown
 from muse.messages import GenerateRequest, GenerateResult
 from muse.schema import GenerateBody, validate
-from muse.service import Muse
-from muse.slack_command import CommandError, Help, describe_invalid, parse
-from muse.slack_redact import protect
+from muse.slack import replies
+from muse.slack.command import CommandError, Help, describe_invalid, parse
+from muse.slack.redact import protect
 
 # Where the Web API lives; only the tests set this (to their local fake Slack).
 API_URL_ENV = "MUSE_SLACK_API_URL"

@@ -15,11 +15,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from muse import pages_gallery
-from muse.batcher import Ticket, TicketState
+from muse.core.batcher import Ticket, TicketState
+from muse.core.service import Muse
 from muse.errors import InvalidRequest, MuseError, NotFound
-from muse.pages_forms import FormValues, problem
-from muse.pages_render import (
+from muse.web import gallery as gallery_pages
+from muse.web.forms import FormValues, problem
+from muse.web.render import (
     content_disposition,
     download_name,
     friendly,
@@ -29,7 +30,6 @@ from muse.pages_render import (
     service,
     studio_context,
 )
-from muse.service import Muse
 
 MAX_FORM_BYTES = 64 * 1024
 
@@ -118,7 +118,7 @@ async def create_job(request: Request) -> Response:
     form = await read_form(request)
     muse = service(request)
     try:
-        # Charged against --rate-limit like the JSON API (the identity comes from muse.auth).
+        # Charged against --rate-limit like the JSON API (the identity comes from muse.api.auth).
         client = getattr(request.state, "identity", None)
         ticket = muse.submit(form.to_request(muse.model), keep=True, client=client)
     except MuseError as error:
@@ -167,5 +167,5 @@ routes: list[BaseRoute] = [
     Route("/jobs/{id}", show_job, methods=["GET"], name="job"),
     Route("/jobs/{id}/cancel", cancel_job, methods=["POST"], name="cancel_job"),
     Route("/jobs/{id}/images/{index:int}.png", job_image, methods=["GET"], name="job_image"),
-    *pages_gallery.routes,
+    *gallery_pages.routes,
 ]

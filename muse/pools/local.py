@@ -22,8 +22,6 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-from muse import worker as worker_module
-from muse.framing import FrameReader
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     BootFailure,
@@ -36,8 +34,10 @@ from muse.messages import (
     Result,
     Stop,
 )
+from muse.pools.framing import FrameReader
+from muse.worker import main as worker_main
 
-log = logging.getLogger("muse.pool")
+log = logging.getLogger("muse.pools.local")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -224,7 +224,7 @@ class Pool:
         worker_id = next(self._ids)
         self.spawned += 1
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        config = worker_module.WorkerConfig(
+        config = worker_main.WorkerConfig(
             worker_id=worker_id,
             model=self.model,
             device=slot.device,
@@ -233,7 +233,7 @@ class Pool:
             log_level=self.log_level,
         )
         process = self._ctx.Process(
-            target=worker_module.main, args=(child_conn, config), name=f"muse-worker-{worker_id}", daemon=True
+            target=worker_main.main, args=(child_conn, config), name=f"muse-worker-{worker_id}", daemon=True
         )
         process.start()
         child_conn.close()  # so that the worker's death reads as EOF on our end

@@ -48,7 +48,7 @@ from muse.messages import (
     Timings,
 )
 
-log = logging.getLogger("muse.batcher")
+log = logging.getLogger("muse.core.batcher")
 # After a batch finishes, its clients' next requests may be held at most this many max_waits.
 RETURN_HOLDS = 4
 

@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from muse import __version__
-from muse.a1111_api import Txt2ImgRequest, Txt2ImgResponse
-from muse.openai_api import ImagesRequest, ImagesResponse
+from muse.api.a1111 import Txt2ImgRequest, Txt2ImgResponse
+from muse.api.openai import ImagesRequest, ImagesResponse
 from muse.schema import GenerateBody
 
 

@@ -8,7 +8,6 @@ import logging
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -16,19 +15,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from muse.core.service import Muse
 from muse.errors import MuseError
-from muse.pages_forms import FormValues, problem, size_options
 from muse.schedulers import SCHEDULERS
-from muse.service import Muse
 from muse.storage import Gallery
+from muse.web.assets import TEMPLATES_DIR
+from muse.web.forms import FormValues, problem, size_options
 
 log = logging.getLogger("muse.pages")
 
 RECENT = 8  # thumbnails of the latest images under the studio's form
 Handler = Callable[[Request], Awaitable[Response]]
-
-# Beside the package, like muse.app's TEMPLATES_DIR (not imported from there: app imports this module).
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 # htmx is pinned: the CDN copy and static/htmx.min.js are the same file, so one SRI hash covers both.
 HTMX_VERSION = "2.0.11"

@@ -9,17 +9,17 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from muse.autoscaler import Autoscaler
-from muse.batcher import Batcher, Listener, Ticket, TicketState
 from muse.config import EMBEDDED_MODEL, Settings
+from muse.core.autoscaler import Autoscaler
+from muse.core.batcher import Batcher, Listener, Ticket, TicketState
+from muse.core.metrics import Metrics
+from muse.core.ratelimit import RateLimiter
 from muse.errors import NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
-from muse.metrics import Metrics
 from muse.model_info import ModelInfo, inspect
-from muse.pool import Pool, PoolListener
-from muse.ratelimit import RateLimiter
+from muse.pools.local import Pool, PoolListener
 
-log = logging.getLogger("muse.service")
+log = logging.getLogger("muse.core.service")
 
 
 class Gallery(Protocol):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api import client_of, error_response, service, wait_unless_disconnected
+from muse.api.native import client_of, error_response, service, wait_unless_disconnected
 from muse.errors import InvalidRequest, MuseError, NotFound
 from muse.schema import MAX_PROMPT, MAX_SEED, GenerateBody, Prompt, parse_json, validate
 

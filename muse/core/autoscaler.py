@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-log = logging.getLogger("muse.autoscaler")
+log = logging.getLogger("muse.core.autoscaler")
 
 
 class Scalable(Protocol):

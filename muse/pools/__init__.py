@@ -1,0 +1,1 @@
+"""Worker pools behind one Protocol: local subprocesses over pipes (default)."""

@@ -1,0 +1,1 @@
+"""Server-rendered HTMX pages: the studio, job cards, the gallery and login."""

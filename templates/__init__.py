@@ -1,0 +1,1 @@
+"""Jinja templates of the pages, shipped inside the package as muse.templates."""

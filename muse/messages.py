@@ -2,8 +2,8 @@
 
 Pipe protocol (parent ⇄ worker), all pickled dataclasses:
     worker → parent:  Ready | BootFailure (then exit BOOT_FAILURE_EXIT) | Heartbeat
-                      | Progress* then exactly one Result or Failure per Job
-    parent → worker:  Job (only while the worker is idle) | Interrupt | Stop
+                      | Progress* then exactly one Result or Failure per Batch
+    parent → worker:  Batch (only while the worker is idle) | Interrupt | Stop
 """
 
 from __future__ import annotations
@@ -85,23 +85,19 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One batch: every image shares the BatchKey; prompts and seeds vary per image."""
+class Batch:
+    """One pipeline call's worth of images: they share the key; prompts and seeds vary per image."""
 
-    job_id: str
+    batch_id: str
     images: list[ImageSpec]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str = ""
+    key: BatchKey
 
 
 @dataclass(frozen=True)
 class Interrupt:
-    """Stop the running job at the next step boundary (all its requests are gone)."""
+    """Stop the running batch at the next step boundary (all its requests are gone)."""
 
-    job_id: str
+    batch_id: str
 
 
 @dataclass(frozen=True)
@@ -132,20 +128,20 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Progress:
-    job_id: str
+    batch_id: str
     step: int
     steps: int
 
 
 @dataclass(frozen=True)
 class Result:
-    job_id: str
+    batch_id: str
     pngs: list[bytes] = field(repr=False)
     compute_ms: float
 
 
 @dataclass(frozen=True)
 class Failure:
-    job_id: str
+    batch_id: str
     message: str
     interrupted: bool = False

@@ -28,7 +28,7 @@ from muse.messages import (
     Failure,
     Heartbeat,
     Interrupt,
-    Job,
+    Batch,
     Progress,
     Ready,
     Result,
@@ -53,9 +53,9 @@ class WorkerState(StrEnum):
 
 class PoolListener(Protocol):
     def worker_idle(self) -> None: ...
-    def job_progress(self, message: Progress) -> None: ...
-    def job_finished(self, message: Result | Failure) -> None: ...
-    def job_lost(self, job: Job, reason: str) -> None: ...
+    def batch_progress(self, message: Progress) -> None: ...
+    def batch_finished(self, message: Result | Failure) -> None: ...
+    def batch_lost(self, batch: Batch, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -66,12 +66,12 @@ class WorkerHandle:
     process: BaseProcess
     conn: Connection
     state: WorkerState = WorkerState.STARTING
-    job: Job | None = None
+    batch: Batch | None = None
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     info: Ready | None = None
-    jobs_done: int = 0
+    batches_done: int = 0
     exited: asyncio.Future[int | None] | None = None
     reader: FrameReader = field(init=False)
 
@@ -249,22 +249,22 @@ class Pool:
 
     # ---- work -------------------------------------------------------------------------------------
 
-    def dispatch(self, worker: WorkerHandle, job: Job) -> None:
+    def dispatch(self, worker: WorkerHandle, batch: Batch) -> None:
         assert worker.state is WorkerState.IDLE and not worker.draining
         worker.state = WorkerState.BUSY
-        worker.job = job
+        worker.batch = batch
         worker.last_seen = time.monotonic()
         try:
-            self._send(worker, job)
+            self._send(worker, batch)
         except OSError:
             self._on_death(worker, f"worker {worker.id} pipe broke")
 
-    def interrupt(self, job_id: str) -> None:
+    def interrupt(self, batch_id: str) -> None:
         for w in self.workers:
-            if w.job is not None and w.job.job_id == job_id:
+            if w.batch is not None and w.batch.batch_id == batch_id:
                 # A broken pipe means it is dying; the reader handles its death.
                 with contextlib.suppress(OSError):
-                    self._send(w, Interrupt(job_id))
+                    self._send(w, Interrupt(batch_id))
 
     def kill(self, worker_id: int) -> None:
         for w in self.workers:
@@ -294,12 +294,12 @@ class Pool:
     def _handle(self, worker: WorkerHandle, message: object) -> None:
         worker.last_seen = time.monotonic()
         if isinstance(message, Progress):
-            self.listener.job_progress(message)
+            self.listener.batch_progress(message)
         elif isinstance(message, Result | Failure):
-            worker.job = None
+            worker.batch = None
             worker.state = WorkerState.IDLE
-            worker.jobs_done += 1
-            self.listener.job_finished(message)
+            worker.batches_done += 1
+            self.listener.batch_finished(message)
             self._after_idle(worker)
         elif isinstance(message, Ready):
             log.info("worker %d ready on %s in %.1f s", worker.id, worker.device, message.load_s)
@@ -337,11 +337,11 @@ class Pool:
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.conn.fileno())
         worker.conn.close()
-        job, worker.job = worker.job, None
+        batch, worker.batch = worker.batch, None
         if not expected:
             log.warning("%s", reason)
-        if job is not None:
-            self.listener.job_lost(job, reason)
+        if batch is not None:
+            self.listener.batch_lost(batch, reason)
         if not expected and not self._closed:
             slot = self.slots[worker.slot]
             slot.crashes += 1

@@ -1,4 +1,4 @@
-"""The worker subprocess: load one pipeline on one device, then run the jobs the parent sends.
+"""The worker subprocess: load one pipeline on one device, then run the batches the parent sends.
 
 Started with the `spawn` context (a forked child hangs once the parent's torch has used threads).
 Loading, warm-up and every batch run on the main thread: a model loaded on one thread and run on
@@ -19,11 +19,11 @@ from multiprocessing.connection import Connection
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
+    Batch,
     BootFailure,
     Failure,
     Heartbeat,
     Interrupt,
-    Job,
     Progress,
     Ready,
     Result,
@@ -56,12 +56,12 @@ class Channel:
         with self.lock:
             self.conn.send(message)
 
-    def drain_control(self, job_id: str) -> bool:
-        """Read control messages that arrived mid-job; True when this job must stop."""
+    def drain_control(self, batch_id: str) -> bool:
+        """Read control messages that arrived mid-batch; True when this batch must stop."""
         interrupted = False
         while self.conn.poll():
             message = self.conn.recv()
-            if isinstance(message, Interrupt) and message.job_id == job_id:
+            if isinstance(message, Interrupt) and message.batch_id == batch_id:
                 interrupted = True
             elif isinstance(message, Stop):
                 self.stop_requested = True
@@ -77,27 +77,27 @@ def heartbeat(channel: Channel, interval: float) -> None:
             return  # the pipe is closed: the process is exiting
 
 
-def run_job(channel: Channel, loaded: object, job: Job) -> None:
+def serve_batch(channel: Channel, loaded: object, batch: Batch) -> None:
     from muse.worker.pipeline import run_batch
 
     def on_step(step: int) -> bool:
-        channel.send(Progress(job.job_id, step, job.steps))
-        return not channel.drain_control(job.job_id)
+        channel.send(Progress(batch.batch_id, step, batch.key.steps))
+        return not channel.drain_control(batch.batch_id)
 
     start = time.perf_counter()
     channel.busy = True
     try:
-        pngs = run_batch(loaded, job, on_step)  # type: ignore[arg-type]
+        pngs = run_batch(loaded, batch, on_step)  # type: ignore[arg-type]
     except Exception as exc:
-        log.exception("job %s failed", job.job_id)
-        channel.send(Failure(job.job_id, f"{type(exc).__name__}: {exc}"))
+        log.exception("batch %s failed", batch.batch_id)
+        channel.send(Failure(batch.batch_id, f"{type(exc).__name__}: {exc}"))
         return
     finally:
         channel.busy = False
     if pngs is None:
-        channel.send(Failure(job.job_id, "interrupted", interrupted=True))
+        channel.send(Failure(batch.batch_id, "interrupted", interrupted=True))
     else:
-        channel.send(Result(job.job_id, pngs, (time.perf_counter() - start) * 1000))
+        channel.send(Result(batch.batch_id, pngs, (time.perf_counter() - start) * 1000))
 
 
 def quiet_libraries() -> None:
@@ -162,8 +162,8 @@ def main(conn: Connection, config: WorkerConfig) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the parent is gone
-        if isinstance(message, Job):
-            run_job(channel, loaded, message)
+        if isinstance(message, Batch):
+            serve_batch(channel, loaded, message)
         elif isinstance(message, Stop):
             return
-        # A stale Interrupt (its job already finished) needs nothing.
+        # A stale Interrupt (its batch already finished) needs nothing.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from muse.messages import ImageSpec, Job
+from muse.messages import Batch, BatchKey, ImageSpec
 from muse.model_info import FALLBACK_GUIDANCE, read_defaults
 from muse.schedulers import SCHEDULERS
 
@@ -58,19 +58,20 @@ def load_pipeline(model: str, device: str) -> LoadedPipeline:
 
 def warm_up(loaded: LoadedPipeline) -> None:
     """One tiny call so the first real request does not pay for lazy initialisation."""
-    job = Job("warm-up", [ImageSpec("warm up", "", 0)], loaded.width, loaded.height, 1, loaded.guidance_scale)
-    run_batch(loaded, job, lambda step: True)
+    key = BatchKey(loaded.width, loaded.height, 1, loaded.guidance_scale)
+    run_batch(loaded, Batch("warm-up", [ImageSpec("warm up", "", 0)], key), lambda step: True)
 
 
-def run_batch(loaded: LoadedPipeline, job: Job, on_step: Callable[[int], bool]) -> list[bytes] | None:
+def run_batch(loaded: LoadedPipeline, batch: Batch, on_step: Callable[[int], bool]) -> list[bytes] | None:
     """Run one batch; `on_step(step)` is called after each denoising step and returns False to stop.
 
     Returns PNG bytes per image, or None when interrupted.
     """
     # CPU generators, one per image: the same seed gives the same latents on any device and
     # whatever else shares the batch.
-    loaded.use_scheduler(job.scheduler)
-    generators = [torch.Generator(device="cpu").manual_seed(spec.seed) for spec in job.images]
+    key = batch.key
+    loaded.use_scheduler(key.scheduler)
+    generators = [torch.Generator(device="cpu").manual_seed(spec.seed) for spec in batch.images]
     interrupted = False
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +83,12 @@ def run_batch(loaded: LoadedPipeline, job: Job, on_step: Callable[[int], bool]) 
 
     with torch.inference_mode():
         output = loaded.pipe(
-            prompt=[spec.prompt for spec in job.images],
-            negative_prompt=[spec.negative_prompt for spec in job.images],
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            width=job.width,
-            height=job.height,
+            prompt=[spec.prompt for spec in batch.images],
+            negative_prompt=[spec.negative_prompt for spec in batch.images],
+            num_inference_steps=key.steps,
+            guidance_scale=key.guidance_scale,
+            width=key.width,
+            height=key.height,
             generator=generators,
             callback_on_step_end=callback,
         )

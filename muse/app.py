@@ -12,20 +12,21 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from muse.api import a1111, auth, native, openai, openapi
-from muse.api.auth import AccessControl, KeyRing, load_keys
+from muse.api import a1111, native, openai, openapi
+from muse.api.auth import ApiKeyAuth, KeyRing, load_keys
+from muse.api.common import error_response
+from muse.api.csrf import CsrfCheck
 from muse.api.middleware import BodyLimit, SecurityHeaders
-from muse.api.native import error_response
 from muse.config import Settings
 from muse.core.service import Muse
-from muse.errors import InvalidRequest, MuseError
+from muse.errors import MethodNotAllowed, MuseError, NotFound
 from muse.slack.bot import start_slack
 from muse.storage import Gallery
-from muse.web import pages
+from muse.web import login, pages
 from muse.web.assets import STATIC_DIR
 
 log = logging.getLogger("muse.app")
@@ -37,11 +38,10 @@ async def muse_error(request: Request, exc: Exception) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (no such route or method), in the one error shape."""
     assert isinstance(exc, HTTPException)
-    kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-    error = InvalidRequest(str(exc.detail), code=kind, status=exc.status_code)
-    error.type = kind
-    return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+    error = MethodNotAllowed(str(exc.detail)) if exc.status_code == 405 else NotFound(str(exc.detail))
+    return error_response(error, exc.headers)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -73,7 +73,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         *native.routes,
         *openai.routes,
         *a1111.routes,
-        *auth.routes,
+        *login.routes,
         Route("/openapi.json", openapi.endpoint),
         *pages.routes,
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -83,7 +83,9 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     if settings.cors_origins:
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
-    middleware.append(Middleware(AccessControl, keys=keys, public_metrics=settings.public_metrics))
+    # Keys first: the CSRF check needs to know whether a request was authenticated by cookie.
+    middleware.append(Middleware(ApiKeyAuth, keys=keys, public_metrics=settings.public_metrics))
+    middleware.append(Middleware(CsrfCheck))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -2,9 +2,13 @@
 `{"error": {"message", "type", "param", "code"}}`.
 
     MuseError (500)
-    ├── InvalidRequest (400/422)   a field is wrong; `param` names it
+    ├── InvalidRequest (400/422)   a field is wrong; `param` names it (400: not JSON, or OpenAI's dialect)
     ├── Unauthorized (401)         missing or wrong API key
+    ├── Forbidden (403)            missing or wrong CSRF token
     ├── NotFound (404)
+    ├── MethodNotAllowed (405)
+    ├── PayloadTooLarge (413)      body over the limit
+    ├── UnsupportedMediaType (415) a form sent as something else
     ├── RateLimited (429)          over --rate-limit; carries Retry-After and x-ratelimit-*
     ├── Overloaded (503)           refused before it was queued; carries Retry-After
     ├── TimedOut (504)             deadline passed, queued or running
@@ -49,13 +53,38 @@ class InvalidRequest(MuseError):
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 422):
         super().__init__(message, param=param, code=code)
+        assert status in (400, 422), "other 4xx have their own classes"
         self.status = status
+
+
+class Forbidden(MuseError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(MuseError):
     status = 404
     type = "not_found_error"
     code = "not_found"
+
+
+class MethodNotAllowed(MuseError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(MuseError):
+    status = 413
+    type = "invalid_request_error"
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(MuseError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class Overloaded(MuseError):

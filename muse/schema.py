@@ -1,12 +1,16 @@
 """The request body at the edge: validated with pydantic, turned into a GenerateRequest.
 
-Every rejection becomes an InvalidRequest whose `param` names the offending field.
+Every rejection becomes an InvalidRequest whose `param` names the offending field, in the words of
+the front end that received it (a `Dialect`: its own field names and status), so no front end has to
+rewrite an error after the fact.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -69,6 +73,21 @@ class GenerateBody(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """How a front end names request fields, and the status it answers invalid input with."""
+
+    status: int = 422
+    names: Mapping[str, str] = field(default_factory=dict)  # model field -> the front end's name
+    hints: Mapping[str, str] = field(default_factory=dict)  # front end's name -> words added to its errors
+
+    def name(self, param: str | None) -> str | None:
+        return None if param is None else self.names.get(param, param)
+
+
+NATIVE = Dialect()
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
@@ -76,19 +95,19 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json", status=400) from exc
 
 
-def validate(model_cls: type[BaseModel], data: Any) -> Any:
-    """Validate `data` against `model_cls`; the first problem becomes an InvalidRequest."""
+def validate(model_cls: type[BaseModel], data: Any, dialect: Dialect = NATIVE) -> Any:
+    """Validate `data` against `model_cls`; the first problem becomes an InvalidRequest in `dialect`."""
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", code="invalid_json", status=400)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        raise from_validation_error(exc) from None
+        raise from_validation_error(exc, dialect) from None
 
 
-def from_validation_error(exc: ValidationError) -> InvalidRequest:
+def from_validation_error(exc: ValidationError, dialect: Dialect = NATIVE) -> InvalidRequest:
     error = exc.errors(include_url=False)[0]
-    param = ".".join(str(part) for part in error["loc"]) or None
+    param = dialect.name(".".join(str(part) for part in error["loc"]) or None)
     kind = error["type"]
     message = error["msg"]
     if kind == "extra_forbidden":
@@ -97,4 +116,6 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
         message = "field required"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
-    return InvalidRequest(f"{param}: {message}" if param else message, param=param, code=kind)
+    if param is not None:
+        message = f"{param}: {message}{dialect.hints.get(param, '')}"
+    return InvalidRequest(message, param=param, code=kind, status=dialect.status)

@@ -57,8 +57,6 @@ COLUMNS = (
     "batch_size, queued_ms, compute_ms, total_ms, bytes"
 )
 
-PLACEHOLDERS = ", ".join("?" * len(COLUMNS.split(",")))
-
 
 @dataclass(frozen=True)
 class GalleryImage:

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from muse.core.batcher import Batcher, TicketState
+from muse.core.batcher import Batcher
+from muse.core.tickets import TicketState
 from muse.errors import Cancelled, Overloaded, ShuttingDown, TimedOut, WorkerDied
-from muse.messages import Failure, GenerateRequest, Job, Progress, Result
+from muse.messages import Batch, Failure, GenerateRequest, Progress, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -17,37 +18,37 @@ pytestmark = pytest.mark.anyio
 class FakePool:
     def __init__(self, workers: int = 1) -> None:
         self.idle: list[int] = list(range(workers))
-        self.running: dict[int, Job] = {}
-        self.dispatched: list[Job] = []
+        self.running: dict[int, Batch] = {}
+        self.dispatched: list[Batch] = []
         self.interrupted: list[str] = []
 
     def idle_worker(self) -> Any | None:
         return self.idle[0] if self.idle else None
 
-    def dispatch(self, worker: Any, job: Job) -> None:
+    def dispatch(self, worker: Any, batch: Batch) -> None:
         self.idle.remove(worker)
-        self.running[worker] = job
-        self.dispatched.append(job)
+        self.running[worker] = batch
+        self.dispatched.append(batch)
 
-    def interrupt(self, job_id: str) -> None:
-        self.interrupted.append(job_id)
+    def interrupt(self, batch_id: str) -> None:
+        self.interrupted.append(batch_id)
 
     def busy_count(self) -> int:
         return len(self.running)
 
-    def finish(self, batcher: Batcher, worker: int = 0) -> Job:
-        job = self.running.pop(worker)
+    def finish(self, batcher: Batcher, worker: int = 0) -> Batch:
+        batch = self.running.pop(worker)
         self.idle.append(worker)
-        pngs = [f"png-{spec.prompt}-{spec.seed}".encode() for spec in job.images]
-        batcher.job_finished(Result(job.job_id, pngs, compute_ms=100.0))
+        pngs = [f"png-{spec.prompt}-{spec.seed}".encode() for spec in batch.images]
+        batcher.batch_finished(Result(batch.batch_id, pngs, compute_ms=100.0))
         batcher.worker_idle()
-        return job
+        return batch
 
-    def die(self, batcher: Batcher, worker: int = 0) -> Job:
-        job = self.running.pop(worker)
+    def die(self, batcher: Batcher, worker: int = 0) -> Batch:
+        batch = self.running.pop(worker)
         self.idle.append(worker)
-        batcher.job_lost(job, "worker died")
-        return job
+        batcher.batch_lost(batch, "worker died")
+        return batch
 
 
 def req(prompt: str = "p", *, n: int = 1, steps: int = 2, width: int = 64, seed: int = 1, **kw: Any) -> GenerateRequest:
@@ -77,8 +78,8 @@ async def test_requests_queued_behind_a_busy_worker_form_one_batch_oldest_first(
     others = [batcher.submit(req(f"b{i}")) for i in range(5)]
     assert len(pool.dispatched) == 1
     pool.finish(batcher)
-    job = pool.dispatched[1]
-    assert [s.prompt for s in job.images] == ["b0", "b1", "b2", "b3"]  # capped at max_batch_size
+    batch = pool.dispatched[1]
+    assert [s.prompt for s in batch.images] == ["b0", "b1", "b2", "b3"]  # capped at max_batch_size
     pool.finish(batcher)
     assert [s.prompt for s in pool.dispatched[2].images] == ["b4"]
     pool.finish(batcher)
@@ -171,12 +172,12 @@ async def test_running_batch_is_interrupted_only_when_all_its_requests_are_gone(
     batcher.submit(req("busy"))
     a, b = batcher.submit(req("a")), batcher.submit(req("b"))
     pool.finish(batcher)
-    job = pool.dispatched[1]
+    batch = pool.dispatched[1]
     batcher.cancel(a)
     assert pool.interrupted == []
     batcher.cancel(b)
-    assert pool.interrupted == [job.job_id]
-    batcher.job_finished(Failure(job.job_id, "interrupted", interrupted=True))
+    assert pool.interrupted == [batch.batch_id]
+    batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
     assert a.state is TicketState.CANCELLED and b.state is TicketState.CANCELLED
 
 
@@ -190,12 +191,12 @@ async def test_idle_is_signalled_when_a_batch_of_gone_requests_comes_back(ending
     ticket = batcher.submit(req("gone"))
     batcher.cancel(ticket)
     assert idle == [], "the batch is still running"
-    job = pool.running.pop(0)
+    batch = pool.running.pop(0)
     pool.idle.append(0)
     if ending == "interrupted":
-        batcher.job_finished(Failure(job.job_id, "interrupted", interrupted=True))
+        batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
     else:
-        batcher.job_finished(Result(job.job_id, [b"png"], compute_ms=1.0))
+        batcher.batch_finished(Result(batch.batch_id, [b"png"], compute_ms=1.0))
     assert idle == [True]
 
 
@@ -204,7 +205,7 @@ async def test_a_lost_batch_never_looks_idle_while_part_of_it_is_retried() -> No
     batcher = make(pool, max_retries=1)
     old = batcher.submit(req("old"))
     first = pool.running.pop(0)  # the worker dies and is not back yet
-    batcher.job_lost(first, "worker died")
+    batcher.batch_lost(first, "worker died")
     new = batcher.submit(req("new"))
     pool.idle.append(0)
     batcher.worker_idle()
@@ -279,13 +280,13 @@ async def test_positions_and_progress_events() -> None:
     b = batcher.submit(req("b", n=1))
     assert batcher.position(a) == 0 and batcher.position(b) == 1
     events: list[tuple[str, int | None]] = []
-    batcher.watch(b, lambda t, e: events.append((e, batcher.position(t))))
+    b.watch(lambda t, e: events.append((e, batcher.position(t))))
     pool.finish(batcher)  # a starts, b moves up
-    job = pool.finish(batcher, 0)  # a done, b starts
-    assert job.images[0].prompt == "a"
-    b_job = pool.running[0]
+    batch = pool.finish(batcher, 0)  # a done, b starts
+    assert batch.images[0].prompt == "a"
+    b_batch = pool.running[0]
     for step in (1, 2):
-        batcher.job_progress(Progress(b_job.job_id, step, 2))
+        batcher.batch_progress(Progress(b_batch.batch_id, step, 2))
     pool.finish(batcher)
     assert events == [
         ("queued", 0),

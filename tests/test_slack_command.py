@@ -19,7 +19,7 @@ from muse.errors import (
 from muse.messages import GenerateRequest
 from muse.schema import GenerateBody, validate
 from muse.slack.bot import token_problem
-from muse.slack.command import CommandError, Generate, Help, describe_invalid, parse
+from muse.slack.command import SLACK, CommandError, Generate, Help, parse
 from muse.slack.redact import REDACTED, Redact, protect
 from muse.slack.replies import comment, failed, queued, refused, usage
 
@@ -99,8 +99,8 @@ def test_api_validation_errors_are_worded_with_the_option(text: str, message: st
     command = parse(text)
     assert isinstance(command, Generate)
     with pytest.raises(InvalidRequest) as caught:
-        validate(GenerateBody, command.body())
-    assert describe_invalid(caught.value) == message
+        validate(GenerateBody, command.body(), SLACK)
+    assert caught.value.message == message
 
 
 REQUEST = GenerateRequest(prompt="a <!channel> fox & co", seed=7, steps=25, guidance_scale=3.0, width=32, height=32)

@@ -16,11 +16,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api.native import client_of, service, wait_unless_disconnected
-from muse.core.batcher import Ticket, TicketState
+from muse.api.common import client_of, service, wait_unless_disconnected
+from muse.core.tickets import Ticket, TicketState
 from muse.errors import InvalidRequest
 from muse.schedulers import SCHEDULERS
-from muse.schema import MAX_SEED, GenerateBody, parse_json, validate
+from muse.schema import MAX_SEED, Dialect, GenerateBody, parse_json, validate
+
+# Muse's fields under A1111's names, so errors name what the client sent.
+A1111 = Dialect(names={"guidance_scale": "cfg_scale", "scheduler": "sampler_name", "n": "batch_size"})
 
 
 class Txt2ImgRequest(BaseModel):
@@ -60,19 +63,13 @@ def to_generate_body(body: Txt2ImgRequest) -> GenerateBody:
         "n": n,
         "scheduler": body.sampler_name or body.sampler_index,
     }
-    try:
-        return validate(GenerateBody, {k: v for k, v in fields.items() if v is not None})  # type: ignore[no-any-return]
-    except InvalidRequest as error:
-        renamed = {"guidance_scale": "cfg_scale", "scheduler": "sampler_name", "n": "batch_size"}
-        if error.param in renamed:
-            error.message = error.message.replace(error.param, renamed[error.param], 1)
-            error.param = renamed[error.param]
-        raise
+    generate: GenerateBody = validate(GenerateBody, {k: v for k, v in fields.items() if v is not None}, A1111)
+    return generate
 
 
 async def txt2img(request: Request) -> Response:
     muse = service(request)
-    body: Txt2ImgRequest = validate(Txt2ImgRequest, parse_json(await request.body()))
+    body: Txt2ImgRequest = validate(Txt2ImgRequest, parse_json(await request.body()), A1111)
     generate = to_generate_body(body).to_request(muse.model)
     ticket = muse.submit(generate, client=client_of(request))
     request.app.state.a1111_last = ticket
@@ -148,7 +145,7 @@ def progress_json(muse: Any, ticket: Ticket | None) -> dict[str, Any]:
         "sampling_step": ticket.step,
         "sampling_steps": steps,
     }
-    eta = muse.batcher.eta(ticket) or 0.0
+    eta = muse.eta(ticket) or 0.0
     return {
         "progress": progress,
         "eta_relative": eta,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from muse.errors import InvalidRequest
+from muse.api.common import error_response
+from muse.errors import PayloadTooLarge
 
 MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; nothing we accept comes close
 
@@ -67,10 +68,7 @@ class BodyLimit:
                 await self.refuse(scope, receive, send)
 
     async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from starlette.responses import JSONResponse
-
-        error = InvalidRequest(f"request body over {self.limit} bytes", code="body_too_large", status=413)
-        await JSONResponse(error.to_dict(), status_code=413)(scope, receive, send)
+        await error_response(PayloadTooLarge(f"request body over {self.limit} bytes"))(scope, receive, send)
 
 
 class SecurityHeaders:

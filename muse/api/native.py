@@ -12,21 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from muse.core.batcher import Ticket, TicketState
+from muse.api.common import client_of, service, wait_unless_disconnected
 from muse.core.service import Muse
-from muse.errors import Cancelled, MuseError
+from muse.core.tickets import Ticket, TicketState
 from muse.messages import GenerateResult
 from muse.schema import GenerateBody, parse_json, validate
 
 SSE_KEEPALIVE_S = 15.0
-
-
-def error_response(error: MuseError, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers() | (headers or {}))
-
-
-def service(request: Request) -> Muse:
-    return request.app.state.muse  # type: ignore[no-any-return]
 
 
 def result_json(result: GenerateResult) -> dict[str, Any]:
@@ -45,31 +37,9 @@ def result_json(result: GenerateResult) -> dict[str, Any]:
     }
 
 
-def client_of(request: Request) -> str | None:
-    """Who to charge against --rate-limit (set by muse.api.auth for every request)."""
-    return getattr(request.state, "identity", None)
-
-
 async def read_body(request: Request) -> GenerateBody:
-    body = validate(GenerateBody, parse_json(await request.body()))
-    return body  # type: ignore[no-any-return]
-
-
-async def wait_unless_disconnected(request: Request, ticket: Ticket, muse: Muse) -> GenerateResult:
-    """Await the ticket; if the client goes away first, cancel it so it is never computed."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait([ticket.future, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not ticket.future.done():
-        muse.batcher.cancel(ticket, Cancelled("client disconnected"))
-    return ticket.future.result()
+    body: GenerateBody = validate(GenerateBody, parse_json(await request.body()))
+    return body
 
 
 async def generate(request: Request) -> Response:
@@ -84,10 +54,10 @@ def job_json(muse: Muse, ticket: Ticket) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": ticket.id,
         "status": ticket.state.value,
-        "position": muse.batcher.position(ticket),
+        "position": muse.position(ticket),
         "step": ticket.step if ticket.state is not TicketState.QUEUED else None,
         "steps": ticket.request.steps,
-        "eta_s": _round(muse.batcher.eta(ticket)),
+        "eta_s": _round(muse.eta(ticket)),
         "prompt": ticket.request.prompt,
         "seed": ticket.request.seed,
         "n": ticket.request.n,
@@ -144,7 +114,7 @@ async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
 
     def listener(t: Ticket, event: str) -> None:
         if event == "queued":
-            position = muse.batcher.position(t)
+            position = muse.position(t)
             if position == last_position[0]:
                 return
             last_position[0] = position
@@ -156,7 +126,7 @@ async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
             yield sse(ticket.state.value, job_json(muse, ticket))
             return
         if ticket.state is TicketState.QUEUED:
-            last_position[0] = muse.batcher.position(ticket)
+            last_position[0] = muse.position(ticket)
             yield sse("queued", job_json(muse, ticket))
         while True:
             try:
@@ -166,7 +136,7 @@ async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
                 continue
             if event == "progress":
                 progress = {"id": ticket.id, "step": step, "steps": ticket.request.steps}
-                yield sse("progress", progress | {"eta_s": _round(muse.batcher.eta(ticket))})
+                yield sse("progress", progress | {"eta_s": _round(muse.eta(ticket))})
             else:
                 yield sse(event, job_json(muse, ticket))
             if event in ("succeeded", "failed", "cancelled"):

@@ -9,6 +9,7 @@ codes so the client raises its typed exceptions; once a request is accepted, a f
 from __future__ import annotations
 
 import base64
+import re
 import time
 from typing import Any, Literal
 
@@ -17,11 +18,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api.native import client_of, error_response, service, wait_unless_disconnected
+from muse.api.common import client_of, error_response, service, wait_unless_disconnected
 from muse.errors import InvalidRequest, MuseError, NotFound
-from muse.schema import MAX_PROMPT, MAX_SEED, GenerateBody, Prompt, parse_json, validate
+from muse.schema import MAX_PROMPT, MAX_SEED, Dialect, GenerateBody, Prompt, parse_json, validate
 
+SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")
 HIGH_QUALITY = {"hd", "high", "xhigh", "max"}
+# OpenAI answers every invalid parameter with 400, and a size is one field.
+OPENAI = Dialect(
+    status=400,
+    names={"width": "size", "height": "size"},
+    hints={"size": " (sizes are multiples of 8 in 64-2048)"},
+)
 
 
 class ImagesRequest(BaseModel):
@@ -54,19 +62,14 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
 
 
-def as_bad_request(error: InvalidRequest) -> InvalidRequest:
-    """OpenAI answers every invalid parameter with 400."""
-    error.status = 400
-    return error
-
-
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise InvalidRequest(f"size: {size!r} is not 'WIDTHxHEIGHT' or 'auto'", param="size", status=400)
-    return int(width), int(height)
+    # ASCII digits only, and few of them: str.isdigit() takes "²", and int() of 5,000 digits raises.
+    match = SIZE.fullmatch(size.lower())
+    if match is None:
+        raise InvalidRequest(f"size: {size[:40]!r} is not 'WIDTHxHEIGHT' or 'auto'", param="size", status=400)
+    return int(match[1]), int(match[2])
 
 
 def to_generate_body(body: ImagesRequest) -> GenerateBody:
@@ -82,21 +85,13 @@ def to_generate_body(body: ImagesRequest) -> GenerateBody:
         "width": width,
         "height": height,
     }
-    try:
-        return validate(GenerateBody, {k: v for k, v in fields.items() if v is not None})  # type: ignore[no-any-return]
-    except InvalidRequest as error:
-        if error.param in ("width", "height"):
-            error.param = "size"
-            error.message = f"size: {error.message.split(': ', 1)[-1]} (sizes are multiples of 8 in 64-2048)"
-        raise as_bad_request(error) from None
+    generate: GenerateBody = validate(GenerateBody, {k: v for k, v in fields.items() if v is not None}, OPENAI)
+    return generate
 
 
 async def generations(request: Request) -> Response:
     muse = service(request)
-    try:
-        body: ImagesRequest = validate(ImagesRequest, parse_json(await request.body()))
-    except InvalidRequest as error:
-        raise as_bad_request(error) from None
+    body: ImagesRequest = validate(ImagesRequest, parse_json(await request.body()), OPENAI)
     if body.model not in (None, muse.model.name):
         raise NotFound(
             f"The model '{body.model}' does not exist; this server serves '{muse.model.name}'",

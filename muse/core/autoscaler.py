@@ -9,12 +9,13 @@ to zero wakes it at once (cold start).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import Protocol
+
+from muse.periodic import every
 
 log = logging.getLogger("muse.core.autoscaler")
 
@@ -80,17 +81,14 @@ class Autoscaler:
                 self._set(wanted, f"load {self.load()} images for {self.downscale_delay:g} s needs {wanted}")
         else:
             self._up_since = self._down_since = None
-        self.pool.reconcile()
 
     def _set(self, target: int, reason: str) -> None:
         log.info("scaling %d -> %d worker(s): %s", self.pool.target, target, reason)
         self.decisions.append(f"{self.pool.target}->{target}: {reason}")
         self.pool.target = target
         self._up_since = self._down_since = None
+        # Converge now rather than at the pool's next tick: a cold start should not wait.
+        self.pool.reconcile()
 
     async def run(self) -> None:
-        while True:
-            self.step()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+        await every(self.interval, self.step, log=log, name="autoscaler", wake=self._wake)

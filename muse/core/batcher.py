@@ -1,7 +1,7 @@
-"""The batcher: one future per request, grouped into batches for idle workers.
+"""The batcher: batching policy over tickets, for workers with free capacity.
 
 Policy (pure; tested against a fake pool in milliseconds):
-- a ticket and its future exist *before* the request is queued; every ticket ends exactly once;
+- a ticket (muse.core.tickets) is made with its future *before* the request is queued;
 - batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
   (a request for n images takes n slots and is never split);
 - an idle worker gets work at once when the service was quiet; while other workers are busy, a
@@ -13,7 +13,7 @@ Policy (pure; tested against a fake pool in milliseconds):
   is interrupted; a batch whose worker died is retried `max_retries` times, then fails with 503.
 
 Driven by callbacks (submit, a worker going idle, a timer), so a waiting request costs a list entry
-and a timer-heap entry, nothing that runs.
+and a timer-heap entry, nothing that runs. Speeds for Retry-After and ETAs live in muse.core.estimates.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from muse.core.estimates import Speed
+from muse.core.tickets import Ticket, TicketState, results_of
 from muse.errors import (
     Cancelled,
     GenerationFailed,
@@ -36,17 +37,7 @@ from muse.errors import (
     TimedOut,
     WorkerDied,
 )
-from muse.messages import (
-    Failure,
-    GeneratedImage,
-    GenerateRequest,
-    GenerateResult,
-    ImageSpec,
-    Job,
-    Progress,
-    Result,
-    Timings,
-)
+from muse.messages import Batch, Failure, GenerateRequest, GenerateResult, ImageSpec, Progress, Result
 
 log = logging.getLogger("muse.core.batcher")
 # After a batch finishes, its clients' next requests may be held at most this many max_waits.
@@ -54,57 +45,18 @@ RETURN_HOLDS = 4
 
 
 class WorkerPool(Protocol):
-    """What the batcher needs of the pool."""
+    """What the batcher needs of the pool (local subprocesses, or a fake in tests)."""
 
     def idle_worker(self) -> Any | None: ...
-    def dispatch(self, worker: Any, job: Job) -> None: ...
-    def interrupt(self, job_id: str) -> None: ...
+    def dispatch(self, worker: Any, batch: Batch) -> None: ...
+    def interrupt(self, batch_id: str) -> None: ...
     def busy_count(self) -> int: ...
-
-
-class TicketState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-Listener = Callable[["Ticket", str], None]
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One accepted request, from queue to answer."""
-
-    id: str
-    request: GenerateRequest
-    future: asyncio.Future[GenerateResult]
-    submitted: float
-    deadline: float
-    created: float = field(default_factory=time.time)
-    state: TicketState = TicketState.QUEUED
-    step: int = 0
-    started: float | None = None
-    finished: float | None = None
-    batch_size: int = 0
-    attempts: int = 0
-    result: GenerateResult | None = None
-    error: MuseError | None = None
-    listeners: list[Listener] = field(default_factory=list)
-    saved: list[str] = field(default_factory=list)  # gallery ids of its images, once stored
-    timer: asyncio.TimerHandle | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.state in (TicketState.SUCCEEDED, TicketState.FAILED, TicketState.CANCELLED)
 
 
 @dataclass(eq=False)
 class InFlight:
-    job: Job
+    batch: Batch
     tickets: list[Ticket]
-    dispatched: float
     last_step_at: float
 
 
@@ -135,6 +87,7 @@ class Batcher:
         self.queued_images = 0
         self.inflight: dict[str, InFlight] = {}
         self.closed = False
+        self.speed = Speed()
         self.on_finish: list[Callable[[Ticket], None]] = []
         self.on_batch: list[Callable[[int], None]] = []
         self.on_interrupt: list[Callable[[], None]] = []
@@ -142,15 +95,11 @@ class Batcher:
         # Called whenever nothing is queued or running any more: after the last ticket ends, or
         # after a batch whose tickets had all ended (cancelled, client gone) comes back.
         self.on_idle: list[Callable[[], None]] = []
-        # Exponential averages of observed speed, for Retry-After and ETAs.
-        self.image_seconds = 0.0
-        self.step_seconds = 0.0
         self._hold: asyncio.TimerHandle | None = None
         self._last_finish = float("-inf")
         self._last_arrival = float("-inf")
         # Requests of the batch that finished last whose clients have not sent their next one yet.
         self._returning = 0
-        self._watched = 0
 
     # ---- entry points -----------------------------------------------------------------------------
 
@@ -161,7 +110,7 @@ class Batcher:
         if self.queued_images and self.queued_images + request.n > self.max_queue:
             raise Overloaded(
                 f"queue full ({self.queued_images} images waiting, limit {self.max_queue}); retry later",
-                retry_after=self.estimate_wait(self.queued_images + request.n),
+                retry_after=self.speed.wait(self.queued_images + request.n, self.capacity()),
             )
         loop = asyncio.get_running_loop()
         # Timestamps from time.monotonic(): uvloop's loop.time() only has millisecond resolution.
@@ -187,28 +136,17 @@ class Batcher:
         state = TicketState.CANCELLED if isinstance(error, Cancelled) else TicketState.FAILED
         if ticket.state is TicketState.QUEUED:
             self._dequeue([ticket])
-            self._finish(ticket, state, error=error)
+            self._end(ticket, state, error=error)
             self._pump()
             self._emit_positions()
             self._settle()
         else:
-            self._finish(ticket, state, error=error)
-            for job_id, flight in self.inflight.items():
+            self._end(ticket, state, error=error)
+            for batch_id, flight in self.inflight.items():
                 if ticket in flight.tickets and all(t.done for t in flight.tickets):
-                    log.info("interrupting batch %s: all its requests are gone", job_id)
-                    self.pool.interrupt(job_id)
+                    log.info("interrupting batch %s: all its requests are gone", batch_id)
+                    self.pool.interrupt(batch_id)
         return True
-
-    def watch(self, ticket: Ticket, listener: Listener) -> Callable[[], None]:
-        ticket.listeners.append(listener)
-        self._watched += 1
-
-        def unwatch() -> None:
-            if listener in ticket.listeners:
-                ticket.listeners.remove(listener)
-                self._watched -= 1
-
-        return unwatch
 
     def close(self) -> None:
         """Accept nothing new; what is queued or running carries on."""
@@ -220,7 +158,7 @@ class Batcher:
 
     @property
     def inflight_images(self) -> int:
-        return sum(len(f.job.images) for f in self.inflight.values())
+        return sum(len(f.batch.images) for f in self.inflight.values())
 
     @property
     def idle(self) -> bool:
@@ -237,21 +175,15 @@ class Batcher:
             ahead += t.request.n
         return None
 
-    def estimate_wait(self, images: int) -> float:
-        per_image = self.image_seconds or 1.0
-        return images * per_image / max(1, self.capacity())
-
     def eta(self, ticket: Ticket) -> float | None:
         if ticket.state is TicketState.QUEUED:
-            if not self.image_seconds:
-                return None
             position = self.position(ticket) or 0
             # Nothing starts before a worker frees up: the soonest running batch must end first.
-            running = [(f.job.steps - self._step_of(f)) * self.step_seconds for f in self.inflight.values()]
-            free_in = min(running) if running and self.pool.idle_worker() is None else 0.0
-            return free_in + self.estimate_wait(position + ticket.request.n)
-        if ticket.state is TicketState.RUNNING and self.step_seconds:
-            return max(0.0, (ticket.request.steps - ticket.step) * self.step_seconds)
+            steps_left = [f.batch.key.steps - self._step_of(f) for f in self.inflight.values()]
+            soonest = min(steps_left) if steps_left and self.pool.idle_worker() is None else None
+            return self.speed.queued_eta(position + ticket.request.n, self.capacity(), soonest)
+        if ticket.state is TicketState.RUNNING:
+            return self.speed.running_eta(ticket.request.steps - ticket.step)
         return None
 
     @staticmethod
@@ -263,28 +195,28 @@ class Batcher:
     def worker_idle(self) -> None:
         self._pump()
 
-    def job_progress(self, message: Progress) -> None:
-        flight = self.inflight.get(message.job_id)
+    def batch_progress(self, message: Progress) -> None:
+        flight = self.inflight.get(message.batch_id)
         if flight is None:
             return
         now = time.monotonic()
-        self.step_seconds = _ewma(self.step_seconds, now - flight.last_step_at)
+        self.speed.step_took(now - flight.last_step_at)
         flight.last_step_at = now
         for t in flight.tickets:
             if not t.done:
                 t.step = message.step
-                self._emit(t, "progress")
+                t.emit("progress")
 
-    def job_finished(self, message: Result | Failure) -> None:
-        flight = self.inflight.pop(message.job_id, None)
+    def batch_finished(self, message: Result | Failure) -> None:
+        flight = self.inflight.pop(message.batch_id, None)
         if flight is None:
             return
         try:
-            self._job_finished(flight, message)
+            self._batch_finished(flight, message)
         finally:
             self._settle()
 
-    def _job_finished(self, flight: InFlight, message: Result | Failure) -> None:
+    def _batch_finished(self, flight: InFlight, message: Result | Failure) -> None:
         self._last_finish = time.monotonic()
         # Only clients still waiting get an answer now and may send again; cancelled ones will not.
         self._returning = sum(not t.done for t in flight.tickets)
@@ -299,52 +231,33 @@ class Batcher:
                     callback()
             for t in flight.tickets:
                 if not t.done:
-                    self._finish(t, TicketState.FAILED, error=error)
+                    self._end(t, TicketState.FAILED, error=error)
             return
-        images = len(flight.job.images)
-        self.image_seconds = _ewma(self.image_seconds, message.compute_ms / 1000 / max(images, 1))
-        now = time.monotonic()
-        pngs = iter(message.pngs)
-        for t in flight.tickets:
-            own = [GeneratedImage(next(pngs), seed) for seed in t.request.seeds()]
-            if t.done:
-                continue
-            started = t.started or now
-            result = GenerateResult(
-                images=own,
-                model=self.model,
-                steps=t.request.steps,
-                width=t.request.width,
-                height=t.request.height,
-                batch_size=images,
-                timings=Timings(
-                    queued_ms=(started - t.submitted) * 1000,
-                    compute_ms=message.compute_ms,
-                    total_ms=(now - t.submitted) * 1000,
-                ),
-                request=t.request,
-            )
-            self._finish(t, TicketState.SUCCEEDED, result=result)
+        self.speed.batch_took(message.compute_ms, len(flight.batch.images))
+        results = results_of(flight.tickets, message, model=self.model, now=time.monotonic())
+        for t, result in zip(flight.tickets, results, strict=True):
+            if not t.done:
+                self._end(t, TicketState.SUCCEEDED, result=result)
 
-    def job_lost(self, job: Job, reason: str) -> None:
-        flight = self.inflight.pop(job.job_id, None)
+    def batch_lost(self, batch: Batch, reason: str) -> None:
+        flight = self.inflight.pop(batch.batch_id, None)
         if flight is None:
             return
         try:
-            self._job_lost(flight, reason)
+            self._batch_lost(flight, reason)
         finally:
             self._settle()
 
-    def _job_lost(self, flight: InFlight, reason: str) -> None:
+    def _batch_lost(self, flight: InFlight, reason: str) -> None:
         alive = [t for t in flight.tickets if not t.done]
         retry = [t for t in alive if t.attempts <= self.max_retries]
         for t in alive:
             if t not in retry:
-                self._finish(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
+                self._end(t, TicketState.FAILED, error=WorkerDied(f"{reason}; retried, and the retry died too"))
         if retry:
             for callback in self.on_retry:
                 callback()
-            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.job.job_id)
+            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.batch_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
             # Back to the front, oldest first: they were accepted before anything still queued.
@@ -380,7 +293,6 @@ class Batcher:
             moved = True
         if moved:
             self._emit_positions()
-
     def _hold_until(self, oldest: Ticket) -> float:
         """How long a part-full batch may wait for company (a monotonic time; the past means go)."""
         until = float("-inf")
@@ -415,30 +327,20 @@ class Batcher:
         self.queue = [t for t in self.queue if id(t) not in gone]
         self.queued_images -= sum(t.request.n for t in tickets)
 
-    def _dispatch(self, worker: Any, batch: list[Ticket]) -> None:
-        first = batch[0].request
-        job = Job(
-            job_id=secrets.token_hex(6),
-            images=[
-                ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in batch for s in t.request.seeds()
-            ],
-            width=first.width,
-            height=first.height,
-            steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            scheduler=first.scheduler,
-        )
+    def _dispatch(self, worker: Any, tickets: list[Ticket]) -> None:
+        images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
+        batch = Batch(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
-        self.inflight[job.job_id] = InFlight(job, batch, now, time.monotonic())
-        for t in batch:
-            t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(job.images), 0
+        self.inflight[batch.batch_id] = InFlight(batch, tickets, now)
+        for t in tickets:
+            t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0
             t.attempts += 1
-            self._emit(t, "running")
+            t.emit("running")
         for callback in self.on_batch:
-            callback(len(job.images))
-        self.pool.dispatch(worker, job)
+            callback(len(images))
+        self.pool.dispatch(worker, batch)
 
-    def _finish(
+    def _end(
         self,
         ticket: Ticket,
         state: TicketState,
@@ -446,23 +348,9 @@ class Batcher:
         result: GenerateResult | None = None,
         error: MuseError | None = None,
     ) -> None:
-        ticket.state = state
-        ticket.finished = time.time()
-        ticket.result, ticket.error = result, error
-        if ticket.timer is not None:
-            ticket.timer.cancel()
-        if not ticket.future.done():
-            if error is not None:
-                ticket.future.set_exception(error)
-                # Nobody may be awaiting (a job polled over HTTP): don't warn about it.
-                ticket.future.exception()
-            else:
-                ticket.future.set_result(result)  # type: ignore[arg-type]
-        self._emit(ticket, state.value)
+        ticket.end(state, result=result, error=error)
         for callback in self.on_finish:
             callback(ticket)
-        self._watched -= len(ticket.listeners)
-        ticket.listeners.clear()
 
     def _settle(self) -> None:
         # Called once at the end of each entry point that can remove the last work (a cancelled
@@ -471,17 +359,7 @@ class Batcher:
             for callback in self.on_idle:
                 callback()
 
-    def _emit(self, ticket: Ticket, event: str) -> None:
-        for listener in list(ticket.listeners):
-            listener(ticket, event)
-
     def _emit_positions(self) -> None:
-        if self._watched <= 0:
-            return
         for t in self.queue:
             if t.listeners:
-                self._emit(t, "queued")
-
-
-def _ewma(previous: float, sample: float, weight: float = 0.2) -> float:
-    return sample if previous == 0 else previous + weight * (sample - previous)
+                t.emit("queued")

@@ -1,4 +1,8 @@
-"""The `Muse` facade: what the JSON API, the pages and Slack call. Owns pool, batcher, autoscaler."""
+"""The service: the one door for the front ends (JSON APIs, pages, Slack, CLI). Owns pool, batcher, autoscaler.
+
+Front ends call `submit`, `job`, `cancel`, `position`, `eta`, `watch` and `readiness`, and never reach
+the batcher or the pool themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,18 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Protocol
 
 from muse.config import EMBEDDED_MODEL, Settings
 from muse.core.autoscaler import Autoscaler
-from muse.core.batcher import Batcher, Listener, Ticket, TicketState
+from muse.core.batcher import Batcher
 from muse.core.metrics import Metrics
 from muse.core.ratelimit import RateLimiter
-from muse.errors import NotFound, ShuttingDown, Unavailable
+from muse.core.tickets import Listener, Ticket, TicketState
+from muse.errors import Cancelled, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import ModelInfo, inspect
-from muse.pools.local import Pool, PoolListener
+from muse.pools.local import Pool
 
 log = logging.getLogger("muse.core.service")
 
@@ -25,7 +30,7 @@ log = logging.getLogger("muse.core.service")
 class Gallery(Protocol):
     """Where finished images are kept (muse.storage); the service only hands results over."""
 
-    def save(self, result: GenerateResult) -> list[str]: ...
+    def save(self, result: GenerateResult, model_scheduler: str = "") -> list[str]: ...
 
 
 class Muse:
@@ -43,7 +48,6 @@ class Muse:
         self.pool = Pool(
             model=settings.model,
             devices=self.devices,
-            listener=cast(PoolListener, None),
             threads_per_worker=settings.threads_per_worker,
             worker_timeout=settings.worker_timeout,
             log_level=settings.log_level,
@@ -60,7 +64,6 @@ class Muse:
             capacity=lambda: max(1, len(self.pool.workers)),
             on_demand=lambda: self.autoscaler.poke(),
         )
-        self.pool.listener = self.batcher
         self.autoscaler = Autoscaler(
             self.pool,
             lambda: self.batcher.queued_images + self.batcher.inflight_images,
@@ -104,7 +107,7 @@ class Muse:
             self.autoscaler.min_workers,
             self.autoscaler.max_workers,
         )
-        self.pool.reconcile()
+        self.pool.start(self.batcher)
         self._tasks.append(asyncio.create_task(self.autoscaler.run(), name="muse-autoscaler"))
 
     async def drain(self) -> None:
@@ -154,27 +157,30 @@ class Muse:
             self.jobs[ticket.id] = ticket
         return ticket
 
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        ticket = self.submit(request)
-        try:
-            return await asyncio.shield(ticket.future)
-        except asyncio.CancelledError:
-            self.batcher.cancel(ticket)
-            raise
-
     def job(self, job_id: str) -> Ticket:
         ticket = self.jobs.get(job_id)
         if ticket is None:
             raise NotFound(f"no job {job_id!r} (unknown, or finished more than the job TTL ago)", param="id")
         return ticket
 
-    def cancel(self, job_id: str) -> Ticket:
-        ticket = self.job(job_id)
-        self.batcher.cancel(ticket)
+    def cancel(self, job: Ticket | str, error: MuseError | None = None) -> Ticket:
+        """End a job now (by ticket, or by id: 404 if unknown); a queued one never reaches a worker, a
+        running batch whose requests are all gone stops at the next step. Ended jobs stay as they were."""
+        ticket = self.job(job) if isinstance(job, str) else job
+        self.batcher.cancel(ticket, error or Cancelled("cancelled by the client"))
         return ticket
 
+    def position(self, ticket: Ticket) -> int | None:
+        """Images queued ahead of this job; None once it left the queue."""
+        return self.batcher.position(ticket)
+
+    def eta(self, ticket: Ticket) -> float | None:
+        """Seconds until this job is done, from measured speeds; None while nothing is measured."""
+        return self.batcher.eta(ticket)
+
     def watch(self, ticket: Ticket, listener: Listener) -> Callable[[], None]:
-        return self.batcher.watch(ticket, listener)
+        """Hear the job's events (queued, running, progress, its end); returns the unwatch function."""
+        return ticket.watch(listener)
 
     # ---- internals --------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
-"""The worker pool: one subprocess per device slot, converging on `target`.
+"""The local pool: one worker subprocess per device slot, converging on `target`.
 
-The autoscaler only sets `target`; `reconcile()` makes it so, like gunicorn's `manage_workers`: reap
-the dead, kill the hung, spawn the missing, drain the surplus (a busy worker is never killed for
-scaling: it finishes its batch, then stops). Pipes are read in the event loop with `add_reader`, so an
+The autoscaler only sets `target`; `reconcile()` makes it so, like gunicorn's `manage_workers`: undrain
+or spawn the missing, drain the surplus (a busy worker is never killed for scaling: it finishes its
+batch, then stops). The pool supervises itself on its own timer (`supervise`: kill the hung, then
+reconcile), whatever the autoscaler does. Pipes are read in the event loop with `add_reader`, so an
 idle pool costs nothing.
 """
 
@@ -24,16 +25,17 @@ from typing import Protocol
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
+    Batch,
     BootFailure,
     Failure,
     Heartbeat,
     Interrupt,
-    Batch,
     Progress,
     Ready,
     Result,
     Stop,
 )
+from muse.periodic import every
 from muse.pools.framing import FrameReader
 from muse.worker import main as worker_main
 
@@ -102,15 +104,17 @@ class Pool:
         *,
         model: str,
         devices: Sequence[str],
-        listener: PoolListener,
         threads_per_worker: int = 0,
         worker_timeout: float = 60.0,
         log_level: str = "info",
     ) -> None:
         self.model = model
         self.slots = [Slot(d) for d in devices]
-        self.listener = listener
+        self._listener: PoolListener | None = None
         self.worker_timeout = worker_timeout
+        # Often enough to catch a hung worker soon after --worker-timeout, rarely enough to cost nothing.
+        self.supervise_interval = max(0.05, min(1.0, worker_timeout / 4))
+        self._supervisor: asyncio.Task[None] | None = None
         self.log_level = log_level
         self.threads = threads_per_worker or self._default_threads(devices)
         self.target = len(self.slots)
@@ -120,6 +124,19 @@ class Pool:
         self._retry_handle: asyncio.TimerHandle | None = None
         self._closed = False
         self.spawned = 0
+
+    def start(self, listener: PoolListener) -> None:
+        """Begin converging on `target`, telling `listener` (the batcher) what workers do."""
+        self._listener = listener
+        self.reconcile()
+        self._supervisor = asyncio.create_task(
+            every(self.supervise_interval, self.supervise, log=log, name="pool supervisor"), name="muse-pool"
+        )
+
+    @property
+    def listener(self) -> PoolListener:
+        assert self._listener is not None, "Pool.start() first"
+        return self._listener
 
     @staticmethod
     def _default_threads(devices: Sequence[str]) -> int:
@@ -172,10 +189,27 @@ class Pool:
 
     # ---- convergence ------------------------------------------------------------------------------
 
+    def supervise(self) -> None:
+        """One tick of the pool's own timer: kill hung workers, then converge on the target."""
+        if self._closed:
+            return
+        self._kill_hung()
+        self.reconcile()
+
     def reconcile(self) -> None:
         """One repeatable step towards `target`; safe to call at any time."""
         if self._closed:
             return
+        active = [w for w in self.workers if not w.draining and w.state is not WorkerState.STOPPING]
+        missing = self.target - len(active)
+        if missing > 0:
+            # Undrain before spawning: a draining worker is already loaded.
+            missing -= self._undrain(missing)
+            self._spawn_missing(missing)
+        elif missing < 0:
+            self._drain_surplus(active, -missing)
+
+    def _kill_hung(self) -> None:
         now = time.monotonic()
         for w in self.workers:
             if w.state is WorkerState.BUSY and now - w.last_seen > self.worker_timeout:
@@ -183,36 +217,39 @@ class Pool:
                 self._kill(w)
                 self._on_death(w, f"worker {w.id} hung (no heartbeat for {self.worker_timeout:g} s)")
 
-        active = [w for w in self.workers if not w.draining and w.state is not WorkerState.STOPPING]
-        missing = self.target - len(active)
-        if missing > 0:
-            # Undrain before spawning: a draining worker is already loaded.
-            for w in self.workers:
-                if missing and w.draining and w.state is not WorkerState.STOPPING:
-                    w.draining = False
-                    missing -= 1
-            next_retry = None
-            for slot in self.slots:
-                if missing == 0:
-                    break
-                if slot.boot_error or (slot.worker is not None and slot.worker.live):
-                    continue
-                if slot.retry_at > now:
-                    next_retry = min(next_retry or slot.retry_at, slot.retry_at)
-                    continue
-                self._spawn(slot)
-                missing -= 1
-            if missing > 0 and next_retry is not None:
-                self._schedule_retry(next_retry - now)
-        elif missing < 0:
-            surplus = -missing
-            # Idle workers first (newest first), then busy ones, which finish their batch before stopping.
-            ordered = sorted(active, key=lambda w: (w.state is WorkerState.BUSY, -w.started_at))
-            for w in ordered[:surplus]:
-                log.info("draining worker %d on %s (target %d)", w.id, w.device, self.target)
-                w.draining = True
-                if w.state in (WorkerState.IDLE, WorkerState.STARTING):
-                    self._stop(w)
+    def _undrain(self, wanted: int) -> int:
+        undrained = 0
+        for w in self.workers:
+            if undrained < wanted and w.draining and w.state is not WorkerState.STOPPING:
+                w.draining = False
+                undrained += 1
+        return undrained
+
+    def _spawn_missing(self, missing: int) -> None:
+        """Spawn into free slots, skipping slots whose model failed to boot and slots still backing off."""
+        now = time.monotonic()
+        next_retry = None
+        for slot in self.slots:
+            if missing == 0:
+                return
+            if slot.boot_error or (slot.worker is not None and slot.worker.live):
+                continue
+            if slot.retry_at > now:
+                next_retry = min(next_retry or slot.retry_at, slot.retry_at)
+                continue
+            self._spawn(slot)
+            missing -= 1
+        if next_retry is not None:
+            self._schedule_retry(next_retry - now)
+
+    def _drain_surplus(self, active: list[WorkerHandle], surplus: int) -> None:
+        # Idle workers first (newest first), then busy ones, which finish their batch before stopping.
+        ordered = sorted(active, key=lambda w: (w.state is WorkerState.BUSY, -w.started_at))
+        for w in ordered[:surplus]:
+            log.info("draining worker %d on %s (target %d)", w.id, w.device, self.target)
+            w.draining = True
+            if w.state in (WorkerState.IDLE, WorkerState.STARTING):
+                self._stop(w)
 
     def _schedule_retry(self, delay: float) -> None:
         if self._retry_handle is not None:
@@ -369,6 +406,10 @@ class Pool:
         self._closed = True
         if self._retry_handle is not None:
             self._retry_handle.cancel()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         workers = self.workers
         for w in workers:
             if w.state is not WorkerState.STOPPING:

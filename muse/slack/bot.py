@@ -35,13 +35,13 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from muse.config import Settings
-from muse.core.batcher import Ticket
 from muse.core.service import Muse
+from muse.core.tickets import Ticket
 from muse.errors import InvalidRequest, MuseError, ShuttingDown
 from muse.messages import GenerateRequest, GenerateResult
 from muse.schema import GenerateBody, validate
 from muse.slack import replies
-from muse.slack.command import CommandError, Help, describe_invalid, parse
+from muse.slack.command import SLACK, CommandError, Help, parse
 from muse.slack.redact import protect
 
 # Where the Web API lives; only the tests set this (to their local fake Slack).
@@ -65,7 +65,9 @@ T = TypeVar("T")
 
 
 @dataclass(eq=False)
-class Job:
+class Delivery:
+    """A queued /muse request and where its images (or the reason there are none) must go."""
+
     ticket: Ticket
     user: str
     channel: str
@@ -122,7 +124,7 @@ class SlackBot:
         self.handler = AsyncSocketModeHandler(self.app, self.app_token, logger=sdk, ping_interval=PING_INTERVAL_S)
         self.bot_user: str | None = None
         self.active: Counter[str] = Counter()  # unfinished jobs per Slack user
-        self.jobs: dict[asyncio.Task[None], Job] = {}
+        self.deliveries: dict[asyncio.Task[None], Delivery] = {}
         self._runner: asyncio.Task[None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -174,12 +176,12 @@ class SlackBot:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
         await self.handler.close_async()
-        if self.jobs:
-            log.info("Slack: waiting for %d job(s) to finish", len(self.jobs))
-            _, pending = await asyncio.wait(self.jobs, timeout=self.settings.drain_timeout)
+        if self.deliveries:
+            log.info("Slack: waiting for %d request(s) to finish and upload", len(self.deliveries))
+            _, pending = await asyncio.wait(self.deliveries, timeout=self.settings.drain_timeout)
             for task in pending:
                 # Ends the ticket; its task then tells the requester and returns.
-                self.muse.batcher.cancel(self.jobs[task].ticket, ShuttingDown("the server shut down"))
+                self.muse.cancel(self.deliveries[task].ticket, ShuttingDown("the server shut down"))
             if pending:
                 _, pending = await asyncio.wait(pending, timeout=LAST_WORDS_S)
             for task in pending:
@@ -191,18 +193,18 @@ class SlackBot:
 
     async def on_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         try:
-            reply, job = await self.accept(command)
+            reply, delivery = await self.accept(command)
         except Exception:
             log.exception("Slack: could not handle a command")
-            reply, job = ":x: Something went wrong on Muse's side; try again, or tell whoever runs it.", None
+            reply, delivery = ":x: Something went wrong on Muse's side; try again, or tell whoever runs it.", None
         await ack(text=reply, response_type="ephemeral")
-        if job is not None:
-            task = asyncio.create_task(self.deliver(job), name=f"muse-slack-{job.ticket.id}")
-            self.jobs[task] = job
-            task.add_done_callback(lambda t: self.jobs.pop(t, None))
+        if delivery is not None:
+            task = asyncio.create_task(self.deliver(delivery), name=f"muse-slack-{delivery.ticket.id}")
+            self.deliveries[task] = delivery
+            task.add_done_callback(lambda t: self.deliveries.pop(t, None))
 
-    async def accept(self, command: dict[str, Any]) -> tuple[str, Job | None]:
-        """The ack's text, and the job when one was queued."""
+    async def accept(self, command: dict[str, Any]) -> tuple[str, Delivery | None]:
+        """The ack's text, and the delivery when a request was queued."""
         name = command.get("command") or "/muse"
         try:
             parsed = parse(command.get("text") or "")
@@ -211,9 +213,9 @@ class SlackBot:
         if isinstance(parsed, Help):
             return replies.usage(name), None
         try:
-            body: GenerateBody = validate(GenerateBody, parsed.body())
+            body: GenerateBody = validate(GenerateBody, parsed.body(), SLACK)
         except InvalidRequest as exc:
-            return replies.invalid(describe_invalid(exc), name), None
+            return replies.invalid(exc.message, name), None
         user, channel = command["user_id"], command["channel_id"]
         if self.active[user] >= self.limit:
             return replies.busy_user(self.active[user], self.limit), None
@@ -228,8 +230,8 @@ class SlackBot:
             except MuseError as exc:
                 return replies.refused(exc), None
             queued = True
-            position = self.muse.batcher.position(ticket)
-            return replies.queued(request, position), Job(ticket, user, channel, command.get("response_url"))
+            position = self.muse.position(ticket)
+            return replies.queued(request, position), Delivery(ticket, user, channel, command.get("response_url"))
         finally:
             if not queued:
                 self._release(user)
@@ -249,21 +251,21 @@ class SlackBot:
         if self.active[user] <= 0:
             del self.active[user]
 
-    # ---- jobs -------------------------------------------------------------------------------------
+    # ---- deliveries------------------------------------------------------------------------------------
 
-    async def deliver(self, job: Job) -> None:
-        request = job.ticket.request
+    async def deliver(self, delivery: Delivery) -> None:
+        request = delivery.ticket.request
         try:
             # Shielded: cancelling this task must go through the batcher, not cancel the future under it.
-            result = await asyncio.shield(job.ticket.future)
+            result = await asyncio.shield(delivery.ticket.future)
         except MuseError as exc:
-            await self.tell(job, replies.failed(request, exc))
+            await self.tell(delivery, replies.failed(request, exc))
             return
         finally:
-            self._release(job.user)
-        await self.upload(job, request, result)
+            self._release(delivery.user)
+        await self.upload(delivery, request, result)
 
-    async def upload(self, job: Job, request: GenerateRequest, result: GenerateResult) -> None:
+    async def upload(self, delivery: Delivery, request: GenerateRequest, result: GenerateResult) -> None:
         files = [
             {
                 "content": image.png,
@@ -275,34 +277,35 @@ class SlackBot:
         ]
         try:
             await self.client.files_upload_v2(
-                file_uploads=files, channel=job.channel, initial_comment=replies.comment(request, job.user)
+                file_uploads=files, channel=delivery.channel, initial_comment=replies.comment(request, delivery.user)
             )
         except SlackApiError as exc:
             code = _code(exc)
-            log.warning("Slack: could not upload to %s for %s: %s", job.channel, job.user, code)
+            log.warning("Slack: could not upload to %s for %s: %s", delivery.channel, delivery.user, code)
             text = replies.invite(self.bot_user) if code in replies.NOT_IN_CHANNEL else None
-            await self.tell(job, text or replies.upload_failed(request, f"Slack said {code}"))
+            await self.tell(delivery, text or replies.upload_failed(request, f"Slack said {code}"))
         except Exception as exc:
-            log.warning("Slack: could not upload to %s for %s: %s: %s", job.channel, job.user, type(exc).__name__, exc)
-            await self.tell(job, replies.upload_failed(request, "the upload did not go through"))
+            where, who = delivery.channel, delivery.user
+            log.warning("Slack: could not upload to %s for %s: %s: %s", where, who, type(exc).__name__, exc)
+            await self.tell(delivery, replies.upload_failed(request, "the upload did not go through"))
 
-    async def tell(self, job: Job, text: str) -> None:
+    async def tell(self, delivery: Delivery, text: str) -> None:
         """An ephemeral message to the requester; through the command's response_url if the bot can't post."""
         try:
-            await self.client.chat_postEphemeral(channel=job.channel, user=job.user, text=text)
+            await self.client.chat_postEphemeral(channel=delivery.channel, user=delivery.user, text=text)
             return
         except Exception as exc:
             first = _describe(exc)
-        if job.response_url:
+        if delivery.response_url:
             try:
-                webhook = AsyncWebhookClient(job.response_url, session=self.session, logger=sdk_log)
+                webhook = AsyncWebhookClient(delivery.response_url, session=self.session, logger=sdk_log)
                 response = await webhook.send(text=text, response_type="ephemeral", replace_original=False)
                 if response.status_code == 200:
                     return
                 first += f"; response_url: HTTP {response.status_code}"
             except Exception as exc:
                 first += f"; response_url: {_describe(exc)}"
-        log.warning("Slack: could not tell %s in %s (%s): %s", job.user, job.channel, first, text)
+        log.warning("Slack: could not tell %s in %s (%s): %s", delivery.user, delivery.channel, first, text)
 
 
 def _code(exc: SlackApiError) -> str:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from muse.errors import InvalidRequest
+from muse.schema import Dialect
 
 HELP_WORDS = {"", "help", "--help", "-h", "?"}
 FLAGS = {"quality", "fast"}
@@ -27,15 +27,17 @@ _OPTION = re.compile(r"^(?:--|\u2014|\u2013)([a-z][a-z-]*)(?:=(.*))?$", re.IGNOR
 _QUOTE_FAMILIES = ('"\u201c\u201d', "'\u2018\u2019")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 
-# GenerateBody's field names as the user typed them, for messages.
-PARAM_NAMES = {
-    "prompt": "the prompt",
-    "negative_prompt": "--negative",
-    "quality": "--quality/--fast",
-    "seed": "--seed",
-    "n": "--n",
-    "steps": "--steps",
-}
+# GenerateBody's field names as the user typed them, so API validation errors name the option.
+SLACK = Dialect(
+    names={
+        "prompt": "the prompt",
+        "negative_prompt": "--negative",
+        "quality": "--quality/--fast",
+        "seed": "--seed",
+        "n": "--n",
+        "steps": "--steps",
+    }
+)
 
 
 class CommandError(ValueError):
@@ -147,12 +149,3 @@ def parse(text: str) -> Help | Generate:
     if not text_prompt:
         return Help()
     return Generate(text_prompt, **values)
-
-
-def describe_invalid(error: InvalidRequest) -> str:
-    """An API validation error, worded with the option the user typed instead of the JSON field."""
-    message = error.message
-    if error.param and message.startswith(f"{error.param}: "):
-        message = message[len(error.param) + 2 :]
-    name = PARAM_NAMES.get(error.param or "", error.param)
-    return f"{name}: {message}" if name else message

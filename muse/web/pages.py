@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from muse.core.batcher import Ticket, TicketState
 from muse.core.service import Muse
-from muse.errors import InvalidRequest, MuseError, NotFound
+from muse.core.tickets import Ticket, TicketState
+from muse.errors import MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from muse.web import gallery as gallery_pages
 from muse.web.forms import FormValues, problem
 from muse.web.render import (
@@ -70,7 +70,7 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
                     reuse=base.reproducing(image.seed).query(),
                 )
             )
-    position = muse.batcher.position(ticket)
+    position = muse.position(ticket)
     return {
         "id": ticket.id,
         "state": ticket.state.value,
@@ -79,7 +79,7 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
         "step": ticket.step,
         "steps": request.steps,
         "percent": round(100 * ticket.step / max(1, request.steps)),
-        "eta": muse.batcher.eta(ticket),
+        "eta": muse.eta(ticket),
         "request": request,
         "batch_size": ticket.batch_size,
         "result": result,
@@ -92,13 +92,13 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
 async def read_form(request: Request) -> FormValues:
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
-        raise InvalidRequest("the form is too large", status=413)
+        raise PayloadTooLarge("the form is too large")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":
-        raise InvalidRequest("send the form as application/x-www-form-urlencoded", status=415)
+        raise UnsupportedMediaType("send the form as application/x-www-form-urlencoded")
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
-        raise InvalidRequest("the form is too large", status=413)
+        raise PayloadTooLarge("the form is too large")
     return FormValues.from_pairs(dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)))
 
 

@@ -84,7 +84,8 @@ templates.env.globals.update(htmx_version=HTMX_VERSION, htmx_cdn=HTMX_CDN, htmx_
 
 
 def service(request: Request) -> Muse:
-    return request.app.state.muse  # type: ignore[no-any-return]
+    muse: Muse = request.app.state.muse
+    return muse
 
 
 def gallery_of(request: Request) -> Gallery | None:
@@ -108,12 +109,6 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
     # The same URL answers with a page or a fragment: caches and the back button must keep them apart.
     response.headers["Vary"] = "HX-Request"
     return response
-
-
-def page_or_fragment(
-    request: Request, page: str, fragment: str, context: dict[str, Any], status_code: int = 200
-) -> Response:
-    return render(request, fragment if is_fragment(request) else page, context, status_code)
 
 
 def studio_context(request: Request, form: FormValues) -> dict[str, Any]:

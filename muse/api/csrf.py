@@ -1,0 +1,106 @@
+"""CSRF: a double-submit token for requests that a browser authenticates by cookie.
+
+Every request gets a token (the `muse_csrf` cookie, set when missing) in `request.state.csrf_token`;
+the pages render it into `hx-headers` and into a hidden form field. A state-changing request that
+was authenticated by the key cookie (muse.api.auth runs first and says so) must send the same token
+back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript, as the `csrf_token`
+field (the body is read and replayed to the route).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from muse.api.common import error_response
+from muse.errors import Forbidden
+
+CSRF_COOKIE = "muse_csrf"
+CSRF_HEADER = "x-csrf-token"
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+class CsrfCheck:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        state = scope.setdefault("state", {})
+        csrf = request.cookies.get(CSRF_COOKIE) or ""
+        if not csrf:
+            state["csrf_token"] = secrets.token_urlsafe(24)
+            send = with_cookie(send, CSRF_COOKIE, state["csrf_token"], request)
+        else:
+            state["csrf_token"] = csrf
+        if state.get("authenticated_by") == "cookie" and request.method in UNSAFE:
+            sent = request.headers.get(CSRF_HEADER)
+            if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPE):
+                body = await read_all(receive)
+                sent = parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
+                receive = replay(body, receive)
+            if not csrf or not hmac.compare_digest((sent or "").encode(), csrf.encode()):
+                await error_response(Forbidden("missing or wrong CSRF token", code="csrf_failed"))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_all(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def replay(body: bytes, then: Receive) -> Receive:
+    """The body already read, then the connection's own messages (a later disconnect stays visible)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+
+    return receive
+
+
+def cookie_header(name: str, value: str, request: Request, *, max_age: int | None = None) -> bytes:
+    cookie: SimpleCookie = SimpleCookie()
+    cookie[name] = value
+    morsel = cookie[name]
+    morsel["path"] = "/"
+    morsel["httponly"] = True
+    morsel["samesite"] = "Strict"
+    if request.url.scheme == "https":
+        morsel["secure"] = True
+    if max_age is not None:
+        morsel["max-age"] = max_age
+    return morsel.OutputString().encode()
+
+
+def with_cookie(send: Send, name: str, value: str, request: Request) -> Send:
+    header = cookie_header(name, value, request)
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message)
+            message["headers"] = [*message.get("headers", []), (b"set-cookie", header)]
+        await send(message)
+
+    return wrapped

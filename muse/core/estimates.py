@@ -1,0 +1,42 @@
+"""How long things take: running averages of observed speed, turned into Retry-After and ETAs.
+
+Nothing is known before the first batch; until then the estimates say None (ETAs) or assume one
+second per image (Retry-After), which only errs towards telling clients to wait.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNKNOWN_IMAGE_SECONDS = 1.0
+
+
+def ewma(previous: float, sample: float, weight: float = 0.2) -> float:
+    return sample if previous == 0 else previous + weight * (sample - previous)
+
+
+@dataclass
+class Speed:
+    image_seconds: float = 0.0  # compute time per image of a finished batch
+    step_seconds: float = 0.0  # time between two progress reports of one batch
+
+    def step_took(self, seconds: float) -> None:
+        self.step_seconds = ewma(self.step_seconds, seconds)
+
+    def batch_took(self, compute_ms: float, images: int) -> None:
+        self.image_seconds = ewma(self.image_seconds, compute_ms / 1000 / max(images, 1))
+
+    def wait(self, images: int, workers: int) -> float:
+        """Seconds until `images` queued images are done, spread over `workers`."""
+        return images * (self.image_seconds or UNKNOWN_IMAGE_SECONDS) / max(1, workers)
+
+    def queued_eta(self, images_through: int, workers: int, soonest_free_steps: int | None) -> float | None:
+        """A queued request's ETA: the soonest running batch must end (None if a worker is free), then
+        the images ahead of it and its own."""
+        if not self.image_seconds:
+            return None
+        free_in = 0.0 if soonest_free_steps is None else soonest_free_steps * self.step_seconds
+        return free_in + self.wait(images_through, workers)
+
+    def running_eta(self, steps_left: int) -> float | None:
+        return max(0.0, steps_left * self.step_seconds) if self.step_seconds else None

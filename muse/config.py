@@ -95,7 +95,8 @@ def env_names(f: dataclasses.Field[Any]) -> list[str]:
 
 
 def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = type(f.default)
+    # Every Settings field has a default, so f.default is never dataclasses.MISSING here.
+    kind: type[Any] = type(f.default)
     if kind is bool:
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     try:

@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm import tqdm
 
 from muse.demo_model import PIPELINE_FOLDER
-from muse.demo_model.architecture import SPECS, ModelSpec, build_pipeline, save_pipeline
+from muse.demo_model.architecture import SPECS, ModelSpec, Pipeline, build_pipeline, save_pipeline
 from muse.demo_model.scenes import Scene, caption, render_array, sample_scene
 
 log = logging.getLogger("muse.demo_model.train")
@@ -129,7 +129,7 @@ class Schedule:
         return self.progress(step + 1) >= 1.0
 
 
-def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfig, deadline: float) -> None:
+def train_vae(pipe: Pipeline, pixels: np.ndarray, cfg: TrainConfig, deadline: float) -> None:
     vae = pipe.vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -163,7 +163,7 @@ def train_vae(pipe: StableDiffusionPipeline, pixels: np.ndarray, cfg: TrainConfi
 
 
 @torch.no_grad()
-def encode_latents(pipe: StableDiffusionPipeline, pixels: np.ndarray, measure: bool = True) -> torch.Tensor:
+def encode_latents(pipe: Pipeline, pixels: np.ndarray, measure: bool = True) -> torch.Tensor:
     """Posterior means of the whole dataset, scaled to unit std as Stable Diffusion does; the factor
     is stored in the VAE config so the pipeline undoes it when decoding. A resumed run keeps the
     factor its UNet was trained with."""
@@ -213,7 +213,7 @@ class Ema:
             shadow.copy_(live)
 
 
-def tokenize(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+def tokenize(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
     # Padded to the full length exactly as the pipeline does at inference.
     return pipe.tokenizer(
         texts,
@@ -225,7 +225,7 @@ def tokenize(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
 
 
 def train_denoiser(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     latents: torch.Tensor,
     scenes: list[Scene],
     cfg: TrainConfig,
@@ -280,7 +280,7 @@ def train_denoiser(
     text_encoder.eval().requires_grad_(False)
 
 
-def serving_defaults(cfg: TrainConfig, pipe: StableDiffusionPipeline) -> dict[str, float | int]:
+def serving_defaults(cfg: TrainConfig, pipe: Pipeline) -> dict[str, float | int]:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return {
         "guidance_scale": cfg.guidance_scale,

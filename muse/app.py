@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from muse.api import a1111, native, openai, openapi
+from muse.api import a1111, a1111_state, native, openai, openapi
 from muse.api.auth import ApiKeyAuth, KeyRing, load_keys
 from muse.api.common import error_response
 from muse.api.csrf import CsrfCheck
@@ -73,6 +73,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         *native.routes,
         *openai.routes,
         *a1111.routes,
+        *a1111_state.routes,
         *login.routes,
         Route("/openapi.json", openapi.endpoint),
         *pages.routes,

@@ -16,18 +16,15 @@ import os
 import re
 import secrets
 import sqlite3
-import struct
 import threading
 import time
-import zlib
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
+from muse.infotext import KEYWORD, Infotext, png_with_text
 from muse.messages import GenerateRequest, GenerateResult
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ID_PATTERN = re.compile(r"[0-9a-f]{16}")
-DEFAULT_SAMPLER = "Default"  # what A1111-style metadata says when the model's own scheduler ran
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -80,14 +77,17 @@ class GalleryImage:
     @property
     def parameters(self) -> str:
         """The `parameters` text AUTOMATIC1111 writes, so its PNG Info tab and other tools read our files."""
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        lines.append(
-            f"Steps: {self.steps}, Sampler: {self.scheduler or DEFAULT_SAMPLER}, CFG scale: {self.guidance_scale:g}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
-        )
-        return "\n".join(lines)
+        return Infotext(
+            self.prompt,
+            self.negative_prompt,
+            self.steps,
+            self.scheduler,
+            self.guidance_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.model,
+        ).text()
 
 
 @dataclass(frozen=True)
@@ -98,22 +98,6 @@ class Page:
     older: str | None
     newer: str | None
     total: int
-
-
-def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
-    """Insert a text chunk right after IHDR without re-encoding the image (microseconds, not milliseconds).
-
-    Latin-1 text goes in a tEXt chunk, anything else in an uncompressed UTF-8 iTXt chunk, as Pillow does.
-    """
-    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
-        raise ValueError("not a PNG image")
-    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
-    try:
-        kind, data = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
-    except UnicodeEncodeError:
-        kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
-    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
 def new_id() -> str:
@@ -171,7 +155,7 @@ class Gallery:
                 total_ms=t.total_ms,
                 bytes=0,
             )
-            data = png_with_text(image.png, "parameters", record.parameters)
+            data = png_with_text(image.png, KEYWORD, record.parameters)
             self._write_file(record.id, data)
             records.append(astuple(replace(record, bytes=len(data))))
         if not records:

@@ -1,13 +1,15 @@
-"""AUTOMATIC1111-compatible API: txt2img, progress, models, samplers.
+"""AUTOMATIC1111-compatible generation: txt2img and png-info (the server's state is in a1111_state).
 
 Unsupported fields (hires fix, face restoration, …) are ignored, listed in a `Warning` header, never
-a 500. Validation is Muse's own (prompt, sizes, steps, seeds), with errors in Muse's shape.
+a 500. Validation is Muse's own (prompt, sizes, steps, seeds), with errors in Muse's shape under
+A1111's field names. Every PNG carries A1111's `parameters` text, as A1111's own API returns them.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from typing import Any
 
@@ -16,12 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from muse import infotext
 from muse.api.common import client_of, service, wait_unless_disconnected
-from muse.core.tickets import Ticket, TicketState
 from muse.errors import InvalidRequest
-from muse.schedulers import SCHEDULERS
 from muse.schema import MAX_SEED, Dialect, GenerateBody, parse_json, validate
 
+UNSAFE_IN_HEADER = re.compile(r'[^\x20-\x7e]|["\\]')
+MAX_NAME, MAX_NAMES = 64, 40
 # Muse's fields under A1111's names, so errors name what the client sent.
 A1111 = Dialect(names={"guidance_scale": "cfg_scale", "scheduler": "sampler_name", "n": "batch_size"})
 
@@ -72,7 +75,6 @@ async def txt2img(request: Request) -> Response:
     body: Txt2ImgRequest = validate(Txt2ImgRequest, parse_json(await request.body()), A1111)
     generate = to_generate_body(body).to_request(muse.model)
     ticket = muse.submit(generate, client=client_of(request))
-    request.app.state.a1111_last = ticket
     result = await wait_unless_disconnected(request, ticket, muse)
     seeds = [image.seed for image in result.images]
     sampler = generate.scheduler or "default"
@@ -104,87 +106,76 @@ async def txt2img(request: Request) -> Response:
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "timings": {"queued_ms": result.timings.queued_ms, "compute_ms": result.timings.compute_ms},
     }
+    texts = [
+        infotext.Infotext(
+            generate.prompt,
+            generate.negative_prompt,
+            generate.steps,
+            generate.scheduler or muse.model.scheduler,
+            generate.guidance_scale,
+            image.seed,
+            generate.width,
+            generate.height,
+            muse.model.name,
+        ).text()
+        for image in result.images
+    ]
+    pngs = [
+        infotext.png_with_text(image.png, infotext.KEYWORD, text)
+        for image, text in zip(result.images, texts, strict=True)
+    ]
+    info["infotexts"] = texts
     response = Txt2ImgResponse(
-        images=[base64.b64encode(image.png).decode() for image in result.images],
+        images=[base64.b64encode(png).decode() for png in pngs],
         parameters=parameters,
         info=json.dumps(info),
     )
-    headers = {}
-    if body.model_extra:
-        ignored = ", ".join(sorted(body.model_extra))
-        headers["Warning"] = f'299 muse "ignored unsupported fields: {ignored}"'
-        headers["X-Muse-Ignored-Fields"] = ignored
-    return JSONResponse(response.model_dump(), headers=headers)
+    return JSONResponse(response.model_dump(), headers=ignored_fields(body.model_extra or {}))
 
 
-def progress_json(muse: Any, ticket: Ticket | None) -> dict[str, Any]:
-    state = {
-        "skipped": False,
-        "interrupted": False,
-        "job": "",
-        "job_count": 0,
-        "job_timestamp": "0",
-        "job_no": 0,
-        "sampling_step": 0,
-        "sampling_steps": 0,
-    }
-    if ticket is None:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    steps = ticket.request.steps
-    if ticket.state is TicketState.SUCCEEDED:
-        progress = 1.0
-    elif ticket.state is TicketState.RUNNING:
-        progress = ticket.step / steps
-    else:
-        progress = 0.0
-    state |= {
-        "job": ticket.id,
-        "job_count": 0 if ticket.done else 1,
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(ticket.created)),
-        "interrupted": ticket.state is TicketState.CANCELLED,
-        "sampling_step": ticket.step,
-        "sampling_steps": steps,
-    }
-    eta = muse.eta(ticket) or 0.0
-    return {
-        "progress": progress,
-        "eta_relative": eta,
-        "state": state,
-        "current_image": None,
-        "textinfo": ticket.state.value,
-    }
+def ignored_fields(extra: dict[str, Any]) -> dict[str, str]:
+    """The `Warning` header naming the fields Muse ignored. Names come from the client, so only printable
+    ASCII without quotes survives (a newline would end the header, a non-Latin-1 name fail to encode)."""
+    if not extra:
+        return {}
+    names = sorted(UNSAFE_IN_HEADER.sub("?", name)[:MAX_NAME] for name in extra)
+    shown = ", ".join(names[:MAX_NAMES]) + (f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else "")
+    return {"Warning": f'299 muse "ignored unsupported fields: {shown}"', "X-Muse-Ignored-Fields": shown}
 
 
-async def progress(request: Request) -> Response:
-    return JSONResponse(progress_json(service(request), getattr(request.app.state, "a1111_last", None)))
+class PngInfoRequest(BaseModel):
+    image: str = Field("", description="A PNG, base64-encoded (a data: URL is fine)")
 
 
-async def sd_models(request: Request) -> Response:
-    muse = service(request)
-    name = muse.model.name
-    card = {
-        "title": name,
-        "model_name": name,
-        "hash": None,
-        "sha256": None,
-        "filename": muse.settings.model,
-        "config": None,
-    }
-    return JSONResponse([card])
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, str]
+    parameters: dict[str, str]
 
 
-async def samplers(request: Request) -> Response:
-    return JSONResponse([{"name": name, "aliases": [cls], "options": {}} for name, cls in SCHEDULERS.items()])
+def decode_image(data: str) -> bytes:
+    payload = data.partition(",")[2] if data.startswith("data:") else data
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise InvalidRequest("image: not base64 (or a data: URL)", param="image", code="invalid_image") from None
 
 
-async def options(request: Request) -> Response:
-    return JSONResponse({"sd_model_checkpoint": service(request).model.name})
+async def png_info(request: Request) -> Response:
+    """The `parameters` text of a PNG (Muse's own, A1111's, any other tool's), its fields, and its other text."""
+    body: PngInfoRequest = validate(PngInfoRequest, parse_json(await request.body()), A1111)
+    if not body.image.strip():
+        return JSONResponse(PngInfoResponse(info="", items={}, parameters={}).model_dump())
+    try:
+        texts = infotext.png_texts(decode_image(body.image))
+    except ValueError as exc:
+        raise InvalidRequest(f"image: {exc}", param="image", code="invalid_image") from None
+    text = texts.pop(infotext.KEYWORD, "")
+    parameters = infotext.parse(text) if text else {}
+    return JSONResponse(PngInfoResponse(info=text, items=texts, parameters=parameters).model_dump())
 
 
 routes = [
     Route("/sdapi/v1/txt2img", txt2img, methods=["POST"]),
-    Route("/sdapi/v1/progress", progress, methods=["GET"]),
-    Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
-    Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
-    Route("/sdapi/v1/options", options, methods=["GET"]),
+    Route("/sdapi/v1/png-info", png_info, methods=["POST"]),
 ]

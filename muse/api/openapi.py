@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from muse import __version__
-from muse.api.a1111 import Txt2ImgRequest, Txt2ImgResponse
+from muse.api.a1111 import PngInfoRequest, PngInfoResponse, Txt2ImgRequest, Txt2ImgResponse
 from muse.api.openai import ImagesRequest, ImagesResponse
 from muse.schema import GenerateBody
 
@@ -79,7 +79,7 @@ class Readiness(BaseModel):
 
 MODELS: list[type[BaseModel]] = [
     GenerateBody, GenerateResponse, JobCreated, JobStatus, ErrorBody, Readiness,
-    ImagesRequest, ImagesResponse, Txt2ImgRequest, Txt2ImgResponse,
+    ImagesRequest, ImagesResponse, Txt2ImgRequest, Txt2ImgResponse, PngInfoRequest, PngInfoResponse,
 ]  # fmt: skip
 
 
@@ -157,8 +157,25 @@ def spec() -> dict[str, Any]:
                 "AUTOMATIC1111-compatible txt2img", Txt2ImgResponse, Txt2ImgRequest, error_codes=GENERATING
             )
         },
+        "/sdapi/v1/png-info": {
+            "post": operation(
+                "The A1111 parameters text of a PNG, parsed",
+                PngInfoResponse,
+                PngInfoRequest,
+                error_codes=(401, 413, 422),
+            )
+        },
         "/sdapi/v1/progress": {
-            "get": {"summary": "Progress of the most recent txt2img job", "responses": {"200": {"description": "OK"}}}
+            "get": {
+                "summary": "Jobs in progress (only the caller's, with API keys)",
+                "responses": {"200": {"description": "OK"}},
+            }
+        },
+        "/sdapi/v1/interrupt": {
+            "post": {"summary": "Cancel the caller's running jobs", "responses": {"200": {"description": "OK"}}}
+        },
+        "/sdapi/v1/skip": {
+            "post": {"summary": "Cancel the caller's running jobs", "responses": {"200": {"description": "OK"}}}
         },
         "/sdapi/v1/sd-models": {"get": {"summary": "The served model", "responses": {"200": {"description": "OK"}}}},
         "/sdapi/v1/samplers": {"get": {"summary": "Supported samplers", "responses": {"200": {"description": "OK"}}}},

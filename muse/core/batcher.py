@@ -103,7 +103,7 @@ class Batcher:
 
     # ---- entry points -----------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, *, ticket_id: str | None = None) -> Ticket:
+    def submit(self, request: GenerateRequest, *, owner: str | None = None) -> Ticket:
         if self.closed:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         # An empty queue takes any request, or one bigger than --max-queue could never run.
@@ -118,7 +118,7 @@ class Batcher:
         timeout = self.request_timeout
         if request.timeout_s is not None:
             timeout = min(timeout, request.timeout_s)
-        ticket = Ticket(ticket_id or secrets.token_hex(8), request, loop.create_future(), now, now + timeout)
+        ticket = Ticket(secrets.token_hex(8), request, loop.create_future(), now, now + timeout, owner)
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.append(ticket)
         self.queued_images += request.n
@@ -165,6 +165,11 @@ class Batcher:
         return not self.queue and not self.inflight
 
     # ---- views ------------------------------------------------------------------------------------
+
+    def active(self) -> list[Ticket]:
+        """Unfinished tickets: running ones (oldest first), then the queue in order."""
+        running = [t for f in self.inflight.values() for t in f.tickets if not t.done]
+        return sorted(running, key=lambda t: t.submitted) + self.queue
 
     def position(self, ticket: Ticket) -> int | None:
         """Images queued ahead of this ticket, or None once it left the queue."""

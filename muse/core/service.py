@@ -152,7 +152,7 @@ class Muse:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
         if client is not None:
             self.limiter.take(client, request.n)
-        ticket = self.batcher.submit(request)
+        ticket = self.batcher.submit(request, owner=client)
         if keep:
             self.jobs[ticket.id] = ticket
         return ticket
@@ -177,6 +177,10 @@ class Muse:
     def eta(self, ticket: Ticket) -> float | None:
         """Seconds until this job is done, from measured speeds; None while nothing is measured."""
         return self.batcher.eta(ticket)
+
+    def active(self, owner: str | None = None) -> list[Ticket]:
+        """Unfinished jobs, running ones first (oldest first), then queued; only `owner`'s when given."""
+        return [t for t in self.batcher.active() if owner is None or t.owner == owner]
 
     def watch(self, ticket: Ticket, listener: Listener) -> Callable[[], None]:
         """Hear the job's events (queued, running, progress, its end); returns the unwatch function."""

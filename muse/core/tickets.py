@@ -41,6 +41,7 @@ class Ticket:
     future: asyncio.Future[GenerateResult]
     submitted: float
     deadline: float
+    owner: str | None = None  # who sent it: an API key's fingerprint or a client address
     created: float = field(default_factory=time.time)
     state: TicketState = TicketState.QUEUED
     step: int = 0

@@ -1,0 +1,149 @@
+"""AUTOMATIC1111-compatible server state: progress, interrupt and skip, the model, samplers, options, and
+the empty lists A1111 gives for what Muse does not have (LoRAs, upscalers, VAEs, styles…).
+
+A1111 runs one job at a time; Muse shares one queue among every client. So:
+- `GET /progress` describes the jobs in progress, running ones first (with API keys: only the caller's).
+  Idle, it says what an idle A1111 says (`progress` 0.0, `job_count` 0, an empty `job`), so
+  `util_wait_for_ready`-style loops return; busy, `job_count` counts the jobs queued and running and the
+  rest describes the oldest running one. There are no preview images: `current_image` is null.
+- `POST /interrupt` and `POST /skip` cancel the caller's *running* jobs (the caller being its API key,
+  or its address without keys); queued ones carry on. A request's images run together in one batch, so
+  skipping "the current image" stops the request, as interrupt does. The interrupted txt2img call
+  answers 499 `cancelled`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from muse.api.common import client_of, service
+from muse.core.service import Muse
+from muse.core.tickets import Ticket, TicketState
+from muse.errors import Cancelled
+from muse.schedulers import SCHEDULERS
+
+
+def progress_json(muse: Muse, tickets: list[Ticket]) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": False,
+        "job": "",
+        "job_count": len(tickets),
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    if not tickets:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    current = tickets[0]
+    steps = current.request.steps
+    running = current.state is TicketState.RUNNING
+    state |= {
+        "job": current.id,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(current.created)),
+        "sampling_step": current.step if running else 0,
+        "sampling_steps": steps,
+    }
+    where = f"step {current.step} of {steps}" if running else f"queued, {muse.position(current) or 0} image(s) ahead"
+    return {
+        "progress": current.step / steps if running else 0.0,
+        "eta_relative": muse.eta(current) or 0.0,
+        "state": state,
+        "current_image": None,
+        "textinfo": where,
+    }
+
+
+def keyed_caller(request: Request) -> str | None:
+    """With API keys, the caller's identity (they see only their own jobs); without, None (everyone's)."""
+    return client_of(request) if getattr(request.state, "authenticated_by", None) else None
+
+
+async def progress(request: Request) -> Response:
+    # `skip_current_image` (a query flag) only spares A1111 a preview render; there are no previews here.
+    muse = service(request)
+    return JSONResponse(progress_json(muse, muse.active(keyed_caller(request))))
+
+
+def cancel_running(request: Request, why: str) -> Response:
+    muse = service(request)
+    for ticket in muse.active(client_of(request)):
+        if ticket.state is TicketState.RUNNING:
+            muse.cancel(ticket, Cancelled(why))
+    return JSONResponse({})
+
+
+async def interrupt(request: Request) -> Response:
+    return cancel_running(request, "interrupted by /sdapi/v1/interrupt")
+
+
+async def skip(request: Request) -> Response:
+    return cancel_running(request, "skipped by /sdapi/v1/skip")
+
+
+async def sd_models(request: Request) -> Response:
+    muse = service(request)
+    name = muse.model.name
+    card = {
+        "title": name,
+        "model_name": name,
+        "hash": None,
+        "sha256": None,
+        "filename": muse.settings.model,
+        "config": None,
+    }
+    return JSONResponse([card])
+
+
+async def samplers(request: Request) -> Response:
+    return JSONResponse([{"name": name, "aliases": [cls], "options": {}} for name, cls in SCHEDULERS.items()])
+
+
+async def schedulers(request: Request) -> Response:
+    # A1111's noise schedules (Karras, Exponential…); Muse uses each sampler's own, which A1111 calls Automatic.
+    automatic = {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1}
+    return JSONResponse([automatic | {"need_inner_model": False}])
+
+
+async def options(request: Request) -> Response:
+    return JSONResponse({"sd_model_checkpoint": service(request).model.name})
+
+
+def constant(value: Any) -> Any:
+    async def endpoint(request: Request) -> Response:
+        return JSONResponse(value)
+
+    return endpoint
+
+
+# What A1111 answers when it has none of these installed; its clients read the lists and move on.
+NOTHING_INSTALLED = {
+    "/sdapi/v1/loras": [],
+    "/sdapi/v1/upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}],
+    "/sdapi/v1/latent-upscale-modes": [],
+    "/sdapi/v1/sd-vae": [],
+    "/sdapi/v1/hypernetworks": [],
+    "/sdapi/v1/face-restorers": [],
+    "/sdapi/v1/prompt-styles": [],
+    "/sdapi/v1/embeddings": {"loaded": {}, "skipped": {}},
+    "/sdapi/v1/scripts": {"txt2img": [], "img2img": []},
+    "/sdapi/v1/cmd-flags": {},
+}
+
+routes = [
+    Route("/sdapi/v1/progress", progress, methods=["GET"]),
+    Route("/sdapi/v1/interrupt", interrupt, methods=["POST"]),
+    Route("/sdapi/v1/skip", skip, methods=["POST"]),
+    Route("/sdapi/v1/sd-models", sd_models, methods=["GET"]),
+    Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
+    Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
+    Route("/sdapi/v1/options", options, methods=["GET"]),
+    Route("/sdapi/v1/refresh-checkpoints", constant(None), methods=["POST"]),
+    *(Route(path, constant(value), methods=["GET"]) for path, value in NOTHING_INSTALLED.items()),
+]

@@ -15,6 +15,8 @@ SCHEDULERS: dict[str, str] = {
     "UniPC": "UniPCMultistepScheduler",
     "Heun": "HeunDiscreteScheduler",
 }
+# Fewer steps than this fail inside the scheduler (PNDM's warm-up takes several model evaluations).
+MIN_STEPS: dict[str, int] = {"PNDM": 4}
 ALIASES: dict[str, str] = {cls.lower(): name for name, cls in SCHEDULERS.items()} | {
     "euler_a": "Euler a",
     "k_euler_a": "Euler a",

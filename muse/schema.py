@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from muse.errors import InvalidRequest
 from muse.messages import GenerateRequest
 from muse.model_info import ModelInfo
-from muse.schedulers import SCHEDULERS, canonical
+from muse.schedulers import MIN_STEPS, SCHEDULERS, canonical
 
 QUALITY_STEPS = {"fast": 25, "quality": 50}
 MAX_PROMPT = 2000
@@ -41,6 +41,8 @@ class GenerateBody(BaseModel):
     prompt: Prompt
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     quality: Literal["fast", "quality"] = "fast"
+    # Before steps, which are checked against it.
+    scheduler: str | None = Field(None, description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's)")
     steps: int | None = Field(None, ge=1, le=150)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     guidance_scale: float | None = Field(None, ge=0, le=30)
@@ -48,7 +50,6 @@ class GenerateBody(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     n: int = Field(1, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=86400)
-    scheduler: str | None = Field(None, description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's)")
 
     @field_validator("scheduler")
     @classmethod
@@ -57,6 +58,15 @@ class GenerateBody(BaseModel):
         if name is None:
             raise ValueError(f"unknown scheduler {value!r}; one of: {', '.join(SCHEDULERS)}")
         return name
+
+    @field_validator("steps")
+    @classmethod
+    def _enough_steps_for_the_scheduler(cls, value: int | None, info: ValidationInfo) -> int | None:
+        scheduler = info.data.get("scheduler") or ""
+        least = MIN_STEPS.get(scheduler, 1)
+        if value is not None and value < least:
+            raise ValueError(f"the {scheduler} sampler needs at least {least} steps")
+        return value
 
     def to_request(self, model: ModelInfo) -> GenerateRequest:
         return GenerateRequest(
@@ -93,6 +103,8 @@ def parse_json(raw: bytes) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}", code="invalid_json", status=400) from exc
+    except RecursionError:
+        raise InvalidRequest("body is nested too deeply", code="invalid_json", status=400) from None
 
 
 def validate(model_cls: type[BaseModel], data: Any, dialect: Dialect = NATIVE) -> Any:

@@ -25,8 +25,9 @@ PAGE_CSP = (
 )
 
 
-class TooLarge(Exception):
-    pass
+class TooLarge(PayloadTooLarge):
+    """Raised while a route reads a streamed body past the limit: a route that catches Muse's errors (a page)
+    answers it as a 413 of its own kind; BodyLimit answers it for any other."""
 
 
 class BodyLimit:
@@ -53,7 +54,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise TooLarge
+                    raise TooLarge(f"request body over {self.limit} bytes")
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -1,0 +1,73 @@
+"""Hostile input that once got a 5xx or a dropped connection gets its documented 4xx (or a 200 with a valid header)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.serving import LiveServer, live_server
+from tests.serving import settings as muse_settings
+
+JSON_ROUTES = ["/api/generate", "/api/jobs", "/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/png-info"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: str) -> Iterator[LiveServer]:
+    with live_server(muse_settings(tiny_model)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("size", ["\u00b2x\u00b2", "1" * 5000 + "x64", "64x" + "9" * 5000, "\u0664\u0660x64"])
+def test_openai_sizes_in_other_digits_or_absurdly_long_are_400(server: LiveServer, size: str) -> None:
+    response = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "size": size}, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "size"
+
+
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_json_nested_past_the_recursion_limit_is_400(server: LiveServer, path: str) -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    response = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("name", ["\u2603", "a\nb", 'say "hi"\\', "\x00", "x" * 500])
+def test_unknown_a1111_fields_with_hostile_names_are_named_safely(server: LiveServer, name: str) -> None:
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64, name: 1}
+    response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    warning = response.headers["Warning"]
+    assert warning.startswith('299 muse "ignored unsupported fields: ') and warning.endswith('"')
+    assert warning.isascii() and warning.isprintable() and warning.count('"') == 2
+    assert len(response.json()["images"]) == 1
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_a_sampler_that_needs_more_steps_is_refused_before_it_runs(server: LiveServer, steps: int) -> None:
+    for path, body in (
+        ("/api/generate", {"prompt": "x", "scheduler": "PNDM", "steps": steps}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "PNDM", "steps": steps}),
+    ):
+        response = httpx.post(server.url + path, json=body, timeout=30)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == "steps" and "PNDM" in response.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/api/generate", json={"prompt": "x", "scheduler": "PNDM", "steps": 4}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_chunked_form_over_the_limit_is_413_not_a_500_page(server: LiveServer) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"prompt="
+        for _ in range(40):
+            yield b"a" * 65536  # 2.5 MiB in all, with no Content-Length
+
+    response = httpx.post(
+        f"{server.url}/jobs",
+        content=chunks(),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        timeout=30,
+    )
+    assert response.status_code == 413, response.text[:500]

@@ -30,6 +30,11 @@ class Settings:
         10.0, "Most ms a part-full batch waits for company (workers busy, or a finished batch's clients resending)."
     )
     threads_per_worker: int = _opt(0, "Torch threads per CPU worker (0 = CPU cores / CPU workers).")
+    max_side: int = _opt(0, "Widest and tallest image a request may ask for, in pixels (0 = twice the model's native).")
+    max_pixels: int = _opt(
+        0, "Most pixels one request may ask for, width x height x n (0 = two images of --max-side squared)."
+    )
+    max_steps: int = _opt(150, "Most denoising steps one request may ask for (at most 150).")
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
     job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")
@@ -55,7 +60,11 @@ class Settings:
         "needs 'Authorization: Bearer <key>'.",
         secret=True,
     )
-    rate_limit: float = _opt(0.0, "Images per minute per API key (per client address without keys); 0 = off.")
+    rate_limit: float = _opt(
+        0.0,
+        "Images per minute per API key (per client address without keys), counted as native-size 25-step "
+        "images (a 50-step image counts 2); 0 = off.",
+    )
     public_metrics: bool = _opt(False, "Serve /metrics without an API key.")
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 

@@ -16,6 +16,26 @@ EMBEDDED_NAME = "muse-demo"
 # Stable Diffusion's own defaults, used when the folder says nothing (e.g. a hub id).
 FALLBACK_SIZE = 512
 FALLBACK_GUIDANCE = 7.5
+DEFAULT_MAX_STEPS = 150
+MIN_SIDE = 64
+NATIVE_STEPS = 25  # a "fast" image: the unit of cost
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost, checked before it is queued: a request over them is a 422."""
+
+    max_side: int  # pixels, width and height each
+    max_pixels: int  # width x height x n
+    max_steps: int
+
+    @classmethod
+    def around(cls, width: int, height: int, *, max_side: int = 0, max_pixels: int = 0, max_steps: int = 0) -> Limits:
+        """Limits derived from a model's native size where not given: sides up to twice the native
+        (128 for a 64-px model, 1024 for a 512-px one; the API's smallest side, 64, counts as native for
+        smaller models), and as many pixels as two such images, or eight native ones."""
+        side = max_side or 2 * max(width, height, MIN_SIDE)
+        return cls(side, max_pixels or 2 * side * side, max_steps or DEFAULT_MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -26,6 +46,15 @@ class ModelInfo:
     guidance_scale: float
     # The A1111 name of the scheduler stored with the model ("" when unknown), for image metadata.
     scheduler: str = ""
+    limits: Limits | None = None  # None: derived from the native size
+
+    @property
+    def cost_limits(self) -> Limits:
+        return self.limits or Limits.around(self.width, self.height)
+
+    def cost(self, width: int, height: int, steps: int, n: int) -> float:
+        """A request's cost in native-size, 25-step images (what --rate-limit counts)."""
+        return n * (width * height) / (self.width * self.height) * steps / NATIVE_STEPS
 
 
 def read_defaults(model: str) -> dict[str, Any]:

@@ -17,12 +17,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from muse.errors import InvalidRequest
 from muse.messages import GenerateRequest
-from muse.model_info import ModelInfo
+from muse.model_info import Limits, ModelInfo
 from muse.schedulers import MIN_STEPS, SCHEDULERS, canonical
 
 QUALITY_STEPS = {"fast": 25, "quality": 50}
 MAX_PROMPT = 2000
 MAX_SEED = 2**32 - 1
+MAX_SIDE = 8192
 
 
 def _not_blank(value: str) -> str:
@@ -46,8 +47,9 @@ class GenerateBody(BaseModel):
     steps: int | None = Field(None, ge=1, le=150)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     guidance_scale: float | None = Field(None, ge=0, le=30)
-    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
-    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    # The served model's --max-side is checked in to_request; this is only a sanity ceiling.
+    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
     n: int = Field(1, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=86400)
 
@@ -68,8 +70,9 @@ class GenerateBody(BaseModel):
             raise ValueError(f"the {scheduler} sampler needs at least {least} steps")
         return value
 
-    def to_request(self, model: ModelInfo) -> GenerateRequest:
-        return GenerateRequest(
+    def to_request(self, model: ModelInfo, dialect: Dialect | None = None) -> GenerateRequest:
+        """The request with the model's defaults filled in, refused (in `dialect`) if over its cost limits."""
+        request = GenerateRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
             steps=self.steps if self.steps is not None else QUALITY_STEPS[self.quality],
@@ -81,6 +84,27 @@ class GenerateBody(BaseModel):
             timeout_s=self.timeout_s,
             scheduler=self.scheduler or "",
         )
+        check_limits(request, model.cost_limits, dialect or NATIVE)
+        return request
+
+
+def check_limits(request: GenerateRequest, limits: Limits, dialect: Dialect) -> None:
+    def refuse(param: str, message: str) -> InvalidRequest:
+        name = dialect.name(param)
+        return InvalidRequest(f"{name}: {message}", param=name, code="over_limit", status=dialect.status)
+
+    for param, side in (("width", request.width), ("height", request.height)):
+        if side > limits.max_side:
+            raise refuse(param, f"{side} px is over this server's limit of {limits.max_side} px (--max-side)")
+    pixels = request.width * request.height * request.n
+    if pixels > limits.max_pixels:
+        raise refuse(
+            "n" if request.n > 1 else "width",
+            f"{request.width}x{request.height} x {request.n} image(s) is {pixels:,} pixels, over this server's "
+            f"limit of {limits.max_pixels:,} per request (--max-pixels)",
+        )
+    if request.steps > limits.max_steps:
+        raise refuse("steps", f"{request.steps} steps is over this server's limit of {limits.max_steps} (--max-steps)")
 
 
 @dataclass(frozen=True)

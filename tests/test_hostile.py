@@ -71,3 +71,46 @@ def test_a_chunked_form_over_the_limit_is_413_not_a_500_page(server: LiveServer)
         timeout=30,
     )
     assert response.status_code == 413, response.text[:500]
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model: str) -> Iterator[LiveServer]:
+    # The tiny model is 32 px: its limits derive from 64 (the API's smallest side), so 128 px and 32,768
+    # pixels a request; steps are capped lower here by the flag.
+    with live_server(muse_settings(tiny_model, max_steps=20, rate_limit=10)) as s:
+        yield s
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "flag"),
+    [
+        ("/api/generate", {"prompt": "x", "width": 136}, 422, "width", "--max-side"),
+        ("/api/generate", {"prompt": "x", "height": 2048, "steps": 1}, 422, "height", "--max-side"),
+        ("/api/generate", {"prompt": "x", "width": 128, "height": 128, "n": 3}, 422, "n", "--max-pixels"),
+        ("/api/generate", {"prompt": "x", "steps": 21}, 422, "steps", "--max-steps"),
+        ("/v1/images/generations", {"prompt": "x", "size": "2048x2048"}, 400, "size", "--max-side"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 128, "height": 128, "batch_size": 4}, 422, "batch_size", None),
+    ],
+)
+def test_requests_over_the_cost_limits_are_refused_naming_the_field_and_limit(
+    limited: LiveServer, path: str, body: dict[str, object], status: int, param: str, flag: str | None
+) -> None:
+    response = httpx.post(limited.url + path, json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == "over_limit"
+    assert flag is None or flag in error["message"]
+
+
+def test_the_largest_request_within_the_limits_is_served(limited: LiveServer) -> None:
+    body = {"prompt": "x", "width": 128, "height": 128, "n": 2, "steps": 2}
+    assert httpx.post(limited.url + "/api/generate", json=body, timeout=120).status_code == 200
+
+
+def test_a_request_that_can_never_fit_the_rate_bucket_is_422_not_a_retryable_429(limited: LiveServer) -> None:
+    # Cost counts native 25-step images: 128 px is 16x the tiny model's 32-px area, so 2 images at 20 steps
+    # cost 2 * 16 * 20/25 = 25.6, over a bucket of 10 a minute: no wait would ever let it through.
+    body = {"prompt": "x", "width": 128, "height": 128, "n": 2, "steps": 20, "scheduler": "DDIM"}
+    response = httpx.post(limited.url + "/api/generate", json=body, timeout=30)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "over_rate_limit" and "Retry-After" not in response.headers

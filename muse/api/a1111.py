@@ -73,7 +73,7 @@ def to_generate_body(body: Txt2ImgRequest) -> GenerateBody:
 async def txt2img(request: Request) -> Response:
     muse = service(request)
     body: Txt2ImgRequest = validate(Txt2ImgRequest, parse_json(await request.body()), A1111)
-    generate = to_generate_body(body).to_request(muse.model)
+    generate = to_generate_body(body).to_request(muse.model, A1111)
     ticket = muse.submit(generate, client=client_of(request))
     result = await wait_unless_disconnected(request, ticket, muse)
     seeds = [image.seed for image in result.images]

@@ -28,7 +28,7 @@ HIGH_QUALITY = {"hd", "high", "xhigh", "max"}
 OPENAI = Dialect(
     status=400,
     names={"width": "size", "height": "size"},
-    hints={"size": " (sizes are multiples of 8 in 64-2048)"},
+    hints={"size": " (a size is WIDTHxHEIGHT, multiples of 8 from 64)"},
 )
 
 
@@ -104,7 +104,7 @@ async def generations(request: Request) -> Response:
             param="response_format",
             status=400,
         )
-    ticket = muse.submit(to_generate_body(body).to_request(muse.model), client=client_of(request))
+    ticket = muse.submit(to_generate_body(body).to_request(muse.model, OPENAI), client=client_of(request))
     try:
         result = await wait_unless_disconnected(request, ticket, muse)
     except MuseError as error:

@@ -1,4 +1,8 @@
-"""A token bucket per client: `rate` images per minute, bursting up to one minute's worth."""
+"""A token bucket per client: `rate` images' worth of cost per minute, bursting up to one minute's worth.
+
+Cost is counted in native-size, 25-step images (ModelInfo.cost), so a 150-step request at twice the
+side costs 24 of them: what a client may ask for is bounded by the work it causes, not by its count.
+"""
 
 from __future__ import annotations
 
@@ -45,18 +49,22 @@ class RateLimiter:
             if b.tokens + (now - b.updated) * self.per_second >= self.capacity:
                 del self.buckets[client]
 
-    def take(self, client: str, images: int) -> tuple[int, float]:
-        """Spend `images` tokens or raise RateLimited. Returns (remaining, seconds until full)."""
+    def fits(self, cost: float) -> bool:
+        """Whether a request of this cost can ever pass (a full bucket holds one minute's worth)."""
+        return not self.enabled or cost <= self.capacity
+
+    def take(self, client: str, cost: float) -> tuple[int, float]:
+        """Spend `cost` tokens or raise RateLimited. Returns (remaining, seconds until full)."""
         if not self.enabled:
             return 0, 0.0
         bucket = self._bucket(client)
-        if bucket.tokens < images:
-            wait = (images - bucket.tokens) / self.per_second
+        if bucket.tokens < cost:
+            wait = (cost - bucket.tokens) / self.per_second
             raise RateLimited(
                 f"rate limit of {self.capacity:g} images per minute reached; retry in {wait:.0f} s",
                 limit=int(self.capacity),
                 remaining=int(bucket.tokens),
                 reset_s=wait,
             )
-        bucket.tokens -= images
+        bucket.tokens -= cost
         return int(bucket.tokens), (self.capacity - bucket.tokens) / self.per_second

@@ -19,9 +19,9 @@ from muse.core.batcher import Batcher
 from muse.core.metrics import Metrics
 from muse.core.ratelimit import RateLimiter
 from muse.core.tickets import Listener, Ticket, TicketState
-from muse.errors import Cancelled, MuseError, NotFound, ShuttingDown, Unavailable
+from muse.errors import Cancelled, InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
-from muse.model_info import ModelInfo, inspect
+from muse.model_info import Limits, ModelInfo, inspect
 from muse.pools.local import Pool
 
 log = logging.getLogger("muse.core.service")
@@ -85,14 +85,21 @@ class Muse:
 
     @property
     def model(self) -> ModelInfo:
-        """The served model; once a worker has loaded it, its own report of size and guidance wins."""
+        """The served model; once a worker has loaded it, its own report of size and guidance wins.
+        Its cost limits are derived from that native size, where --max-side/--max-pixels/--max-steps
+        leave them open."""
+        model = self._model
         ready = self.pool.info
-        if ready is None:
-            return self._model
-        # replace(), not a new ModelInfo: fields the worker does not report (name, scheduler) are kept.
-        return dataclasses.replace(
-            self._model, width=ready.width, height=ready.height, guidance_scale=ready.guidance_scale
+        if ready is not None:
+            # replace(), not a new ModelInfo: fields the worker does not report (name, scheduler) are kept.
+            model = dataclasses.replace(
+                model, width=ready.width, height=ready.height, guidance_scale=ready.guidance_scale
+            )
+        s = self.settings
+        limits = Limits.around(
+            model.width, model.height, max_side=s.max_side, max_pixels=s.max_pixels, max_steps=s.max_steps
         )
+        return dataclasses.replace(model, limits=limits)
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -146,12 +153,22 @@ class Muse:
     def submit(self, request: GenerateRequest, *, keep: bool = False, client: str | None = None) -> Ticket:
         """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends.
 
-        `client` (an API key's fingerprint or an address) is charged n images against --rate-limit.
+        `client` (an API key's fingerprint or an address) is charged the request's cost against --rate-limit.
         """
         if self.pool.usable_slots == 0:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
         if client is not None:
-            self.limiter.take(client, request.n)
+            cost = self.model.cost(request.width, request.height, request.steps, request.n)
+            if not self.limiter.fits(cost):
+                raise InvalidRequest(
+                    f"this request costs {cost:.1f} images' worth ({request.n} x {request.width}x{request.height} at "
+                    f"{request.steps} steps, against {self.model.width}x{self.model.height} at 25), more than "
+                    f"--rate-limit allows in a minute ({self.limiter.capacity:g}); ask for fewer, smaller or "
+                    "shorter images",
+                    param="n",
+                    code="over_rate_limit",
+                )
+            self.limiter.take(client, cost)
         ticket = self.batcher.submit(request, owner=client)
         if keep:
             self.jobs[ticket.id] = ticket

@@ -224,7 +224,7 @@ class SlackBot:
         try:
             if not await self.bot_is_member(channel):
                 return replies.invite(self.bot_user), None
-            request = body.to_request(self.muse.model)
+            request = body.to_request(self.muse.model, SLACK)
             try:
                 ticket = self.muse.submit(request)
             except MuseError as exc:

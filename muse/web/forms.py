@@ -141,7 +141,8 @@ def size_options(model: ModelInfo) -> list[tuple[str, str]]:
     for fw, fh in ((1.5, 1), (1, 1.5), (1.5, 1.5), (2, 2)):
         width, height = round(model.width * fw / 8) * 8, round(model.height * fh / 8) * 8
         value = f"{width}x{height}"
-        fits = 64 <= width <= 2048 and 64 <= height <= 2048 and (width, height) != (model.width, model.height)
+        side = model.cost_limits.max_side
+        fits = 64 <= width <= side and 64 <= height <= side and (width, height) != (model.width, model.height)
         if fits and value not in dict(options):
             options.append((value, f"{width}{TIMES}{height}"))
     return options

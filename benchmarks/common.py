@@ -108,10 +108,11 @@ class DirectPipeline:
 
     def run(self, batch: int, steps: int, seed: int = 0) -> float:
         """One batch; returns seconds."""
-        from muse.messages import ImageSpec, Job
+        from muse.messages import Batch, BatchKey, ImageSpec
 
         images = [ImageSpec("a red circle on a blue background", "", seed + i) for i in range(batch)]
-        job = Job("direct", images, self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
+        key = BatchKey(self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
+        job = Batch("direct", images, key)
         from muse.worker.pipeline import run_batch
 
         start = time.perf_counter()

@@ -64,13 +64,14 @@ def build_tiny(folder: Path) -> None:
 def direct(model: str, device: str, batches: list[int], steps: int, size: int, reps: int) -> dict[int, Any]:
     import torch
 
-    from muse.messages import ImageSpec, Job
+    from muse.messages import Batch, BatchKey, ImageSpec
     from muse.worker.pipeline import load_pipeline, run_batch
 
     loaded = load_pipeline(model, device)
     results = {}
     for batch in batches:
-        job = Job("direct", [ImageSpec("a photo of a cat", "", i) for i in range(batch)], size, size, steps, 7.5)
+        images = [ImageSpec("a photo of a cat", "", i) for i in range(batch)]
+        job = Batch("direct", images, BatchKey(size, size, steps, 7.5))
         run_batch(loaded, job, lambda step: True)  # warm-up at this shape
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -38,7 +38,14 @@ class Settings:
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
     job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")
-    worker_timeout: float = _opt(60.0, "A busy worker silent for this long (no heartbeat) is killed.")
+    worker_timeout: float = _opt(
+        60.0, "A busy worker whose batch makes no step for this long is hung: killed, its batch retried."
+    )
+    interrupt_grace: float = _opt(
+        5.0,
+        "Seconds (beyond two measured steps) a worker gets to stop a batch whose requests all expired or "
+        "were cancelled, before it is killed and replaced.",
+    )
     max_retries: int = _opt(1, "Times a batch is retried on another worker after its worker died.")
     min_workers: int = _opt(-1, "Fewest workers kept running (0 = scale to zero; -1 = every device).")
     max_workers: int = _opt(0, "Most workers (0 = one per device; never more than the devices).")

@@ -21,6 +21,7 @@ class FakePool:
         self.running: dict[int, Batch] = {}
         self.dispatched: list[Batch] = []
         self.interrupted: list[str] = []
+        self.killed: list[str] = []
 
     def idle_worker(self) -> Any | None:
         return self.idle[0] if self.idle else None
@@ -32,6 +33,9 @@ class FakePool:
 
     def interrupt(self, batch_id: str) -> None:
         self.interrupted.append(batch_id)
+
+    def kill_batch(self, batch_id: str) -> None:
+        self.killed.append(batch_id)
 
     def busy_count(self) -> int:
         return len(self.running)
@@ -387,3 +391,29 @@ async def test_a_lone_clients_next_request_never_waits() -> None:
         ticket = batcher.submit(req(prompt))
         assert ticket.state is TicketState.RUNNING, f"{prompt}: one client, nobody else to wait for"
         pool.finish(batcher)
+
+
+async def test_an_abandoned_batch_that_does_not_stop_within_the_grace_is_killed_and_not_retried() -> None:
+    pool = FakePool()
+    batcher = make(pool, interrupt_grace=0.02)
+    ticket = batcher.submit(req("huge"))
+    batch = pool.dispatched[0]
+    batcher.cancel(ticket)  # its deadline passed, say: the only request of the batch is gone
+    assert pool.interrupted == [batch.batch_id] and pool.killed == []
+    await asyncio.wait_for(_until(lambda: pool.killed == [batch.batch_id]), 1.0)
+    pool.die(batcher)  # the kill reads as a lost batch
+    assert len(pool.dispatched) == 1, "nobody waits for it: it must not be retried"
+    assert batcher.idle
+
+
+async def test_an_abandoned_batch_that_stops_in_time_is_not_killed() -> None:
+    pool = FakePool()
+    batcher = make(pool, interrupt_grace=0.05)
+    ticket = batcher.submit(req("stops"))
+    batch = pool.running.pop(0)
+    batcher.cancel(ticket)
+    pool.idle.append(0)
+    batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
+    follower = batcher.submit(req("next"))
+    await asyncio.sleep(0.1)  # past the grace: the kill timer must have been cancelled
+    assert pool.killed == [] and follower.state is TicketState.RUNNING

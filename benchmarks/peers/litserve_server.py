@@ -36,19 +36,16 @@ class DiffusionAPI(ls.LitAPI):
         return request
 
     def predict(self, batch: Any) -> list[dict[str, Any]]:
-        from muse.messages import ImageSpec, Job
+        from muse.messages import Batch, BatchKey, ImageSpec
         from muse.worker.pipeline import run_batch
 
         items = batch if isinstance(batch, list) else [batch]
         seeds = [int(item.get("seed", i)) for i, item in enumerate(items)]
         first = items[0]
-        job = Job(
+        job = Batch(
             "litserve",
             [ImageSpec(item["prompt"], "", seed) for item, seed in zip(items, seeds, strict=True)],
-            self.loaded.width,
-            self.loaded.height,
-            int(first.get("steps", 25)),
-            self.loaded.guidance_scale,
+            BatchKey(self.loaded.width, self.loaded.height, int(first.get("steps", 25)), self.loaded.guidance_scale),
         )
         pngs = run_batch(self.loaded, job, lambda step: True) or []
         outputs = [{"png": png, "seed": seed, "batch_size": len(items)} for png, seed in zip(pngs, seeds, strict=True)]

@@ -50,6 +50,7 @@ class WorkerPool(Protocol):
     def idle_worker(self) -> Any | None: ...
     def dispatch(self, worker: Any, batch: Batch) -> None: ...
     def interrupt(self, batch_id: str) -> None: ...
+    def kill_batch(self, batch_id: str) -> None: ...
     def busy_count(self) -> int: ...
 
 
@@ -58,6 +59,11 @@ class InFlight:
     batch: Batch
     tickets: list[Ticket]
     last_step_at: float
+    kill_timer: asyncio.TimerHandle | None = None  # set once every request of it is gone
+
+    def close(self) -> None:
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
 
 
 class Batcher:
@@ -73,6 +79,7 @@ class Batcher:
         request_timeout: float = 300.0,
         capacity: Callable[[], int] = lambda: 1,
         on_demand: Callable[[], None] = lambda: None,
+        interrupt_grace: float = 5.0,
     ) -> None:
         self.pool = pool
         self.model = model
@@ -83,6 +90,7 @@ class Batcher:
         self.request_timeout = request_timeout
         self.capacity = capacity
         self.on_demand = on_demand
+        self.interrupt_grace = interrupt_grace
         self.queue: list[Ticket] = []
         self.queued_images = 0
         self.inflight: dict[str, InFlight] = {}
@@ -142,11 +150,19 @@ class Batcher:
             self._settle()
         else:
             self._end(ticket, state, error=error)
-            for batch_id, flight in self.inflight.items():
+            for flight in self.inflight.values():
                 if ticket in flight.tickets and all(t.done for t in flight.tickets):
-                    log.info("interrupting batch %s: all its requests are gone", batch_id)
-                    self.pool.interrupt(batch_id)
+                    self._abandon(flight)
         return True
+
+    def _abandon(self, flight: InFlight) -> None:
+        """Every request of a running batch is gone: ask its worker to stop at the next step, and kill it
+        if it has not within the grace (one step can last minutes, and the worker is wanted elsewhere)."""
+        batch_id = flight.batch.batch_id
+        log.info("interrupting batch %s: all its requests are gone", batch_id)
+        self.pool.interrupt(batch_id)
+        grace = self.interrupt_grace + 2 * self.speed.step_seconds
+        flight.kill_timer = asyncio.get_running_loop().call_later(grace, self.pool.kill_batch, batch_id)
 
     def close(self) -> None:
         """Accept nothing new; what is queued or running carries on."""
@@ -216,6 +232,7 @@ class Batcher:
         flight = self.inflight.pop(message.batch_id, None)
         if flight is None:
             return
+        flight.close()
         try:
             self._batch_finished(flight, message)
         finally:
@@ -248,6 +265,7 @@ class Batcher:
         flight = self.inflight.pop(batch.batch_id, None)
         if flight is None:
             return
+        flight.close()
         try:
             self._batch_lost(flight, reason)
         finally:

@@ -63,6 +63,7 @@ class Muse:
             request_timeout=settings.request_timeout,
             capacity=lambda: max(1, len(self.pool.workers)),
             on_demand=lambda: self.autoscaler.poke(),
+            interrupt_grace=settings.interrupt_grace,
         )
         self.autoscaler = Autoscaler(
             self.pool,

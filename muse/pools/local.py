@@ -72,6 +72,10 @@ class WorkerHandle:
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+    # When its batch last moved (dispatch, a step, the end): heartbeats prove a process is alive, not
+    # that its batch is getting anywhere.
+    last_step: float = field(default_factory=time.monotonic)
+    killed: bool = False  # on purpose (hung, or its batch abandoned): not a crash to back off from
     info: Ready | None = None
     batches_done: int = 0
     exited: asyncio.Future[int | None] | None = None
@@ -212,10 +216,10 @@ class Pool:
     def _kill_hung(self) -> None:
         now = time.monotonic()
         for w in self.workers:
-            if w.state is WorkerState.BUSY and now - w.last_seen > self.worker_timeout:
-                log.warning("worker %d silent for %.0f s while busy: killing it", w.id, now - w.last_seen)
+            if w.state is WorkerState.BUSY and now - w.last_step > self.worker_timeout:
+                log.warning("worker %d made no step for %.0f s while busy: killing it", w.id, now - w.last_step)
                 self._kill(w)
-                self._on_death(w, f"worker {w.id} hung (no heartbeat for {self.worker_timeout:g} s)")
+                self._on_death(w, f"worker {w.id} hung (no step for {self.worker_timeout:g} s)")
 
     def _undrain(self, wanted: int) -> int:
         undrained = 0
@@ -268,6 +272,7 @@ class Pool:
             threads=self.threads if slot.device == "cpu" else 0,
             heartbeat_interval=max(0.05, min(5.0, self.worker_timeout / 4)),
             log_level=self.log_level,
+            parent_pid=os.getpid(),
         )
         process = self._ctx.Process(
             target=worker_main.main, args=(child_conn, config), name=f"muse-worker-{worker_id}", daemon=True
@@ -290,7 +295,7 @@ class Pool:
         assert worker.state is WorkerState.IDLE and not worker.draining
         worker.state = WorkerState.BUSY
         worker.batch = batch
-        worker.last_seen = time.monotonic()
+        worker.last_seen = worker.last_step = time.monotonic()
         try:
             self._send(worker, batch)
         except OSError:
@@ -302,6 +307,15 @@ class Pool:
                 # A broken pipe means it is dying; the reader handles its death.
                 with contextlib.suppress(OSError):
                     self._send(w, Interrupt(batch_id))
+
+    def kill_batch(self, batch_id: str) -> None:
+        """Kill the worker running this batch: every request of it is gone and it did not stop in time
+        (one step can last minutes). A replacement starts at once."""
+        for w in self.workers:
+            if w.batch is not None and w.batch.batch_id == batch_id:
+                log.warning("worker %d did not stop abandoned batch %s: killing it", w.id, batch_id)
+                self._kill(w)
+                self._on_death(w, f"worker {w.id} killed: its batch was abandoned")
 
     def kill(self, worker_id: int) -> None:
         for w in self.workers:
@@ -330,6 +344,8 @@ class Pool:
 
     def _handle(self, worker: WorkerHandle, message: object) -> None:
         worker.last_seen = time.monotonic()
+        if isinstance(message, Progress | Result | Failure):
+            worker.last_step = worker.last_seen
         if isinstance(message, Progress):
             self.listener.batch_progress(message)
         elif isinstance(message, Result | Failure):
@@ -363,6 +379,7 @@ class Pool:
             self._send(worker, Stop())
 
     def _kill(self, worker: WorkerHandle) -> None:
+        worker.killed = True
         if worker.process.is_alive():
             worker.process.kill()
 
@@ -379,7 +396,7 @@ class Pool:
             log.warning("%s", reason)
         if batch is not None:
             self.listener.batch_lost(batch, reason)
-        if not expected and not self._closed:
+        if not expected and not worker.killed and not self._closed:
             slot = self.slots[worker.slot]
             slot.crashes += 1
             delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (slot.crashes - 1))

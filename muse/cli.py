@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
-from typing import TYPE_CHECKING, Any
-
-import uvicorn
 
 from muse.config import Settings, env_names
-
-if TYPE_CHECKING:
-    from muse.core.service import Muse
 
 log = logging.getLogger("muse")
 
@@ -81,54 +72,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def serve(settings: Settings) -> int:
     from muse.app import create_app
+    from muse.server import DrainingServer, raise_fd_limit, uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    files = raise_fd_limit()
+    log.debug("open files limit: %d", files)
     app = create_app(settings)
-    muse = app.state.muse
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
-        access_log=False,
-    )
-    server = DrainingServer(config, muse)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.muse)
     server.run()
     return 0
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains the service before the socket closes.
-
-    While draining, /readyz and new requests answer 503 (a load balancer moves away) and accepted
-    requests still finish. A second signal stops at once. The signal is not re-raised, so a drained
-    exit is status 0.
-    """
-
-    def __init__(self, config: uvicorn.Config, muse: Muse) -> None:
-        super().__init__(config)
-        self.muse = muse
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.muse.draining or self.should_exit:
-            self.should_exit = True
-            self.force_exit = sig == signal.SIGINT
-            return
-        log.info("received %s: draining", signal.Signals(sig).name)
-        loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
-
-    async def _drain(self) -> None:
-        await self.muse.drain()
-        self.should_exit = True
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        for server in self.servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                log.info("serving on http://%s:%d", host, port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,6 +73,14 @@ class Settings:
         "images (a 50-step image counts 2); 0 = off.",
     )
     public_metrics: bool = _opt(False, "Serve /metrics without an API key.")
+    max_connections: int = _opt(1000, "Most open connections; beyond it new requests get 503 (0 = no limit).")
+    header_timeout: float = _opt(10.0, "Seconds a client has to send a request's headers before it is cut off.")
+    body_timeout: float = _opt(10.0, "Seconds a request's body may pause between two chunks before it is cut off.")
+    forwarded_allow_ips: str = _opt(
+        "",
+        "Comma-separated addresses of trusted proxies whose X-Forwarded-For/-Proto are believed "
+        "(* = any); empty = none, so clients cannot pick the address they are rate-limited as.",
+    )
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     @classmethod

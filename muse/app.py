@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -80,13 +81,18 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     # Outermost first: size limit before anything reads the body, headers on every response.
-    middleware = [Middleware(SecurityHeaders), Middleware(BodyLimit)]
-    if settings.cors_origins:
-        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    middleware = [
+        # Other Host headers (a DNS-rebinding page) get 400 before anything else runs.
+        Middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names(), www_redirect=False),
+        Middleware(SecurityHeaders),
+        Middleware(BodyLimit),
+    ]
+    if origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
     # Keys first: the CSRF check needs to know whether a request was authenticated by cookie.
     middleware.append(Middleware(ApiKeyAuth, keys=keys, public_metrics=settings.public_metrics))
-    middleware.append(Middleware(CsrfCheck))
+    middleware.append(Middleware(CsrfCheck, allowed_origins=origins))
     app = Starlette(
         routes=routes,
         middleware=middleware,

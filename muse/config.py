@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 EMBEDDED_MODEL = str(Path(__file__).parent / "demo_model" / "pipeline")
 
 
@@ -81,6 +82,11 @@ class Settings:
         "Comma-separated addresses of trusted proxies whose X-Forwarded-For/-Proto are believed "
         "(* = any); empty = none, so clients cannot pick the address they are rate-limited as.",
     )
+    allowed_hosts: str = _opt(
+        "",
+        "Comma-separated Host names the server answers to (others get 400; * = any). Empty: the bound "
+        "address's names (localhost, 127.0.0.1 and [::1] on loopback; any host when bound to 0.0.0.0).",
+    )
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     @classmethod
@@ -96,6 +102,17 @@ class Settings:
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def host_names(self) -> list[str]:
+        """What --allowed-hosts means: the names given, or those of the address bound."""
+        given = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        if given:
+            return given
+        if self.host in LOOPBACK:
+            return sorted(LOOPBACK)
+        if self.host in ("0.0.0.0", "::", ""):
+            return ["*"]  # every address of the machine: its names are not known here
+        return [self.host]
 
     def device_list(self) -> list[str]:
         return resolve_devices(self.devices)

@@ -114,3 +114,36 @@ def test_a_request_that_can_never_fit_the_rate_bucket_is_422_not_a_retryable_429
     response = httpx.post(limited.url + "/api/generate", json=body, timeout=30)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "over_rate_limit" and "Retry-After" not in response.headers
+
+
+CROSS_SITE = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://attacker.example"}]
+
+
+@pytest.mark.parametrize("headers", CROSS_SITE)
+def test_without_keys_a_cross_site_form_cannot_create_jobs_or_delete_images(
+    server: LiveServer, headers: dict[str, str]
+) -> None:
+    made = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "response_format": "url", "steps": 1})
+    image_id = made.json()["data"][0]["url"].rsplit("/", 1)[1].removesuffix(".png")
+    form = {"prompt": "forged", "steps": "1"}
+    refused = httpx.post(f"{server.url}/jobs", data=form, headers=headers)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_site"
+    assert httpx.post(f"{server.url}/gallery/{image_id}/delete", headers=headers).status_code == 403
+    assert httpx.post(f"{server.url}/api/jobs", json={"prompt": "forged"}, headers=headers).status_code == 403
+    assert httpx.get(f"{server.url}/gallery/{image_id}.png").status_code == 200, "the image must still be there"
+    # The same requests from this site (or from a client that is no browser) go through.
+    same = {"Sec-Fetch-Site": "same-origin", "Origin": server.url}
+    assert httpx.post(f"{server.url}/jobs", data=form, headers=same).status_code == 303
+    assert httpx.post(f"{server.url}/gallery/{image_id}/delete", headers=same).status_code == 303
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "127.0.0.1.attacker.example", "evil:8000"])
+def test_other_host_headers_get_400(server: LiveServer, host: str) -> None:
+    assert httpx.get(f"{server.url}/gallery", headers={"Host": host}).status_code == 400
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_loopback_names_are_the_default_allowed_hosts(server: LiveServer) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("localhost", "127.0.0.1", "[::1]"):
+        assert httpx.get(f"{server.url}/healthz", headers={"Host": f"{host}:{port}"}).status_code == 200, host

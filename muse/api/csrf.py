@@ -1,18 +1,23 @@
-"""CSRF: a double-submit token for requests that a browser authenticates by cookie.
+"""CSRF: no state changes on behalf of another site, with API keys or without.
 
-Every request gets a token (the `muse_csrf` cookie, set when missing) in `request.state.csrf_token`;
-the pages render it into `hx-headers` and into a hidden form field. A state-changing request that
-was authenticated by the key cookie (muse.api.auth runs first and says so) must send the same token
-back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript, as the `csrf_token`
-field (the body is read and replayed to the route).
+- Every state-changing request not authenticated by a Bearer key must come from this site, as the browser
+  says: `Sec-Fetch-Site` other than cross-site/same-site, and an `Origin` (when sent) naming this host or
+  one of `--cors-origins`. Clients that are not browsers send neither header and pass; a cross-site form
+  or fetch on someone's laptop (or a DNS-rebinding page) does not.
+- Every request gets a token (the `muse_csrf` cookie, set when missing) in `request.state.csrf_token`;
+  the pages render it into `hx-headers` and into a hidden form field. A state-changing request that
+  was authenticated by the key cookie (muse.api.auth runs first and says so) must also send the same
+  token back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript, as the
+  `csrf_token` field (the body is read and replayed to the route).
 """
 
 from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Collection
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,8 +32,9 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 class CsrfCheck:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, allowed_origins: Collection[str] = ()) -> None:
         self.app = app
+        self.allowed_origins = {o.rstrip("/") for o in allowed_origins}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,6 +48,13 @@ class CsrfCheck:
             send = with_cookie(send, CSRF_COOKIE, state["csrf_token"], request)
         else:
             state["csrf_token"] = csrf
+        if request.method in UNSAFE and state.get("authenticated_by") != "bearer":
+            why = self.foreign(request)
+            if why:
+                await error_response(Forbidden(f"cross-site request refused: {why}", code="cross_site"))(
+                    scope, receive, send
+                )
+                return
         if state.get("authenticated_by") == "cookie" and request.method in UNSAFE:
             sent = request.headers.get(CSRF_HEADER)
             if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPE):
@@ -52,6 +65,19 @@ class CsrfCheck:
                 await error_response(Forbidden("missing or wrong CSRF token", code="csrf_failed"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+    def foreign(self, request: Request) -> str | None:
+        """Why the browser says this request comes from another site; None when it does not."""
+        site = request.headers.get("sec-fetch-site", "")
+        if site in ("cross-site", "same-site"):
+            return f"Sec-Fetch-Site: {site}"
+        origin = request.headers.get("origin")
+        if origin is None or origin.rstrip("/") in self.allowed_origins:
+            return None
+        if origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+            return f"Origin {origin[:100]!r} is not this server"
+        return None
 
 
 async def read_all(receive: Receive) -> bytes:

@@ -20,6 +20,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KEYWORD = "parameters"
 DEFAULT_SAMPLER = "Default"  # what A1111-style metadata says when the model's own scheduler ran
 NEGATIVE = "Negative prompt: "
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+FULLWIDTH_COLON = "\uff1a"
 # A1111's own pattern for one `key: value` pair of the last line (a value may be "quoted, with commas").
 PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -37,9 +39,9 @@ class Infotext:
     model: str
 
     def text(self) -> str:
-        lines = [self.prompt]
+        lines = [inert(self.prompt)]
         if self.negative_prompt:
-            lines.append(f"{NEGATIVE}{self.negative_prompt}")
+            lines.append(f"{NEGATIVE}{inert(self.negative_prompt)}")
         lines.append(
             f"Steps: {self.steps}, Sampler: {self.sampler or DEFAULT_SAMPLER}, CFG scale: {self.cfg_scale:g}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
@@ -47,19 +49,32 @@ class Infotext:
         return "\n".join(lines)
 
 
+def inert(prompt: str) -> str:
+    """A prompt that cannot forge fields: newlines stay (A1111 keeps multi-line prompts), but no line may
+    start a negative prompt (its colon becomes a full-width one), and control characters that cut or hide
+    text in PNG readers (NUL, carriage returns…) are dropped."""
+    prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
+    prompt = CONTROL.sub("", prompt)
+    return "\n".join(
+        FULLWIDTH_COLON.join(line.split(":", 1)) if line.strip().startswith(NEGATIVE.strip()) else line
+        for line in prompt.split("\n")
+    )
+
+
 def parse(text: str) -> dict[str, str]:
-    """The fields of an infotext as A1111 reads them: Prompt, Negative prompt, then the last line's pairs."""
-    *head, last = text.strip().split("\n") or [""]
+    """The fields of an infotext as A1111's parse_generation_parameters reads them: Prompt, Negative
+    prompt, then the last line's pairs (lines are stripped, as A1111 does)."""
+    *head, last = text.strip().split("\n")
     pairs = PAIR.findall(last)
     if len(pairs) < 3:  # A1111 too: a last line with fewer pairs is part of the prompt
         head, pairs = [*head, last], []
     prompt: list[str] = []
     negative: list[str] = []
     in_negative = False
-    for line in head:
-        if line.startswith(NEGATIVE):
+    for line in (line.strip() for line in head):
+        if line.startswith(NEGATIVE.strip()):
             in_negative = True
-            line = line[len(NEGATIVE) :]
+            line = line[len(NEGATIVE.strip()) :].strip()
         (negative if in_negative else prompt).append(line)
     fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     fields.update((key.strip(), value.strip()) for key, value in pairs)

@@ -6,6 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muse.api.common import error_response
 from muse.errors import PayloadTooLarge
+from muse.web.assets import HTMX_CDN
 
 MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; nothing we accept comes close
 
@@ -14,13 +15,14 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
 ]
-# htmx comes from a pinned CDN URL, with a local fallback loaded by one inline script (allowed by
-# its hash, which changes if templates/base.html changes that line); nothing else is external.
+# htmx comes from one pinned CDN URL (allowed exactly, not the whole CDN host), with a local fallback loaded
+# by one inline script (allowed by its hash, which changes if templates/base.html changes that line);
+# nothing else is external.
 # Inline styles stay allowed: the progress bar's width and htmx's indicator styles use them.
 FALLBACK_SCRIPT_HASH = "sha256-SEF+V56b5INjv4anqOol+ubEijhDL39SOI604dOEzGU="
 PAGE_CSP = (
     b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    b"script-src 'self' https://cdn.jsdelivr.net '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
+    b"script-src 'self' " + HTMX_CDN.encode() + b" '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
     b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
 

@@ -15,3 +15,9 @@ def package_folder(package: str) -> Path:
 
 TEMPLATES_DIR = package_folder("muse.templates")
 STATIC_DIR = package_folder("muse.static")
+
+# htmx is pinned: the CDN copy and static/htmx.min.js are the same file, so one SRI hash covers both, and
+# the pages' Content-Security-Policy allows exactly this URL.
+HTMX_VERSION = "2.0.11"
+HTMX_CDN = f"https://cdn.jsdelivr.net/npm/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
+HTMX_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"

@@ -19,7 +19,7 @@ from muse.core.service import Muse
 from muse.errors import MuseError
 from muse.schedulers import SCHEDULERS
 from muse.storage import Gallery
-from muse.web.assets import TEMPLATES_DIR
+from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, TEMPLATES_DIR
 from muse.web.forms import FormValues, problem, size_options
 
 log = logging.getLogger("muse.pages")
@@ -27,10 +27,6 @@ log = logging.getLogger("muse.pages")
 RECENT = 8  # thumbnails of the latest images under the studio's form
 Handler = Callable[[Request], Awaitable[Response]]
 
-# htmx is pinned: the CDN copy and static/htmx.min.js are the same file, so one SRI hash covers both.
-HTMX_VERSION = "2.0.11"
-HTMX_CDN = f"https://cdn.jsdelivr.net/npm/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
-HTMX_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
 
 
 def duration(ms: float | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from muse.api.middleware import BodyLimit, SecurityHeaders
 from muse.config import Settings
 from muse.core.service import Muse
 from muse.errors import MethodNotAllowed, MuseError, NotFound
+from muse.links import LinkSigner, load_secret
 from muse.slack.bot import start_slack
 from muse.storage import Gallery
 from muse.web import login, pages
@@ -100,6 +102,9 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
     )
     app.state.keys = keys
+    # Links only ever point into the gallery; without one, nothing is written to the data folder.
+    secret = load_secret(Path(settings.data_dir)) if gallery is not None else secrets.token_bytes(32)
+    app.state.links = LinkSigner(secret, settings.link_ttl)
     app.state.muse = service
     app.state.gallery = gallery
     app.state.settings = settings

@@ -87,6 +87,12 @@ class Settings:
         "Comma-separated Host names the server answers to (others get 400; * = any). Empty: the bound "
         "address's names (localhost, 127.0.0.1 and [::1] on loopback; any host when bound to 0.0.0.0).",
     )
+    public_url: str = _opt(
+        "",
+        "The server's address as clients reach it (e.g. https://muse.example), for image links; empty: the "
+        "address each request was sent to.",
+    )
+    link_ttl: float = _opt(3600.0, "Seconds an image link (OpenAI response_format url) stays valid.")
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     @classmethod

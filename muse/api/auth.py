@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +25,8 @@ from muse.errors import Unauthorized
 
 KEY_COOKIE = "muse_key"
 OPEN_PREFIXES = ("/healthz", "/readyz", "/static/", "/login", "/logout", "/openapi.json", "/favicon.ico")
+# A stored image's file, fetched with a signed link (muse.links) instead of a key.
+SIGNED_PATH = re.compile(r"/gallery/[0-9a-f]{16}\.png")
 API_PREFIXES = ("/api/", "/v1/", "/sdapi/", "/metrics")
 
 
@@ -82,7 +85,8 @@ class ApiKeyAuth:
         state["identity"] = f"addr:{client}"
         state["authenticated_by"] = None
         path = scope["path"]
-        if not self.keys or path.startswith(OPEN_PREFIXES) or (path == "/metrics" and self.public_metrics):
+        signed = SIGNED_PATH.fullmatch(path) is not None and "sig" in request.query_params  # the route checks it
+        if not self.keys or path.startswith(OPEN_PREFIXES) or signed or (path == "/metrics" and self.public_metrics):
             await self.app(scope, receive, send)
             return
         bearer = bearer_token(request)

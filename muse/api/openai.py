@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from muse.api.common import client_of, error_response, service, wait_unless_disconnected
 from muse.errors import InvalidRequest, MuseError, NotFound
+from muse.links import LinkSigner
 from muse.schema import MAX_PROMPT, MAX_SEED, Dialect, GenerateBody, Prompt, parse_json, validate
 
 SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")
@@ -110,12 +111,17 @@ async def generations(request: Request) -> Response:
     except MuseError as error:
         # Accepted, then failed: a retry by the client would generate a duplicate.
         return error_response(error, {"x-should-retry": "false"})
-    if body.response_format == "url":
-        base = str(request.base_url).rstrip("/")
-        data = [ImageData(url=f"{base}/gallery/{image_id}.png") for image_id in ticket.saved]
+    headers = {}
+    if body.response_format == "url" and len(ticket.saved) == len(result.images):
+        base = muse.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        links: LinkSigner = request.app.state.links
+        data = [ImageData(url=base + links.sign(f"/gallery/{image_id}.png")) for image_id in ticket.saved]
     else:
+        if body.response_format == "url":
+            # Storing failed (the log says why): the images themselves, never a 200 without them.
+            headers["Warning"] = '299 muse "the images could not be stored: sent as b64_json, not url"'
         data = [ImageData(b64_json=base64.b64encode(image.png).decode()) for image in result.images]
-    return JSONResponse(ImagesResponse(created=int(time.time()), data=data).model_dump())
+    return JSONResponse(ImagesResponse(created=int(time.time()), data=data).model_dump(), headers=headers)
 
 
 def model_card(name: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from muse.errors import NotFound
+from muse.errors import Forbidden, NotFound
+from muse.links import LinkSigner
 from muse.storage import Gallery, GalleryImage
 from muse.web.forms import FormValues
 from muse.web.render import content_disposition, download_name, friendly, gallery_of, is_fragment, render, service
@@ -69,6 +70,11 @@ async def image_page(request: Request) -> Response:
 
 @friendly
 async def image_file(request: Request) -> Response:
+    if "sig" in request.query_params:
+        links: LinkSigner = request.app.state.links
+        query = request.query_params
+        if not links.valid(request.url.path, query.get("expires", ""), query["sig"]):
+            raise Forbidden("this image link is not valid or has expired", param="sig", code="bad_link")
     gallery, image = require_image(request)
     path = gallery.png_path(image.id)
     if path is None:

@@ -71,7 +71,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
             if gallery is not None:
                 gallery.close()
 
-    keys = KeyRing(load_keys(settings.api_keys))
+    keys = KeyRing(load_keys(settings.api_keys), load_keys(settings.admin_keys))
     routes = [
         *native.routes,
         *openai.routes,

@@ -68,6 +68,11 @@ class Settings:
         "needs 'Authorization: Bearer <key>'.",
         secret=True,
     )
+    admin_keys: str = _opt(
+        "",
+        "Comma-separated admin keys, or @file: API keys that see and delete every key's jobs and images.",
+        secret=True,
+    )
     rate_limit: float = _opt(
         0.0,
         "Images per minute per API key (per client address without keys), counted as native-size 25-step "

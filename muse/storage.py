@@ -44,14 +44,18 @@ CREATE TABLE IF NOT EXISTS images (
     queued_ms REAL NOT NULL,
     compute_ms REAL NOT NULL,
     total_ms REAL NOT NULL,
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
 """
+# Galleries made before images had owners get the column (their images belong to no key: admins see them).
+MIGRATIONS = {"owner": "ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT ''"}
+OWNER_INDEX = "CREATE INDEX IF NOT EXISTS images_by_owner ON images (owner, seq DESC)"
 
 COLUMNS = (
     "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, scheduler, model, "
-    "batch_size, queued_ms, compute_ms, total_ms, bytes"
+    "batch_size, queued_ms, compute_ms, total_ms, bytes, owner"
 )
 
 
@@ -73,6 +77,7 @@ class GalleryImage:
     compute_ms: float
     total_ms: float
     bytes: int
+    owner: str = ""  # who made it: an API key's fingerprint or a client address
 
     @property
     def parameters(self) -> str:
@@ -123,6 +128,11 @@ class Gallery:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+            for column, statement in MIGRATIONS.items():
+                if column not in columns:
+                    self._db.execute(statement)
+            self._db.execute(OWNER_INDEX)
 
     def close(self) -> None:
         with self._lock:
@@ -130,9 +140,10 @@ class Gallery:
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def save(self, result: GenerateResult, model_scheduler: str = "") -> list[str]:
+    def save(self, result: GenerateResult, model_scheduler: str = "", owner: str = "") -> list[str]:
         """Store every image of a finished request; returns their ids in order. `model_scheduler`
-        names the model's own scheduler, recorded when the request left the choice to the model."""
+        names the model's own scheduler, recorded when the request left the choice to the model;
+        `owner` who asked (only they, and admins, see the images when API keys are on)."""
         request = result.request or GenerateRequest("", 0, result.steps, 0.0, result.width, result.height)
         now, t = time.time(), result.timings
         records = []
@@ -154,6 +165,7 @@ class Gallery:
                 compute_ms=t.compute_ms,
                 total_ms=t.total_ms,
                 bytes=0,
+                owner=owner,
             )
             data = png_with_text(image.png, KEYWORD, record.parameters)
             self._write_file(record.id, data)
@@ -182,23 +194,32 @@ class Gallery:
             temp.unlink(missing_ok=True)
             raise
 
-    def delete(self, image_id: str) -> bool:
-        """Row first, then file: a listing never shows an image whose file is gone."""
+    def delete(self, image_id: str, owner: str | None = None) -> bool:
+        """Row first, then file: a listing never shows an image whose file is gone. With `owner`, only
+        that owner's image."""
         if not ID_PATTERN.fullmatch(image_id):
             return False
+        conditions, args = owned(owner)
         with self._lock:
-            deleted = self._db.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount > 0
+            deleted = (
+                self._db.execute(f"DELETE FROM images {where(['id = ?', *conditions])}", (image_id, *args)).rowcount
+                > 0
+            )
         if deleted:
             (self.images_dir / f"{image_id}.png").unlink(missing_ok=True)
         return deleted
 
     # ---- reading ----------------------------------------------------------------------------------
 
-    def get(self, image_id: str) -> GalleryImage | None:
+    def get(self, image_id: str, owner: str | None = None) -> GalleryImage | None:
+        """The image, or None if there is none (or, with `owner`, none of that owner's)."""
         if not ID_PATTERN.fullmatch(image_id):
             return None
+        conditions, args = owned(owner)
         with self._lock:
-            row = self._db.execute(f"SELECT {COLUMNS} FROM images WHERE id = ?", (image_id,)).fetchone()
+            row = self._db.execute(
+                f"SELECT {COLUMNS} FROM images {where(['id = ?', *conditions])}", (image_id, *args)
+            ).fetchone()
         return GalleryImage(*row) if row else None
 
     def png_path(self, image_id: str) -> Path | None:
@@ -207,18 +228,27 @@ class Gallery:
         path = self.images_dir / f"{image_id}.png"
         return path if path.is_file() else None
 
-    def count(self, query: str = "") -> int:
-        conditions, args = search(query)
+    def count(self, query: str = "", owner: str | None = None) -> int:
+        conditions, args = search(query, owner)
         with self._lock:
             return int(self._db.execute(f"SELECT count(*) FROM images {where(conditions)}", args).fetchone()[0])
 
-    def page(self, query: str = "", *, limit: int = 24, after: str | None = None, before: str | None = None) -> Page:
-        """Newest first. `after`: the images older than that id; `before`: the page just newer than it.
+    def page(
+        self,
+        query: str = "",
+        *,
+        limit: int = 24,
+        after: str | None = None,
+        before: str | None = None,
+        owner: str | None = None,
+    ) -> Page:
+        """Newest first (with `owner`, only that owner's). `after`: the images older than that id;
+        `before`: the page just newer than it.
 
         Cursors (not offsets) keep pages stable while new images arrive at the top.
         """
         limit = max(1, min(limit, 100))
-        matching, matching_args = search(query)
+        matching, matching_args = search(query, owner)
         with self._lock:
             cursor = after or before
             found = self._db.execute("SELECT seq FROM images WHERE id = ?", (cursor,)).fetchone() if cursor else None
@@ -247,10 +277,18 @@ class Gallery:
         return self._db.execute(f"SELECT 1 FROM images {where(conditions)} LIMIT 1", args).fetchone() is not None
 
 
-def search(query: str) -> tuple[list[str], list[object]]:
+def owned(owner: str | None) -> tuple[list[str], list[object]]:
+    return (["owner = ?"], [owner]) if owner is not None else ([], [])
+
+
+def search(query: str, owner: str | None = None) -> tuple[list[str], list[object]]:
     """Case-insensitive (ASCII) substring match on the prompt; % and _ in the query match themselves."""
     query = query.strip()
-    return (["prompt LIKE ? ESCAPE '\\'"], [like_pattern(query)]) if query else ([], [])
+    conditions, args = owned(owner)
+    if query:
+        conditions.append("prompt LIKE ? ESCAPE '\\'")
+        args.append(like_pattern(query))
+    return conditions, args
 
 
 def where(conditions: list[str]) -> str:

@@ -417,3 +417,30 @@ async def test_an_abandoned_batch_that_stops_in_time_is_not_killed() -> None:
     follower = batcher.submit(req("next"))
     await asyncio.sleep(0.1)  # past the grace: the kill timer must have been cancelled
     assert pool.killed == [] and follower.state is TicketState.RUNNING
+
+
+async def test_the_queue_is_fair_between_owners() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_batch_size=8)
+    first = batcher.submit(req("a0", n=8), owner="key:a")  # running
+    hog = [batcher.submit(req(f"a{i}", n=8), owner="key:a") for i in range(1, 25)]  # 192 images waiting
+    single = batcher.submit(req("b"), owner="key:b")
+    assert batcher.position(single) == 0, "one image behind 192 of another key's"
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[1].images] == ["b"], "served by the very next batch"
+    late = batcher.submit(req("c", n=2), owner="key:c")  # while b runs
+    pool.finish(batcher)
+    assert [s.prompt for s in pool.dispatched[2].images] == ["c", "c"], "key:a has had its 8 images already"
+    for _ in range(3):
+        pool.finish(batcher)
+    # One owner's requests stay in their own order.
+    assert [pool.dispatched[i].images[0].prompt for i in (3, 4, 5)] == ["a1", "a2", "a3"]
+    assert first.state is TicketState.SUCCEEDED and late.state is TicketState.SUCCEEDED and hog[0].done
+
+
+async def test_one_owner_alone_is_served_oldest_first() -> None:
+    pool = FakePool()
+    batcher = make(pool)
+    batcher.submit(req("busy"), owner="k")
+    tickets = [batcher.submit(req(f"p{i}", n=1 + i % 3), owner="k") for i in range(6)]
+    assert [batcher.position(t) for t in tickets] == [0, 1, 3, 6, 7, 9]

@@ -21,6 +21,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muse.api.common import error_response
+from muse.core.tickets import EVERYONE, Viewer
 from muse.errors import Unauthorized
 
 KEY_COOKIE = "muse_key"
@@ -50,8 +51,11 @@ def fingerprint(key: str) -> str:
 
 
 class KeyRing:
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = [k.encode() for k in keys]
+    """The API keys; admin keys are keys too, and see and delete every tenant's jobs and images."""
+
+    def __init__(self, keys: list[str], admins: list[str] | None = None) -> None:
+        self.keys = [k.encode() for k in [*keys, *(admins or [])]]
+        self.admins = [k.encode() for k in admins or []]
 
     def __bool__(self) -> bool:
         return bool(self.keys)
@@ -65,6 +69,20 @@ class KeyRing:
         for k in self.keys:
             matched |= hmac.compare_digest(candidate, k)
         return matched
+
+    def is_admin(self, key: str) -> bool:
+        candidate, admin = key.encode(), False
+        for k in self.admins:
+            admin |= hmac.compare_digest(candidate, k)
+        return admin
+
+
+def viewer_of(request: Request) -> Viewer:
+    """Who is asking, for what they may see: everyone sees everything without keys."""
+    state = request.state
+    if getattr(state, "authenticated_by", None) is None:
+        return EVERYONE
+    return Viewer(state.identity, admin=getattr(state, "admin", False))
 
 
 class ApiKeyAuth:
@@ -84,6 +102,7 @@ class ApiKeyAuth:
         client = request.client.host if request.client else "unknown"
         state["identity"] = f"addr:{client}"
         state["authenticated_by"] = None
+        state["admin"] = False
         path = scope["path"]
         signed = SIGNED_PATH.fullmatch(path) is not None and "sig" in request.query_params  # the route checks it
         if not self.keys or path.startswith(OPEN_PREFIXES) or signed or (path == "/metrics" and self.public_metrics):
@@ -97,6 +116,7 @@ class ApiKeyAuth:
             return
         state["authenticated_by"] = "bearer" if bearer else "cookie"
         state["identity"] = f"key:{fingerprint(key)}"
+        state["admin"] = self.keys.is_admin(key)
         await self.app(scope, receive, send)
 
     def refuse(self, request: Request, path: str, why: str) -> Response:

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from muse.api.auth import viewer_of
 from muse.api.common import client_of, service, wait_unless_disconnected
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
@@ -88,18 +89,18 @@ async def create_job(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     muse = service(request)
-    return JSONResponse(job_json(muse, muse.job(request.path_params["id"])))
+    return JSONResponse(job_json(muse, muse.job(request.path_params["id"], viewer_of(request))))
 
 
 async def delete_job(request: Request) -> Response:
     muse = service(request)
-    ticket = muse.cancel(request.path_params["id"])
+    ticket = muse.cancel(request.path_params["id"], viewer=viewer_of(request))
     return JSONResponse(job_json(muse, ticket))
 
 
 async def job_events(request: Request) -> Response:
     muse = service(request)
-    ticket = muse.job(request.path_params["id"])
+    ticket = muse.job(request.path_params["id"], viewer_of(request))
     return StreamingResponse(
         event_stream(muse, ticket),
         media_type="text/event-stream",

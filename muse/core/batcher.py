@@ -2,8 +2,11 @@
 
 Policy (pure; tested against a fake pool in milliseconds):
 - a ticket (muse.core.tickets) is made with its future *before* the request is queued;
-- batches group requests with the same BatchKey, oldest first, up to `max_batch_size` images
-  (a request for n images takes n slots and is never split);
+- batches group requests with the same BatchKey, up to `max_batch_size` images (a request for n
+  images takes n slots and is never split), in fair order between owners (tenants: API keys, Slack
+  users, addresses): start-time fair queuing, where a request's tag is the later of the virtual time
+  and the end of its owner's previous request, in images. One owner's request is oldest first; an owner
+  with 200 images queued delays another's single image by at most one batch;
 - an idle worker gets work at once when the service was quiet; while other workers are busy, a
   part-full batch may wait for company at most `max_wait_ms` after its oldest request arrived;
   right after a batch of several requests finished, while its clients are still coming back, it
@@ -19,6 +22,7 @@ and a timer-heap entry, nothing that runs. Speeds for Retry-After and ETAs live 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import secrets
 import time
@@ -91,8 +95,10 @@ class Batcher:
         self.capacity = capacity
         self.on_demand = on_demand
         self.interrupt_grace = interrupt_grace
-        self.queue: list[Ticket] = []
+        self.queue: list[Ticket] = []  # in fair order: by tag, then arrival
         self.queued_images = 0
+        self._virtual = 0.0  # the tag of the latest request handed to a worker
+        self._owner_end: dict[str | None, float] = {}  # where each owner's queued requests end, in images
         self.inflight: dict[str, InFlight] = {}
         self.closed = False
         self.speed = Speed()
@@ -128,7 +134,7 @@ class Batcher:
             timeout = min(timeout, request.timeout_s)
         ticket = Ticket(secrets.token_hex(8), request, loop.create_future(), now, now + timeout, owner)
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
-        self.queue.append(ticket)
+        self._enqueue(ticket)
         self.queued_images += request.n
         self._returning = max(0, self._returning - 1)
         self._last_arrival = now
@@ -283,8 +289,8 @@ class Batcher:
             log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.batch_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
-            # Back to the front, oldest first: they were accepted before anything still queued.
-            self.queue = sorted(retry, key=lambda t: t.submitted) + self.queue
+            # Their tags are older than anything still queued: back to the front, in their order.
+            self.queue = sorted(retry, key=lambda t: (t.tag, t.submitted)) + self.queue
             self.queued_images += sum(t.request.n for t in retry)
             self._pump()
 
@@ -345,6 +351,14 @@ class Batcher:
                 images += t.request.n
         return batch
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        if ticket.owner not in self._owner_end:
+            # Owners with nothing queued are forgotten: the table holds only the owners now waiting.
+            self._owner_end = {o: end for o, end in self._owner_end.items() if end > self._virtual}
+        ticket.tag = max(self._virtual, self._owner_end.get(ticket.owner, 0.0))
+        self._owner_end[ticket.owner] = ticket.tag + ticket.request.n
+        bisect.insort(self.queue, ticket, key=lambda t: (t.tag, t.submitted))
+
     def _dequeue(self, tickets: list[Ticket]) -> None:
         gone = set(map(id, tickets))
         self.queue = [t for t in self.queue if id(t) not in gone]
@@ -354,6 +368,7 @@ class Batcher:
         images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
         batch = Batch(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
+        self._virtual = max(self._virtual, *(t.tag for t in tickets))
         self.inflight[batch.batch_id] = InFlight(batch, tickets, now)
         for t in tickets:
             t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0

@@ -18,7 +18,7 @@ from muse.core.autoscaler import Autoscaler
 from muse.core.batcher import Batcher
 from muse.core.metrics import Metrics
 from muse.core.ratelimit import RateLimiter
-from muse.core.tickets import Listener, Ticket, TicketState
+from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
 from muse.errors import Cancelled, InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
@@ -30,7 +30,7 @@ log = logging.getLogger("muse.core.service")
 class Gallery(Protocol):
     """Where finished images are kept (muse.storage); the service only hands results over."""
 
-    def save(self, result: GenerateResult, model_scheduler: str = "") -> list[str]: ...
+    def save(self, result: GenerateResult, model_scheduler: str = "", owner: str = "") -> list[str]: ...
 
 
 class Muse:
@@ -151,10 +151,13 @@ class Muse:
 
     # ---- requests ---------------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, *, keep: bool = False, client: str | None = None) -> Ticket:
+    def submit(
+        self, request: GenerateRequest, *, keep: bool = False, client: str | None = None, owner: str | None = None
+    ) -> Ticket:
         """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends.
 
         `client` (an API key's fingerprint or an address) is charged the request's cost against --rate-limit.
+        `owner` (default: the client) owns the job and its images, and is the tenant the queue is fair to.
         """
         if self.pool.usable_slots == 0:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
@@ -170,21 +173,23 @@ class Muse:
                     code="over_rate_limit",
                 )
             self.limiter.take(client, cost)
-        ticket = self.batcher.submit(request, owner=client)
+        ticket = self.batcher.submit(request, owner=owner or client)
         if keep:
             self.jobs[ticket.id] = ticket
         return ticket
 
-    def job(self, job_id: str) -> Ticket:
+    def job(self, job_id: str, viewer: Viewer = EVERYONE) -> Ticket:
+        """A kept job by id; 404 if unknown, expired, or not the viewer's to see."""
         ticket = self.jobs.get(job_id)
-        if ticket is None:
+        if ticket is None or not viewer.sees(ticket.owner):
             raise NotFound(f"no job {job_id!r} (unknown, or finished more than the job TTL ago)", param="id")
         return ticket
 
-    def cancel(self, job: Ticket | str, error: MuseError | None = None) -> Ticket:
-        """End a job now (by ticket, or by id: 404 if unknown); a queued one never reaches a worker, a
-        running batch whose requests are all gone stops at the next step. Ended jobs stay as they were."""
-        ticket = self.job(job) if isinstance(job, str) else job
+    def cancel(self, job: Ticket | str, error: MuseError | None = None, viewer: Viewer = EVERYONE) -> Ticket:
+        """End a job now (by ticket, or by id: 404 if unknown or not the viewer's); a queued one never reaches
+        a worker, a running batch whose requests are all gone stops at the next step. Ended jobs stay as they
+        were."""
+        ticket = self.job(job, viewer) if isinstance(job, str) else job
         self.batcher.cancel(ticket, error or Cancelled("cancelled by the client"))
         return ticket
 
@@ -211,7 +216,9 @@ class Muse:
             # Stored before the answer goes out, so a link to it works at once. Small local writes
             # (file + rename, a WAL commit without fsync) cost far less than a denoising step.
             try:
-                ticket.saved = self.gallery.save(ticket.result, model_scheduler=self._model.scheduler)
+                ticket.saved = self.gallery.save(
+                    ticket.result, model_scheduler=self._model.scheduler, owner=ticket.owner or ""
+                )
             except Exception:
                 log.exception("could not store the images of request %s", ticket.id)
         m = self.metrics

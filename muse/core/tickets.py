@@ -27,6 +27,29 @@ class TicketState(StrEnum):
 
 ENDED = (TicketState.SUCCEEDED, TicketState.FAILED, TicketState.CANCELLED)
 
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks to see a job or an image. Without API keys everyone sees everything (one tenant); with
+    keys, a key sees what it made and an admin key sees everything."""
+
+    identity: str | None = None  # None: no keys configured
+    admin: bool = False
+
+    @property
+    def sees_all(self) -> bool:
+        return self.identity is None or self.admin
+
+    def sees(self, owner: str | None) -> bool:
+        return self.sees_all or owner == self.identity
+
+    @property
+    def owner_filter(self) -> str | None:
+        """For listings: the one owner whose things this viewer sees, or None for everyone's."""
+        return None if self.sees_all else self.identity
+
+
+EVERYONE = Viewer()
+
 # Called with the ticket and the event: "queued" (position may have changed), "running", "progress",
 # or the final state's name.
 Listener = Callable[["Ticket", str], None]
@@ -41,7 +64,8 @@ class Ticket:
     future: asyncio.Future[GenerateResult]
     submitted: float
     deadline: float
-    owner: str | None = None  # who sent it: an API key's fingerprint or a client address
+    owner: str | None = None  # who sent it: an API key's fingerprint, a client address or a Slack user
+    tag: float = 0.0  # its place in the fair queue (muse.core.batcher: start-time fair queuing by owner)
     created: float = field(default_factory=time.time)
     state: TicketState = TicketState.QUEUED
     step: int = 0

@@ -226,7 +226,7 @@ class SlackBot:
                 return replies.invite(self.bot_user), None
             request = body.to_request(self.muse.model, SLACK)
             try:
-                ticket = self.muse.submit(request)
+                ticket = self.muse.submit(request, owner=f"slack:{user}")
             except MuseError as exc:
                 return replies.refused(exc), None
             queued = True

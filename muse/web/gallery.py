@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from muse.api.auth import viewer_of
 from muse.errors import Forbidden, NotFound
 from muse.links import LinkSigner
 from muse.storage import Gallery, GalleryImage
@@ -24,7 +25,7 @@ def require_gallery(request: Request) -> Gallery:
 
 def require_image(request: Request) -> tuple[Gallery, GalleryImage]:
     gallery = require_gallery(request)
-    image = gallery.get(request.path_params["id"])
+    image = gallery.get(request.path_params["id"], viewer_of(request).owner_filter)
     if image is None:
         raise NotFound("no such image in the gallery (deleted?)", param="id")
     return gallery, image
@@ -52,7 +53,7 @@ async def gallery_page(request: Request) -> Response:
     page = None
     if gallery is not None:
         after, before = request.query_params.get("after"), request.query_params.get("before")
-        page = gallery.page(query, limit=PAGE_SIZE, after=after, before=before)
+        page = gallery.page(query, limit=PAGE_SIZE, after=after, before=before, owner=viewer_of(request).owner_filter)
     context = {"page": page, "q": query}
     return render(request, "_gallery_results.html" if is_fragment(request) else "gallery.html", context)
 
@@ -89,7 +90,7 @@ async def image_file(request: Request) -> Response:
 @friendly
 async def delete_image(request: Request) -> Response:
     gallery, image = require_image(request)
-    gallery.delete(image.id)
+    gallery.delete(image.id, viewer_of(request).owner_filter)
     if is_fragment(request):
         # An HTMX delete from the detail page: send the browser back to the grid.
         return Response(status_code=204, headers={"HX-Redirect": "/gallery"})

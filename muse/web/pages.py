@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from muse.api.auth import viewer_of
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -131,7 +132,7 @@ async def create_job(request: Request) -> Response:
 @friendly
 async def show_job(request: Request) -> Response:
     muse = service(request)
-    ticket = muse.job(request.path_params["id"])
+    ticket = muse.job(request.path_params["id"], viewer_of(request))
     if is_fragment(request):
         return render(request, "_job.html", {"job": job_view(muse, ticket)})
     form = FormValues.from_request(ticket.request, muse.model, keep_seed=False)
@@ -141,7 +142,7 @@ async def show_job(request: Request) -> Response:
 @friendly
 async def cancel_job(request: Request) -> Response:
     muse = service(request)
-    ticket = muse.cancel(request.path_params["id"])
+    ticket = muse.cancel(request.path_params["id"], viewer=viewer_of(request))
     if not is_fragment(request):
         return RedirectResponse(f"/jobs/{ticket.id}", status_code=303)
     return render(request, "_job.html", {"job": job_view(muse, ticket)})
@@ -150,7 +151,7 @@ async def cancel_job(request: Request) -> Response:
 @friendly
 async def job_image(request: Request) -> Response:
     """A finished job's image straight from memory, for when the gallery is off (or failed to store it)."""
-    ticket = service(request).job(request.path_params["id"])
+    ticket = service(request).job(request.path_params["id"], viewer_of(request))
     index: int = request.path_params["index"]
     if ticket.state is not TicketState.SUCCEEDED or ticket.result is None or index >= len(ticket.result.images):
         raise NotFound("no such image in this job", param="index")

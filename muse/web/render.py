@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
+from muse.api.auth import viewer_of
 from muse.core.service import Muse
 from muse.errors import MuseError
 from muse.schedulers import SCHEDULERS
@@ -113,7 +114,7 @@ def studio_context(request: Request, form: FormValues) -> dict[str, Any]:
         "form": form,
         "sizes": size_options(service(request).model),
         "samplers": list(SCHEDULERS),
-        "recent": gallery.page(limit=RECENT).images if gallery is not None else [],
+        "recent": [] if gallery is None else gallery.page(limit=RECENT, owner=viewer_of(request).owner_filter).images,
         "jobs": [],
     }
 

@@ -23,7 +23,9 @@ from muse.api.auth import ApiKeyAuth, KeyRing, load_keys
 from muse.api.common import error_response
 from muse.api.csrf import CsrfCheck
 from muse.api.middleware import BodyLimit, SecurityHeaders
+from muse.api.sessions import Sessions
 from muse.config import Settings
+from muse.core.ratelimit import RateLimiter
 from muse.core.service import Muse
 from muse.errors import MethodNotAllowed, MuseError, NotFound
 from muse.links import LinkSigner, load_secret
@@ -31,6 +33,7 @@ from muse.slack.bot import start_slack
 from muse.storage import Gallery
 from muse.web import login, pages
 from muse.web.assets import STATIC_DIR
+from muse.web.login import LOGIN_ATTEMPTS_PER_MINUTE
 
 log = logging.getLogger("muse.app")
 
@@ -72,6 +75,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
                 gallery.close()
 
     keys = KeyRing(load_keys(settings.api_keys), load_keys(settings.admin_keys))
+    sessions = Sessions(settings.session_ttl)
     routes = [
         *native.routes,
         *openai.routes,
@@ -93,7 +97,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     if origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
     # Keys first: the CSRF check needs to know whether a request was authenticated by cookie.
-    middleware.append(Middleware(ApiKeyAuth, keys=keys, public_metrics=settings.public_metrics))
+    middleware.append(Middleware(ApiKeyAuth, keys=keys, sessions=sessions, public_metrics=settings.public_metrics))
     middleware.append(Middleware(CsrfCheck, allowed_origins=origins))
     app = Starlette(
         routes=routes,
@@ -102,6 +106,8 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
     )
     app.state.keys = keys
+    app.state.sessions = sessions
+    app.state.login_attempts = RateLimiter(LOGIN_ATTEMPTS_PER_MINUTE)
     # Links only ever point into the gallery; without one, nothing is written to the data folder.
     secret = load_secret(Path(settings.data_dir)) if gallery is not None else secrets.token_bytes(32)
     app.state.links = LinkSigner(secret, settings.link_ttl)

@@ -73,6 +73,7 @@ class Settings:
         "Comma-separated admin keys, or @file: API keys that see and delete every key's jobs and images.",
         secret=True,
     )
+    session_ttl: float = _opt(7 * 86400.0, "Seconds a browser stays signed in (with --api-keys).")
     rate_limit: float = _opt(
         0.0,
         "Images per minute per API key (per client address without keys), counted as native-size 25-step "

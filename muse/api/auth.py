@@ -1,7 +1,7 @@
 """API keys for every route that generates, lists or reads images.
 
-- Clients send `Authorization: Bearer <key>`; browsers log in once (muse.web.login) and keep the key in
-  an HttpOnly, SameSite=Strict cookie. Which of the two authenticated a request is recorded in
+- Clients send `Authorization: Bearer <key>`; browsers log in once (muse.web.login) and keep a session
+  id (muse.api.sessions) in an HttpOnly, SameSite=Strict cookie. Which of the two authenticated a request is recorded in
   `request.state.authenticated_by` ("bearer" or "cookie"), for the CSRF check that runs after this.
 - Keys are compared in constant time (every key, every time) and never logged.
 - Every request gets `request.state.identity`: the key's fingerprint, or the client address when
@@ -21,10 +21,10 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muse.api.common import error_response
+from muse.api.sessions import SESSION_COOKIE, Sessions
 from muse.core.tickets import EVERYONE, Viewer
 from muse.errors import Unauthorized
 
-KEY_COOKIE = "muse_key"
 OPEN_PREFIXES = ("/healthz", "/readyz", "/static/", "/login", "/logout", "/openapi.json", "/favicon.ico")
 # A stored image's file, fetched with a signed link (muse.links) instead of a key.
 SIGNED_PATH = re.compile(r"/gallery/[0-9a-f]{16}\.png")
@@ -88,9 +88,10 @@ def viewer_of(request: Request) -> Viewer:
 class ApiKeyAuth:
     """Refuses requests without a valid key (401, or a redirect to /login for a page) when keys are set."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, *, public_metrics: bool = False) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, sessions: Sessions, *, public_metrics: bool = False) -> None:
         self.app = app
         self.keys = keys
+        self.sessions = sessions
         self.public_metrics = public_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,14 +110,23 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         bearer = bearer_token(request)
-        key = bearer or request.cookies.get(KEY_COOKIE)
-        if key is None or not self.keys.valid(key):
-            response = self.refuse(request, path, "missing API key" if key is None else "invalid API key")
-            await response(scope, receive, send)
-            return
-        state["authenticated_by"] = "bearer" if bearer else "cookie"
-        state["identity"] = f"key:{fingerprint(key)}"
-        state["admin"] = self.keys.is_admin(key)
+        if bearer is not None:
+            if not self.keys.valid(bearer):
+                await self.refuse(request, path, "invalid API key")(scope, receive, send)
+                return
+            state["authenticated_by"] = "bearer"
+            state["identity"] = f"key:{fingerprint(bearer)}"
+            state["admin"] = self.keys.is_admin(bearer)
+        else:
+            cookie = request.cookies.get(SESSION_COOKIE)
+            session = self.sessions.get(cookie)
+            if session is None:
+                why = "missing API key" if cookie is None else "expired or signed-out session"
+                await self.refuse(request, path, why)(scope, receive, send)
+                return
+            state["authenticated_by"] = "cookie"
+            state["identity"] = session.identity
+            state["admin"] = session.admin
         await self.app(scope, receive, send)
 
     def refuse(self, request: Request, path: str, why: str) -> Response:

@@ -1,4 +1,9 @@
-"""The login page for browsers when API keys are set: the key goes into an HttpOnly cookie; logout clears it."""
+"""Signing in and out for browsers when API keys are set.
+
+Login checks the key and starts a server-side session (its random id in an HttpOnly cookie; the key is
+never stored in the browser). Both login and logout need the page's CSRF token, and login attempts are
+limited per address, so a key cannot be guessed at speed.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from muse.api.auth import KEY_COOKIE, KeyRing
-from muse.api.csrf import CSRF_COOKIE, cookie_header
+from muse.api.auth import KeyRing, fingerprint
+from muse.api.csrf import CSRF_COOKIE, CSRF_HEADER, cookie_header
+from muse.api.sessions import SESSION_COOKIE, Sessions
+from muse.core.ratelimit import RateLimiter
+from muse.errors import RateLimited
+
+LOGIN_ATTEMPTS_PER_MINUTE = 10
 
 
 def safe_next(target: str) -> str:
@@ -44,23 +54,48 @@ async def login_form(request: Request) -> Response:
     return login_page(request)
 
 
+async def form_fields(request: Request) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
+
+
+def csrf_ok(request: Request, sent: str) -> bool:
+    csrf = request.cookies.get(CSRF_COOKIE, "")
+    return bool(csrf) and hmac.compare_digest(sent.encode(), csrf.encode())
+
+
 async def login(request: Request) -> Response:
     keys: KeyRing = request.app.state.keys
-    fields = {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
-    csrf = request.cookies.get(CSRF_COOKIE, "")
-    if not csrf or not hmac.compare_digest(fields.get("csrf_token", "").encode(), csrf.encode()):
+    sessions: Sessions = request.app.state.sessions
+    attempts: RateLimiter = request.app.state.login_attempts
+    fields = await form_fields(request)
+    if not csrf_ok(request, fields.get("csrf_token", "")):
         return login_page(request, "Your session expired; please try again.", status=403)
+    address = request.client.host if request.client else "unknown"
+    try:
+        attempts.take(address, 1)
+    except RateLimited as limited:
+        page = login_page(request, f"Too many attempts; try again in {limited.headers()['Retry-After']} s.", 429)
+        page.headers.update(limited.headers())
+        return page
     key = fields.get("key", "")
-    if keys and not keys.valid(key):
+    if not keys.valid(key):
         return login_page(request, "That key is not valid.", status=401)
+    session = sessions.create(f"key:{fingerprint(key)}", keys.is_admin(key))
     response = RedirectResponse(safe_next(fields.get("next", "/")), status_code=303)
-    response.headers.append("set-cookie", cookie_header(KEY_COOKIE, key, request, max_age=30 * 86400).decode())
+    max_age = int(sessions.ttl)
+    response.headers.append("set-cookie", cookie_header(SESSION_COOKIE, session, request, max_age=max_age).decode())
     return response
 
 
 async def logout(request: Request) -> Response:
+    """Revokes the session server-side (a copied cookie stops working too); needs the CSRF token."""
+    sent = request.headers.get(CSRF_HEADER) or (await form_fields(request)).get("csrf_token", "")
+    if not csrf_ok(request, sent):
+        return login_page(request, "Sign out from Muse's own page.", status=403)
+    sessions: Sessions = request.app.state.sessions
+    sessions.revoke(request.cookies.get(SESSION_COOKIE, ""))
     response = RedirectResponse("/login", status_code=303)
-    response.headers.append("set-cookie", cookie_header(KEY_COOKIE, "", request, max_age=0).decode())
+    response.headers.append("set-cookie", cookie_header(SESSION_COOKIE, "", request, max_age=0).decode())
     return response
 
 

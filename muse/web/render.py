@@ -100,6 +100,7 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
         # Set by the auth middleware when API keys are on; empty otherwise, and then nothing checks it.
         "csrf_token": getattr(request.state, "csrf_token", ""),
         "gallery_enabled": gallery_of(request) is not None,
+        "signed_in": getattr(request.state, "authenticated_by", None) == "cookie",
         "model": muse.model,
     }
     response = templates.TemplateResponse(request, name, base | context, status_code=status_code)

@@ -1,11 +1,16 @@
-"""Chaos: N requests from C clients while a worker is SIGKILLed every few seconds.
+"""Chaos: N requests from C normal clients while hostile clients attack and a worker is SIGKILLed every few seconds.
 
     python benchmarks/chaos.py [--requests 500] [--clients 32] [--kill-every 3] [--devices cpu,cpu]
+                               [--hostile 4] [--slow 200]
 
-Every request must end with an answer: an image, or an error with a reason. Prints sent, succeeded,
-failed by reason, lost (no answer before the client's deadline: must be 0), crossed answers (an
-answer carrying another request's seed: must be 0), server-side outcomes (each accepted request
-counted exactly once), and p50/p99 latency. Writes benchmarks/results/chaos.json.
+Every normal request must end with an answer: an image, or a documented retryable error (503 with
+Retry-After). Hostile clients send, as fast as they are answered, requests over the cost limits,
+malformed bodies (bad JSON, nesting past the recursion limit, wrong types, hostile field names, odd
+sizes), and `--slow` connections that send half a request and stall. Prints normal requests sent,
+succeeded, failed by reason, lost (no answer before the client's deadline: must be 0), duplicated
+(an answer carrying another request's seed, or more server outcomes than requests: must be 0),
+hostile answers by status (must hold no 5xx), slow connections cut off by the server, and p50/p99
+latency. Writes benchmarks/results/chaos.json.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import random
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -30,6 +36,20 @@ from common import RESULTS, child_processes, muse_server
 from load import check_loopback, percentile
 
 from muse.config import EMBEDDED_MODEL
+
+HOSTILE_BODIES: list[tuple[str, bytes]] = [
+    ("/api/generate", json.dumps({"prompt": "a", "width": 2048, "height": 2048, "n": 8, "steps": 150}).encode()),
+    ("/api/generate", json.dumps({"prompt": "a", "steps": 10_000}).encode()),
+    ("/api/generate", b"[" * 100_000 + b"]" * 100_000),
+    ("/api/generate", b"{not json"),
+    ("/api/generate", json.dumps({"prompt": ["a"], "seed": "7", "n": 1.5}).encode()),
+    ("/api/jobs", json.dumps({"prompt": "a", "scheduler": "PNDM", "steps": 2}).encode()),
+    ("/v1/images/generations", json.dumps({"prompt": "a", "size": "\u00b2x\u00b2"}).encode()),
+    ("/v1/images/generations", json.dumps({"prompt": "a", "size": "1" * 5000 + "x64"}).encode()),
+    ("/sdapi/v1/txt2img", json.dumps({"prompt": "a", "width": 4096, "height": 4096, "batch_size": 8}).encode()),
+    ("/sdapi/v1/txt2img", json.dumps({"prompt": "a", "steps": 1, "a\nb": 1, "\u2603": 2}).encode()),
+    ("/sdapi/v1/png-info", json.dumps({"image": "R0lGODlhAQABAAAAACw="}).encode()),
+]
 
 
 def worker_pids(server_pid: int) -> list[int]:
@@ -69,6 +89,44 @@ async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> dict:
             else:
                 outcomes[f"{response.status_code}:{response.json()['error']['code']}"] += 1
 
+    hostile: Counter[str] = Counter()
+
+    async def attacker(http: httpx.AsyncClient, index: int) -> None:
+        rng = random.Random(index)
+        while not done.is_set():
+            path, body = rng.choice(HOSTILE_BODIES)
+            try:
+                response = await http.post(path, content=body, headers={"content-type": "application/json"})
+                hostile[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                hostile[f"transport:{type(exc).__name__}"] += 1
+
+    slow_closed = 0
+
+    async def slowloris() -> None:
+        nonlocal slow_closed
+        host, port = url.removeprefix("http://").split(":")
+        loop = asyncio.get_running_loop()
+        sockets = []
+        for i in range(args.slow):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (host, int(port)))
+            half = b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n" + b"\r\n{" * (i % 2)
+            await loop.sock_sendall(sock, half)
+            sockets.append(sock)
+
+        async def cut_off(sock: socket.socket) -> bool:
+            try:
+                return await loop.sock_recv(sock, 1024) == b""
+            except OSError:
+                return True
+
+        results = await asyncio.gather(*(asyncio.wait_for(cut_off(s), 60) for s in sockets), return_exceptions=True)
+        slow_closed = sum(r is True for r in results)
+        for sock in sockets:
+            sock.close()
+
     async def killer() -> None:
         nonlocal kills
         rng = random.Random(0)
@@ -86,9 +144,11 @@ async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
         kill_task = asyncio.create_task(killer())
+        attackers = [asyncio.create_task(attacker(http, i)) for i in range(args.hostile)]
+        slow_task = asyncio.create_task(slowloris())
         await asyncio.gather(*(client(http) for _ in range(args.clients)))
         done.set()
-        await kill_task
+        await asyncio.gather(kill_task, *attackers, slow_task)
         metrics = (await http.get("/metrics")).text
     elapsed = time.perf_counter() - start
     server_outcomes = {
@@ -97,13 +157,23 @@ async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> dict:
         if line.startswith("muse_requests_total{")
     }
     answered = sum(outcomes.values())
+    # Server outcomes count every accepted request once: the normal ones, and hostile ones that were valid.
+    hostile_accepted = sum(v for k, v in hostile.items() if k in ("200", "202"))
+    duplicated = crossed + max(0, round(sum(server_outcomes.values())) - args.requests - hostile_accepted)
+    retryable = {k: v for k, v in outcomes.items() if k.startswith("503:")}
     return {
         "sent": args.requests,
         "answered": answered,
         "succeeded": outcomes["succeeded"],
         "failed": {k: v for k, v in outcomes.items() if k != "succeeded"},
+        "failed_retryable": sum(retryable.values()),
         "lost": lost,
+        "duplicated": duplicated,
         "crossed_answers": crossed,
+        "hostile_by_status": dict(sorted(hostile.items())),
+        "hostile_5xx": sum(v for k, v in hostile.items() if k.startswith("5")),
+        "slow_connections": args.slow,
+        "slow_cut_off": slow_closed,
         "server_outcomes": server_outcomes,
         "server_outcomes_total": sum(server_outcomes.values()),
         "kills": kills,
@@ -127,10 +197,13 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=3.0, help="seconds between SIGKILLs")
     parser.add_argument("--devices", default="cpu,cpu")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--hostile", type=int, default=4, help="hostile clients sending bad requests")
+    parser.add_argument("--slow", type=int, default=200, help="connections that send half a request")
     parser.add_argument("--client-timeout", type=float, default=300.0)
     parser.add_argument("--out", default=str(RESULTS / "chaos.json"))
     args = parser.parse_args()
     flags = ["--model", args.model, "--devices", args.devices, "--max-queue", str(max(256, args.clients * 2))]
+    flags += ["--header-timeout", "5", "--body-timeout", "5"]
     with muse_server(*flags) as served:
         report = asyncio.run(chaos(served.url, served.process.pid, args))
     for key in (
@@ -138,8 +211,14 @@ def main() -> None:
         "answered",
         "succeeded",
         "failed",
+        "failed_retryable",
         "lost",
+        "duplicated",
         "crossed_answers",
+        "hostile_by_status",
+        "hostile_5xx",
+        "slow_connections",
+        "slow_cut_off",
         "server_outcomes_total",
         "kills",
         "retried_batches",
@@ -148,8 +227,14 @@ def main() -> None:
     ):
         value = report[key]
         print(f"{key:<24} {round(value, 1) if isinstance(value, float) else value}")
-    ok = report["lost"] == 0 and report["crossed_answers"] == 0 and report["answered"] == report["sent"]
-    print("verdict:", "every request answered exactly once" if ok else "FAILED: lost or crossed answers")
+    normal_ok = report["succeeded"] + report["failed_retryable"] == report["sent"]
+    ok = report["lost"] == 0 and report["duplicated"] == 0 and report["hostile_5xx"] == 0 and normal_ok
+    print(
+        "verdict:",
+        "every normal request answered once (an image or a retryable 503); no 5xx from hostile input"
+        if ok
+        else "FAILED: lost, duplicated, non-retryable failures, or a 5xx from hostile input",
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -48,6 +48,11 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error = MethodNotAllowed(str(exc.detail)) if exc.status_code == 405 else NotFound(str(exc.detail))
     return error_response(error, exc.headers)
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up (or was cut off for sending too slowly) while its body was read: nobody to answer."""
+    return Response(status_code=400)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -103,7 +108,12 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={MuseError: muse_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            MuseError: muse_error,
+            HTTPException: http_error,
+            ClientDisconnect: client_gone,
+            Exception: server_error,
+        },
     )
     app.state.keys = keys
     app.state.sessions = sessions

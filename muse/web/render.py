@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
@@ -140,6 +140,8 @@ def friendly(handler: Handler) -> Handler:
             return await handler(request)
         except MuseError as error:
             return problem_response(request, error)
+        except ClientDisconnect:
+            raise  # nobody to show a card to
         except Exception as exc:
             log.exception("page %s %s failed", request.method, request.url.path, exc_info=exc)
             return problem_response(request, MuseError("an unexpected error happened; the server log has the details"))

@@ -1,0 +1,222 @@
+"""The step engine: images join and leave a running batch between denoising steps (continuous batching).
+
+Each image is a *slot*: its latents, its text embeddings (negative and positive), its guidance, its own
+scheduler instance and timestep index, and its own generator. One `step()` runs the UNet once over every
+active slot (rows at different timesteps share the call: the UNet takes one timestep per row), applies
+classifier-free guidance per slot, then each slot's scheduler step. Slots of the same latent shape share
+steps whatever their steps, guidance, sampler or prompts; a slot whose timesteps are done leaves, and
+its VAE decode is batched with the others finishing on the same step.
+
+Built from the loaded pipeline's own parts (`encode_prompt`, `prepare_latents`'s noise, the scheduler
+classes, `unet`, `vae`, `image_processor`), so a slot gives the pixels `pipe(...)` gives for the same
+parameters and seed, whether it runs alone, joins mid-way, or shares steps with different requests.
+`StableDiffusionPipeline` only, for now (`supports`); other pipelines run whole calls (muse.worker.pipeline).
+
+Nothing here knows about pipes or asyncio; the worker's loop (muse.worker.main) drives it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from muse.schedulers import SCHEDULERS
+from muse.worker.pipeline import LoadedPipeline
+
+STEP_ENGINE_PIPELINES = {"StableDiffusionPipeline"}
+
+
+def supports(pipe: Any) -> bool:
+    """Whether the step engine knows this pipeline class (and its UNet needs no extra conditioning)."""
+    unet = getattr(pipe, "unet", None)
+    return (
+        type(pipe).__name__ in STEP_ENGINE_PIPELINES
+        and unet is not None
+        and unet.config.get("time_cond_proj_dim") is None
+        and unet.config.get("addition_embed_type") is None
+    )
+
+
+@dataclass(frozen=True)
+class SlotRequest:
+    """One image to make: what the parent sends for it."""
+
+    slot_id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str = ""  # "" = the model's own
+
+
+@dataclass(eq=False)
+class Slot:
+    request: SlotRequest
+    scheduler: Any
+    timesteps: list[Any]
+    latents: torch.Tensor  # (1, C, h, w)
+    embeddings: torch.Tensor  # (2, tokens, dim): negative then positive; (1, …) without guidance
+    generator: torch.Generator
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    index: int = 0  # timesteps done
+
+    @property
+    def guided(self) -> bool:
+        return self.embeddings.shape[0] == 2
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(steps done, steps) as the request counts them, for second-order samplers too."""
+        total = len(self.timesteps)
+        return (self.index * self.request.steps) // total if total else 0, self.request.steps
+
+
+class StepEngine:
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        assert supports(loaded.pipe), f"{type(loaded.pipe).__name__} runs whole calls, not steps"
+        self.loaded = loaded
+        self.pipe = loaded.pipe
+        self.slots: list[Slot] = []
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(width, height) of the running slots; new slots must match it."""
+        return (self.slots[0].request.width, self.slots[0].request.height) if self.slots else None
+
+    # ---- joining --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, requests: list[SlotRequest]) -> list[Slot]:
+        """Prepare and add slots (their text encoded together); they take their first step at the next `step()`."""
+        if not requests:
+            return []
+        shapes = {(r.width, r.height) for r in requests} | ({self.shape} if self.shape else set())
+        assert len(shapes) == 1, f"one latent shape at a time, not {sorted(shapes)}"
+        pipe = self.pipe
+        device = pipe._execution_device
+        positive, negative = pipe.encode_prompt(
+            [r.prompt for r in requests],
+            device,
+            1,
+            True,
+            [r.negative_prompt for r in requests],
+        )
+        admitted = []
+        for i, request in enumerate(requests):
+            scheduler = self._scheduler(request.scheduler)
+            scheduler.set_timesteps(request.steps, device=device)
+            generator = torch.Generator(device="cpu").manual_seed(request.seed)
+            guided = request.guidance_scale > 1
+            embeddings = torch.cat([negative[i : i + 1], positive[i : i + 1]]) if guided else positive[i : i + 1]
+            slot = Slot(
+                request=request,
+                scheduler=scheduler,
+                timesteps=list(scheduler.timesteps),
+                latents=self._noise(request, scheduler, generator, positive.dtype, device),
+                embeddings=embeddings,
+                generator=generator,
+                step_kwargs=_step_kwargs(scheduler, generator),
+            )
+            admitted.append(slot)
+        self.slots.extend(admitted)
+        return admitted
+
+    def _scheduler(self, name: str) -> Any:
+        # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
+        import diffusers
+
+        base = self.loaded.schedulers[""]
+        cls = type(base) if not name else getattr(diffusers, SCHEDULERS[name])
+        return cls.from_config(base.config)
+
+    def _noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any, device: Any) -> Any:
+        """The latents `prepare_latents` draws for this image: the same generator draws, scaled by the
+        image's own scheduler (the pipeline's would scale by its own scheduler's init_noise_sigma)."""
+        pipe = self.pipe
+        shape = (
+            1,
+            pipe.unet.config.in_channels,
+            request.height // pipe.vae_scale_factor,
+            request.width // pipe.vae_scale_factor,
+        )
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+    # ---- stepping -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Slot]:
+        """One UNet call over every active slot, then each slot's scheduler step. Returns the slots that
+        finished with this step (removed from the engine; decode them)."""
+        active = [s for s in self.slots if not s.done]
+        if not active:
+            return []
+        inputs, times, embeddings = [], [], []
+        for slot in active:
+            t = slot.timesteps[slot.index]
+            rows = torch.cat([slot.latents] * 2) if slot.guided else slot.latents
+            inputs.append(slot.scheduler.scale_model_input(rows, t))
+            times.extend([t] * rows.shape[0])
+            embeddings.append(slot.embeddings)
+        sample = torch.cat(inputs)
+        timestep = torch.stack([torch.as_tensor(t, device=sample.device) for t in times])
+        noise = self.pipe.unet(sample, timestep, encoder_hidden_states=torch.cat(embeddings), return_dict=False)[0]
+        row = 0
+        for slot in active:
+            if slot.guided:
+                uncond, text = noise[row : row + 2].chunk(2)
+                prediction = uncond + slot.request.guidance_scale * (text - uncond)
+                row += 2
+            else:
+                prediction = noise[row : row + 1]
+                row += 1
+            t = slot.timesteps[slot.index]
+            slot.latents = slot.scheduler.step(prediction, t, slot.latents, **slot.step_kwargs, return_dict=False)[0]
+            slot.index += 1
+        finished = [s for s in self.slots if s.done]
+        self.slots = [s for s in self.slots if not s.done]
+        return finished
+
+    def remove(self, slot_ids: Iterable[str]) -> list[Slot]:
+        """Cancelled or expired images leave at once (between steps); returns those removed."""
+        gone = set(slot_ids)
+        removed = [s for s in self.slots if s.request.slot_id in gone]
+        self.slots = [s for s in self.slots if s.request.slot_id not in gone]
+        return removed
+
+    # ---- leaving --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, slots: list[Slot]) -> list[Any]:
+        """PIL images of finished slots, decoded together, as `pipe(...)` would return them."""
+        if not slots:
+            return []
+        pipe = self.pipe
+        latents = torch.cat([s.latents for s in slots])
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize))
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """What the pipeline passes to this scheduler's step: eta 0 (DDIM), and the image's own generator for
+    samplers that add noise (Euler a), as `prepare_extra_step_kwargs` does."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs

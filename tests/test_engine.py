@@ -1,0 +1,114 @@
+"""The step engine gives the plain pipeline's pixels (within 2/255), alone, joined mid-way, and sharing steps
+with requests of other step counts, guidance scales, samplers and negative prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from muse.config import EMBEDDED_MODEL
+from muse.worker.engine import SlotRequest, StepEngine, supports
+from muse.worker.pipeline import LoadedPipeline, load_pipeline
+
+TOLERANCE = 2  # of 255
+
+
+@pytest.fixture(scope="module", params=["embedded", "tiny"])
+def loaded(request: pytest.FixtureRequest, tiny_model: str) -> LoadedPipeline:
+    torch.set_num_threads(2)
+    return load_pipeline(EMBEDDED_MODEL if request.param == "embedded" else tiny_model, "cpu")
+
+
+def plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
+    """What `pipe(...)` gives for this request alone."""
+    loaded.use_scheduler(r.scheduler)
+    try:
+        with torch.inference_mode():
+            image = loaded.pipe(
+                prompt=[r.prompt],
+                negative_prompt=[r.negative_prompt],
+                num_inference_steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                width=r.width,
+                height=r.height,
+                generator=[torch.Generator(device="cpu").manual_seed(r.seed)],
+            ).images[0]
+    finally:
+        loaded.use_scheduler("")
+    return np.asarray(image, dtype=np.int16)
+
+
+def run(engine: StepEngine, joins: dict[int, list[SlotRequest]]) -> dict[str, np.ndarray]:
+    """Step the engine, admitting `joins[k]` before step k, until every slot has left."""
+    images: dict[str, np.ndarray] = {}
+    step = 0
+    while step in joins or engine.slots or any(k > step for k in joins):
+        engine.admit(joins.get(step, []))
+        finished = engine.step()
+        for slot, image in zip(finished, engine.decode(finished), strict=True):
+            images[slot.request.slot_id] = np.asarray(image, dtype=np.int16)
+        step += 1
+    return images
+
+
+def request(slot_id: str, loaded: LoadedPipeline, **kw: Any) -> SlotRequest:
+    base: dict[str, Any] = {
+        "prompt": "a red circle on a blue background",
+        "negative_prompt": "",
+        "seed": 7,
+        "steps": 10,
+        "guidance_scale": 2.5,
+        "width": max(64, loaded.width),
+        "height": max(64, loaded.height),
+        "scheduler": "",
+    }
+    return SlotRequest(slot_id=slot_id, **(base | kw))
+
+
+def assert_same(engine_images: dict[str, np.ndarray], loaded: LoadedPipeline, requests: list[SlotRequest]) -> None:
+    for r in requests:
+        difference = np.abs(engine_images[r.slot_id] - plain(loaded, r)).max()
+        assert difference <= TOLERANCE, f"{r.slot_id} ({r.scheduler or 'own'}, {r.steps} steps): off by {difference}"
+
+
+def test_the_embedded_and_tiny_models_run_on_the_step_engine(loaded: LoadedPipeline) -> None:
+    assert supports(loaded.pipe)
+
+
+def test_one_image_alone_matches_the_pipeline(loaded: LoadedPipeline) -> None:
+    alone = request("alone", loaded, steps=12, scheduler="DDIM")
+    assert_same(run(StepEngine(loaded), {0: [alone]}), loaded, [alone])
+
+
+def test_images_joining_mid_way_with_other_samplers_steps_and_guidance_match(loaded: LoadedPipeline) -> None:
+    first = request("ddim", loaded, steps=12, scheduler="DDIM", seed=1)
+    euler = request("euler", loaded, steps=8, scheduler="Euler", guidance_scale=4.0, seed=2, negative_prompt="red")
+    dpm = request("dpm", loaded, steps=6, scheduler="DPM++ 2M", seed=3, prompt="a green square on a black background")
+    ancestral = request("euler-a", loaded, steps=7, scheduler="Euler a", seed=4, guidance_scale=6.0)
+    unguided = request("unguided", loaded, steps=5, guidance_scale=1.0, seed=5)
+    requests = [first, euler, dpm, ancestral, unguided]
+    images = run(StepEngine(loaded), {0: [first], 3: [euler, dpm], 5: [ancestral, unguided]})
+    assert sorted(images) == sorted(r.slot_id for r in requests)
+    assert_same(images, loaded, requests)
+
+
+def test_a_removed_slot_leaves_between_steps_and_the_others_are_unchanged(loaded: LoadedPipeline) -> None:
+    kept = request("kept", loaded, steps=8, seed=11)
+    dropped = request("dropped", loaded, steps=8, seed=12)
+    engine = StepEngine(loaded)
+    engine.admit([kept, dropped])
+    engine.step()
+    assert [s.request.slot_id for s in engine.remove(["dropped"])] == ["dropped"]
+    images = run(engine, {})
+    assert sorted(images) == ["kept"]
+    assert_same(images, loaded, [kept])
+
+
+def test_one_latent_shape_at_a_time(loaded: LoadedPipeline) -> None:
+    engine = StepEngine(loaded)
+    engine.admit([request("a", loaded)])
+    with pytest.raises(AssertionError):
+        engine.admit([request("b", loaded, width=loaded.width * 2 + 8)])

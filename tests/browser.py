@@ -93,7 +93,7 @@ class Restartable:
     """A live server that a test can restart on the same settings (and so the same data dir)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self.original = self.settings = settings
         self.server = self._start()
 
     def _start(self) -> LiveServer:
@@ -109,6 +109,11 @@ class Restartable:
         self.server.stop()
         self.settings = dataclasses.replace(self.settings, **changes)
         self.server = self._start()
+
+    def reset(self) -> None:
+        """Back on the settings it was made with, if a test restarted it on others."""
+        if self.settings != self.original:
+            self.restart(**{f.name: getattr(self.original, f.name) for f in dataclasses.fields(self.original)})
 
     def stop(self) -> None:
         self.server.stop()

@@ -20,7 +20,7 @@ from muse.core.batcher import TicketState
 from muse.web.assets import STATIC_DIR
 from muse.web.render import HTMX_CDN, HTMX_VERSION
 from tests.browser import Restartable, Watched, launch, open_page
-from tests.serving import run_blocker, settings, wait_for
+from tests.serving import run_blocker, settings, wait_idle
 
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -35,11 +35,18 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def served(browser: Browser, tiny_model: str) -> Iterator[Restartable]:
+def shared_server(browser: Browser, tiny_model: str) -> Iterator[Restartable]:
     # Asks for the browser first: without Chromium, fail before paying for a server start.
     server = Restartable(settings(tiny_model, max_wait_ms=1, job_ttl=60))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def served(shared_server: Restartable) -> Restartable:
+    """The module's server, on its own settings whichever test ran before (one restarts it on others)."""
+    shared_server.reset()
+    return shared_server
 
 
 @pytest.fixture
@@ -50,10 +57,12 @@ def watched(browser: Browser) -> Iterator[Watched]:
     page.assert_clean()
 
 
-def test_chromium_is_installed() -> None:
-    """One plain FAILED line (not only setup errors) when the browser is missing."""
-    with sync_playwright() as playwright:
-        launch(playwright).close()
+def test_chromium_is_installed(request: pytest.FixtureRequest) -> None:
+    """One plain FAILED line (not only setup errors) when the browser is missing. It asks for the
+    module's browser inside the test, rather than starting a second Playwright: the sync API refuses
+    to start inside the first one, so that failed whenever another test had already run."""
+    browser: Browser = request.getfixturevalue("browser")
+    assert browser.is_connected() and browser.version
 
 
 def screenshot(page: Page, path: Path, record_property: Callable[[str, object], None]) -> None:
@@ -78,16 +87,17 @@ def progress_after(page: Page, previous: int, steps: int) -> int:
 
 def release(served: Restartable, job: str) -> None:
     httpx.delete(f"{served.url}/api/jobs/{job}")
-    wait_for(lambda: served.server.muse.batcher.idle, 60, what="the batcher to be idle")
+    wait_idle(served.server)
 
 
 def test_type_submit_watch_progress_and_get_the_image(
     watched: Watched, served: Restartable, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     page = watched.page
-    # Long enough (a few seconds even on a quiet machine) for the 500 ms polling to show several steps.
-    steps = 120
-    page.goto(f"{served.url}/?steps={steps}&seed=42&size=64x64")  # the query refills the form
+    # Long enough (about 3 s on a quiet 2-core machine) for the 500 ms polling to show several steps:
+    # 120 steps of one image took 0.8 s there, and the bar was seen at most once between 0 and done.
+    steps = 150
+    page.goto(f"{served.url}/?steps={steps}&seed=42&size=64x64&n=8")  # the query refills the form
     prompt = page.get_by_label("Prompt", exact=True)
     expect(prompt).to_be_focused()
     prompt.type("a lighthouse")
@@ -104,19 +114,19 @@ def test_type_submit_watch_progress_and_get_the_image(
     assert 0 < first < second < steps
     expect(card.locator("[data-role=progress]")).to_contain_text(f"/{steps}")
 
-    image = card.get_by_role("img", name="a lighthouse\nat dusk")
+    image = card.get_by_role("img", name="a lighthouse\nat dusk").first  # seed 42's, the first of 8
     expect(image).to_be_visible(timeout=60_000)
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
     expect(card).to_contain_text("Seed 42")
     with page.expect_download() as download:
-        card.get_by_role("link", name="Download").click()
+        card.get_by_role("link", name="Download").first.click()
     assert download.value.suggested_filename == "a-lighthouse-at-dusk-42.png"
     screenshot(page, tmp_path / "studio.png", record_property)
 
     # "Reuse seed" refills the form in place; "Generate again" makes a new card with a new seed.
     seed = page.get_by_label("Seed", exact=True)
     seed.fill("")
-    card.get_by_role("link", name="Reuse seed").click()
+    card.get_by_role("link", name="Reuse seed").first.click()
     expect(seed).to_have_value("42")
     expect(page.get_by_label("Prompt", exact=True)).to_be_focused()
     card.get_by_role("button", name="Generate again").click()
@@ -141,8 +151,8 @@ def test_cancel_a_queued_job(watched: Watched, served: Restartable) -> None:
         card.get_by_role("button", name="Cancel").click()
         expect(card).to_have_attribute("data-state", "cancelled")
         expect(card).to_contain_text("Cancelled by the client")
-        ticket = served.server.muse.job(job)
-        assert ticket.state is TicketState.CANCELLED and ticket.attempts == 0, "it never reached a worker"
+        state, attempts = served.server.read(lambda m: (m.job(job).state, m.job(job).attempts))
+        assert state is TicketState.CANCELLED and attempts == 0, "it never reached a worker"
     finally:
         release(served, blocker)
 
@@ -215,7 +225,7 @@ def test_phone_width_fits_without_sideways_scrolling(
 
 
 def test_the_image_is_in_the_gallery_after_a_restart(watched: Watched, served: Restartable) -> None:
-    """Last in the module: it restarts the shared server."""
+    """It restarts the shared server on other settings; the `served` fixture puts them back for any test after."""
     page = watched.page
     prompt = f"a glass tower {uuid.uuid4().hex[:6]}"
     page.goto(f"{served.url}/?steps=2")

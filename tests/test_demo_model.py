@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,14 @@ SHIPPED = Path(train.__file__).parent / "pipeline"
 def guidance() -> float:
     """The shipped model's own default, read the way the server reads it."""
     return float(read_defaults(str(SHIPPED))["guidance_scale"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """The pipelines here (and train.main) set torch's process-wide thread count; give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

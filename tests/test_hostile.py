@@ -124,7 +124,7 @@ def test_without_keys_a_cross_site_form_cannot_create_jobs_or_delete_images(
     server: LiveServer, headers: dict[str, str]
 ) -> None:
     made = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "response_format": "url", "steps": 1})
-    image_id = made.json()["data"][0]["url"].rsplit("/", 1)[1].removesuffix(".png")
+    image_id = made.json()["data"][0]["url"].split("/gallery/")[1].split(".png")[0]
     form = {"prompt": "forged", "steps": "1"}
     refused = httpx.post(f"{server.url}/jobs", data=form, headers=headers)
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_site"

@@ -19,6 +19,7 @@ from tests.serving import (
     settings,
     submit_job,
     wait_for,
+    wait_idle,
 )
 
 
@@ -103,7 +104,7 @@ def test_deadline_while_running_is_504(server: LiveServer) -> None:
     )
     assert response.status_code == 504
     assert "while running" in response.json()["error"]["message"]
-    wait_for(lambda: server.muse.batcher.idle, 60, what="the interrupted batch to end")
+    wait_idle(server)  # the interrupted batch ends
 
 
 def test_disconnected_client_request_is_never_computed(server: LiveServer) -> None:
@@ -131,7 +132,8 @@ def test_overload_burst_gets_503_with_retry_after_and_every_accepted_request_suc
 
     async def scenario() -> list[httpx.Response]:
         task = asyncio.ensure_future(burst())
-        await asyncio.to_thread(wait_for, lambda: server.muse.batcher.queued_images >= 4, 30, 0.01, "a full queue")
+        full = lambda: server.read(lambda m: m.batcher.queued_images) >= 4  # noqa: E731
+        await asyncio.to_thread(wait_for, full, 30, 0.01, "a full queue")
         await asyncio.to_thread(httpx.delete, f"{server.url}/api/jobs/{blocker}")
         return await task
 

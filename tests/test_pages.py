@@ -27,9 +27,22 @@ from muse.errors import GenerationFailed, WorkerDied
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
 from muse.web.assets import STATIC_DIR
 from muse.web.render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION
-from tests.serving import LiveServer, live_server, release, run_blocker, settings, submit_job, wait_for, wait_job
+from tests.serving import (
+    LiveServer,
+    live_server,
+    release,
+    run_blocker,
+    settings,
+    submit_job,
+    wait_for,
+    wait_idle,
+    wait_job,
+)
 
 HX = {"HX-Request": "true"}
+
+# The Host the app answers to when bound to loopback (TestClient says "testserver" by default).
+LOOPBACK = "http://127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +54,7 @@ def server(tiny_model: str) -> Iterator[LiveServer]:
 @pytest.fixture
 def idle_app(tiny_model: str, tmp_path: Path) -> TestClient:
     """The app, not started: pages and the gallery work, nothing can be generated."""
-    return TestClient(create_app(settings(tiny_model, data_dir=str(tmp_path))))
+    return TestClient(create_app(settings(tiny_model, data_dir=str(tmp_path))), base_url=LOOPBACK)
 
 
 def post_form(server: LiveServer, data: dict[str, str], htmx: bool = True) -> httpx.Response:
@@ -162,7 +175,7 @@ def test_queued_card_shows_honest_position_and_cancel_ends_it(server: LiveServer
         assert cancelled.status_code == 200 and 'data-state="cancelled"' in cancelled.text
         assert not polls(cancelled.text) and "Cancelled by the client" in cancelled.text
         assert ">Try again</button>" in cancelled.text
-        assert server.muse.job(job).state is TicketState.CANCELLED
+        assert server.read(lambda m: m.job(job).state) is TicketState.CANCELLED
     finally:
         release(server, blocker)
 
@@ -170,7 +183,7 @@ def test_queued_card_shows_honest_position_and_cancel_ends_it(server: LiveServer
 def test_running_card_shows_step_of_n_and_eta(server: LiveServer) -> None:
     job = job_id(post_form(server, {"prompt": "slow one", "steps": "150", "n": "8"}).text)
     try:
-        wait_for(lambda: server.muse.job(job).step >= 2, 60, what="two steps")
+        wait_for(lambda: server.read(lambda m: m.job(job).step) >= 2, 60, what="two steps")
         running = card(server, job)
         step = int(re.search(r'aria-valuenow="(\d+)"', running).group(1))  # type: ignore[union-attr]
         assert 'role="progressbar"' in running and 'aria-valuemax="150"' in running and step >= 2
@@ -178,7 +191,7 @@ def test_running_card_shows_step_of_n_and_eta(server: LiveServer) -> None:
         assert f'id="cancel-{job}"' in running and polls(running)
     finally:
         httpx.post(f"{server.url}/jobs/{job}/cancel", headers=HX)
-        wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")
+        wait_idle(server)
 
 
 def test_validation_errors_render_as_cards_naming_the_field(server: LiveServer) -> None:
@@ -267,7 +280,7 @@ def test_worker_failure_cards_are_readable(idle_app: TestClient) -> None:
 
 
 def test_without_a_gallery_images_come_from_the_job(tiny_model: str) -> None:
-    client = TestClient(create_app(settings(tiny_model, no_gallery=True)))
+    client = TestClient(create_app(settings(tiny_model, no_gallery=True)), base_url=LOOPBACK)
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (9, 9, 9)).save(buffer, format="PNG")
     ticket = place_ticket(client, TicketState.SUCCEEDED)
@@ -338,9 +351,11 @@ def test_image_detail_download_and_delete(idle_app: TestClient) -> None:
 
 
 def test_with_api_keys_a_signed_in_page_posts_with_its_csrf_token(tiny_model: str) -> None:
-    client = TestClient(create_app(settings(tiny_model, api_keys="sekrit")))
+    client = TestClient(create_app(settings(tiny_model, api_keys="sekrit")), base_url=LOOPBACK)
     assert client.get("/", headers={"accept": "text/html"}, follow_redirects=False).status_code == 303
-    client.cookies.set("muse_key", "sekrit")
+    login_token = client.get("/login").cookies["muse_csrf"]
+    signed_in = client.post("/login", data={"key": "sekrit", "csrf_token": login_token}, follow_redirects=False)
+    assert signed_in.status_code == 303 and "muse_session" in client.cookies
     page = client.get("/")
     token = client.cookies["muse_csrf"]
     assert f"""hx-headers='{{"X-CSRF-Token": "{token}"}}'""" in page.text

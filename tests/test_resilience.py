@@ -17,13 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from muse.pools.local import WorkerState
+from muse.pools.local import WorkerHandle, WorkerState
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_for, wait_job
 
 
-def busy_worker(server: LiveServer):  # type: ignore[no-untyped-def]
+def busy_worker(server: LiveServer) -> tuple[WorkerHandle, int]:
+    """A busy worker's handle (to ask the server about it later) and its pid."""
     return wait_for(
-        lambda: next((w for w in server.muse.pool.workers if w.state is WorkerState.BUSY), None),
+        lambda: server.read(
+            lambda m: next(((w, w.pid) for w in m.pool.workers if w.state is WorkerState.BUSY and w.pid), None)
+        ),
         60,
         0.01,
         "a busy worker",
@@ -31,7 +34,11 @@ def busy_worker(server: LiveServer):  # type: ignore[no-untyped-def]
 
 
 def ready_workers(server: LiveServer) -> int:
-    return sum(1 for w in server.muse.pool.workers if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+    return server.read(lambda m: sum(1 for w in m.pool.workers if w.state in (WorkerState.IDLE, WorkerState.BUSY)))
+
+
+def worker_count(server: LiveServer) -> int:
+    return server.read(lambda m: len(m.pool.workers))
 
 
 def png_pixels(b64: str) -> np.ndarray:
@@ -42,12 +49,12 @@ def test_killed_worker_batch_is_retried_with_the_same_images_and_the_pool_recove
     body = {"prompt": "a blue circle", "steps": 60, "n": 4, "seed": 99}
     with live_server(settings(tiny_model, devices="cpu,cpu")) as server:
         job = submit_job(server, body)
-        victim = busy_worker(server)
-        os.kill(victim.pid, signal.SIGKILL)
+        _, victim = busy_worker(server)
+        os.kill(victim, signal.SIGKILL)
         result = wait_job(server, job, {"succeeded", "failed"})
         assert result["status"] == "succeeded", result
         wait_for(lambda: ready_workers(server) == 2, 120, what="the pool back at its target of 2")
-        assert victim.pid not in server.worker_pids()
+        assert victim not in server.worker_pids()
         again = httpx.post(server.url + "/api/generate", json=body, timeout=120).json()
         for retried, fresh in zip(result["result"]["images"], again["images"], strict=True):
             assert np.abs(png_pixels(retried["png_base64"]) - png_pixels(fresh["png_base64"])).max() <= 1
@@ -57,15 +64,15 @@ def test_hung_worker_is_killed_and_its_batch_retried(tiny_model: str) -> None:
     config = settings(tiny_model, devices="cpu,cpu", worker_timeout=2.0, scale_interval=0.2)
     with live_server(config) as server:
         job = submit_job(server, {"prompt": "hang", "steps": 60, "n": 4})
-        victim = busy_worker(server)
-        os.kill(victim.pid, signal.SIGSTOP)
+        victim, pid = busy_worker(server)
+        os.kill(pid, signal.SIGSTOP)
         try:
             result = wait_job(server, job, {"succeeded", "failed"})
         finally:
-            if victim.process.is_alive():
-                os.kill(victim.pid, signal.SIGKILL)
+            if server.read(lambda m: victim.process.is_alive()):
+                os.kill(pid, signal.SIGKILL)
         assert result["status"] == "succeeded", result
-        assert victim.state is WorkerState.DEAD
+        assert server.read(lambda m: victim.state) is WorkerState.DEAD
 
 
 def test_model_that_fails_to_load_is_reported_and_not_respawned(tmp_path: Path) -> None:
@@ -77,9 +84,9 @@ def test_model_that_fails_to_load_is_reported_and_not_respawned(tmp_path: Path) 
             lambda: (r := httpx.get(server.url + "/readyz")).status_code == 503 and "boot" in r.text and r, 120
         )
         assert "broken" in ready.json()["reason"]
-        ticks = server.muse.autoscaler.ticks
-        wait_for(lambda: server.muse.autoscaler.ticks >= ticks + 5, 30, what="five reconcile passes")
-        assert server.muse.pool.spawned == 1, "a worker that cannot load must not be respawned"
+        ticks = server.read(lambda m: m.autoscaler.ticks)
+        wait_for(lambda: server.read(lambda m: m.autoscaler.ticks) >= ticks + 5, 30, what="five reconcile passes")
+        assert server.read(lambda m: m.pool.spawned) == 1, "a worker that cannot load must not be respawned"
         refused = httpx.post(server.url + "/api/generate", json={"prompt": "x"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_workers"
 
@@ -94,7 +101,7 @@ def test_autoscaler_adds_a_worker_under_load_and_drains_it_when_idle(tiny_model:
         downscale_delay=1.0,
     )
     with live_server(config) as server:
-        assert len(server.muse.pool.workers) == 1
+        assert worker_count(server) == 1
 
         stop = threading.Event()
         statuses: list[int] = []
@@ -116,9 +123,9 @@ def test_autoscaler_adds_a_worker_under_load_and_drains_it_when_idle(tiny_model:
             stop.set()
             loader.join(300)
         assert statuses and set(statuses) == {200}
-        wait_for(lambda: len(server.muse.pool.workers) == 1, 60, what="the surplus worker to drain")
-        assert server.muse.pool.target == 1
-        decisions = server.muse.autoscaler.decisions
+        wait_for(lambda: worker_count(server) == 1, 60, what="the surplus worker to drain")
+        assert server.read(lambda m: m.pool.target) == 1
+        decisions = server.read(lambda m: list(m.autoscaler.decisions))
         assert any(d.startswith("1->2") for d in decisions) and any(d.startswith("2->1") for d in decisions)
 
 
@@ -127,10 +134,10 @@ def test_scale_to_zero_and_cold_start(tiny_model: str) -> None:
     with live_server(config, ready=False) as server:
         ready = httpx.get(server.url + "/readyz")
         assert ready.status_code == 200 and "zero" in ready.json()["reason"]
-        assert server.muse.pool.workers == []
+        assert worker_count(server) == 0
         response = httpx.post(server.url + "/api/generate", json={"prompt": "cold", "steps": 2}, timeout=120)
         assert response.status_code == 200
-        wait_for(lambda: server.muse.pool.workers == [], 60, what="scaling back to zero")
+        wait_for(lambda: worker_count(server) == 0, 60, what="scaling back to zero")
 
 
 def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_path: Path) -> None:

@@ -65,10 +65,10 @@ def test_sixteen_concurrent_requests_batch_and_use_both_workers(server: LiveServ
     # /readyz turns 200 with the first ready worker; a burst sent while the other still loads
     # rightly all goes to that one (seen: [0, 0] -> [0, 3]), so wait for both.
     wait_for(
-        lambda: [w.state for w in server.muse.pool.workers] == [WorkerState.IDLE] * 2,
+        lambda: server.read(lambda m: [w.state for w in m.pool.workers]) == [WorkerState.IDLE] * 2,
         what="both workers idle",
     )
-    done_before = [w.batches_done for w in server.muse.pool.workers]
+    done_before = server.read(lambda m: [w.batches_done for w in m.pool.workers])
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -83,7 +83,7 @@ def test_sixteen_concurrent_requests_batch_and_use_both_workers(server: LiveServ
     assert [r.status_code for r in responses] == [200] * 16
     assert [r.json()["images"][0]["seed"] for r in responses] == list(range(16))
     assert max(r.json()["batch_size"] for r in responses) > 1
-    done_after = [w.batches_done for w in server.muse.pool.workers]
+    done_after = server.read(lambda m: [w.batches_done for w in m.pool.workers])
     assert all(after > before for before, after in zip(done_before, done_after, strict=True)), (
         f"both workers should have run batches: {done_before} -> {done_after}"
     )
@@ -161,15 +161,17 @@ def test_sigkill_of_a_busy_worker_ends_its_requests_with_503_and_others_keep_ser
                 slow = asyncio.ensure_future(
                     client.post("/api/generate", json={"prompt": "slow", "steps": 150, "n": 8})
                 )
-                busy = await asyncio.to_thread(
+                busy_pid = await asyncio.to_thread(
                     wait_for,
-                    lambda: next((w for w in server.muse.pool.workers if w.state is WorkerState.BUSY), None),
+                    lambda: server.read(
+                        lambda m: next((w.pid for w in m.pool.workers if w.state is WorkerState.BUSY and w.pid), None)
+                    ),
                     30,
                     0.01,
                     "a busy worker",
                 )
                 killed_at = time.monotonic()
-                os.kill(busy.pid, signal.SIGKILL)
+                os.kill(busy_pid, signal.SIGKILL)
                 failed = await slow
                 elapsed = time.monotonic() - killed_at
                 ok = await client.post("/api/generate", json={"prompt": "after", "steps": STEPS})

@@ -20,7 +20,17 @@ from PIL import Image
 
 import muse.slack.bot
 from tests.fake_slack import FakeSlack
-from tests.serving import LiveServer, job_status, live_server, release, run_blocker, settings, submit_job, wait_for
+from tests.serving import (
+    LiveServer,
+    job_status,
+    live_server,
+    release,
+    run_blocker,
+    settings,
+    submit_job,
+    wait_for,
+    wait_idle,
+)
 
 APP_TOKEN = "xapp-test"
 BOT_TOKEN = "xoxb-test"
@@ -101,7 +111,7 @@ def api_pngs(server: LiveServer, body: dict) -> list[bytes]:
 
 
 def idle(server: LiveServer) -> None:
-    wait_for(lambda: server.muse.batcher.idle, 60, what="the batcher to be idle")
+    wait_idle(server)
 
 
 @pytest.mark.parametrize("text", ["help", "", "  --help ", "--seed 3"])
@@ -167,7 +177,8 @@ def test_ack_gives_the_queue_position_and_each_user_gets_a_limited_number_of_job
         assert "queued behind 1 image" in command(fake, "second fox --steps 2")
         refused = command(fake, "third fox --steps 2")
         assert "You already have 2 image requests in progress (at most 2 per person)" in refused
-        assert "queued behind 2 images" in command(fake, "bob's fox --steps 2", user="U_BOB")
+        # The queue is fair between Slack users: Bob's first image goes ahead of Alice's second.
+        assert "queued behind 1 image" in command(fake, "bob's fox --steps 2", user="U_BOB")
     finally:
         httpx.delete(f"{server.url}/api/jobs/{blocker}")
     for prompt in ("first fox", "second fox", "bob's fox"):
@@ -195,7 +206,7 @@ def test_bot_not_in_the_channel_says_invite_it_before_generating(server: LiveSer
     reply = command(fake, "a fox in the outside --steps 2", channel="C_OUTSIDE")
     assert "I'm not in this channel" in reply and "/invite <@U_MUSE>" in reply
     # Not queued: with the worker idle, a queued job would be running by now.
-    assert server.muse.batcher.idle
+    assert server.read(lambda m: m.batcher.idle)
     assert len(fake.calls("files.getUploadURLExternal")) == uploads_before
 
 
@@ -232,7 +243,7 @@ def test_reconnects_when_the_socket_drops(server: LiveServer, fake: FakeSlack, h
 
 def test_worker_failure_reaches_the_user(server: LiveServer, fake: FakeSlack) -> None:
     command(fake, "a doomed fox --steps 150 --n 8", user="U_DAVE")
-    wait_for(lambda: server.muse.batcher.inflight_images == 8, 60, what="the job to run")
+    wait_for(lambda: server.read(lambda m: m.batcher.inflight_images) == 8, 60, what="the job to run")
     for pid in server.worker_pids():
         os.kill(pid, signal.SIGKILL)
     message = fake.wait_ephemeral("U_DAVE", "crashed")

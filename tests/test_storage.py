@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from muse.infotext import png_with_text
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
-from muse.storage import Gallery, png_with_text
+from muse.storage import Gallery
 
 
 def png(color: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> bytes:

@@ -1,5 +1,6 @@
 """The step engine gives the plain pipeline's pixels (within 2/255), alone, joined mid-way, and sharing steps
-with requests of other step counts, guidance scales, samplers and negative prompts."""
+with requests of other step counts, guidance scales, samplers and negative prompts: on the embedded model,
+a tiny random SD pipeline and a tiny random SDXL pipeline."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from muse.worker.pipeline import LoadedPipeline, load_pipeline
 TOLERANCE = 2  # of 255
 
 
-@pytest.fixture(scope="module", params=["embedded", "tiny"])
-def loaded(request: pytest.FixtureRequest, tiny_model: str) -> LoadedPipeline:
+@pytest.fixture(scope="module", params=["embedded", "tiny", "tiny-sdxl"])
+def loaded(request: pytest.FixtureRequest, tiny_model: str, tiny_sdxl_model: str) -> LoadedPipeline:
     torch.set_num_threads(2)
-    return load_pipeline(EMBEDDED_MODEL if request.param == "embedded" else tiny_model, "cpu")
+    model = {"embedded": EMBEDDED_MODEL, "tiny": tiny_model, "tiny-sdxl": tiny_sdxl_model}[request.param]
+    return load_pipeline(model, "cpu")
 
 
 def plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
@@ -74,8 +76,15 @@ def assert_same(engine_images: dict[str, np.ndarray], loaded: LoadedPipeline, re
         assert difference <= TOLERANCE, f"{r.slot_id} ({r.scheduler or 'own'}, {r.steps} steps): off by {difference}"
 
 
-def test_the_embedded_and_tiny_models_run_on_the_step_engine(loaded: LoadedPipeline) -> None:
+def test_sd_and_sdxl_pipelines_run_on_the_step_engine(loaded: LoadedPipeline) -> None:
     assert supports(loaded.pipe)
+
+
+def test_other_pipelines_run_whole_calls() -> None:
+    class Other:
+        unet = None
+
+    assert not supports(Other())
 
 
 def test_one_image_alone_matches_the_pipeline(loaded: LoadedPipeline) -> None:

@@ -10,7 +10,8 @@ its VAE decode is batched with the others finishing on the same step.
 Built from the loaded pipeline's own parts (`encode_prompt`, `prepare_latents`'s noise, the scheduler
 classes, `unet`, `vae`, `image_processor`), so a slot gives the pixels `pipe(...)` gives for the same
 parameters and seed, whether it runs alone, joins mid-way, or shares steps with different requests.
-`StableDiffusionPipeline` only, for now (`supports`); other pipelines run whole calls (muse.worker.pipeline).
+`StableDiffusionPipeline` (SD 1.x/2.x) and `StableDiffusionXLPipeline` (whose UNet also takes the pooled
+text embeddings and size conditioning per row); other pipelines run whole calls (muse.worker.pipeline).
 
 Nothing here knows about pipes or asyncio; the worker's loop (muse.worker.main) drives it.
 """
@@ -28,17 +29,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from muse.schedulers import SCHEDULERS
 from muse.worker.pipeline import LoadedPipeline
 
-STEP_ENGINE_PIPELINES = {"StableDiffusionPipeline"}
+# Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
+STEP_ENGINE_PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
 
 
 def supports(pipe: Any) -> bool:
-    """Whether the step engine knows this pipeline class (and its UNet needs no extra conditioning)."""
+    """Whether the step engine knows this pipeline class and its UNet's conditioning."""
+    name = type(pipe).__name__
     unet = getattr(pipe, "unet", None)
     return (
-        type(pipe).__name__ in STEP_ENGINE_PIPELINES
+        name in STEP_ENGINE_PIPELINES
         and unet is not None
         and unet.config.get("time_cond_proj_dim") is None
-        and unet.config.get("addition_embed_type") is None
+        and unet.config.get("addition_embed_type") == STEP_ENGINE_PIPELINES[name]
     )
 
 
@@ -66,6 +69,8 @@ class Slot:
     embeddings: torch.Tensor  # (2, tokens, dim): negative then positive; (1, …) without guidance
     generator: torch.Generator
     step_kwargs: dict[str, Any] = field(default_factory=dict)
+    # SDXL: pooled text embeddings and size conditioning, one row per row of `embeddings`.
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
     index: int = 0  # timesteps done
 
     @property
@@ -89,6 +94,7 @@ class StepEngine:
         self.loaded = loaded
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
+        self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -106,20 +112,27 @@ class StepEngine:
         assert len(shapes) == 1, f"one latent shape at a time, not {sorted(shapes)}"
         pipe = self.pipe
         device = pipe._execution_device
-        positive, negative = pipe.encode_prompt(
-            [r.prompt for r in requests],
-            device,
-            1,
-            True,
-            [r.negative_prompt for r in requests],
-        )
+        prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
+        pooled = negative_pooled = None
+        if self.xl:
+            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negatives,
+            )  # fmt: skip
+        else:
+            positive, negative = pipe.encode_prompt(prompts, device, 1, True, negatives)
         admitted = []
         for i, request in enumerate(requests):
             scheduler = self._scheduler(request.scheduler)
             scheduler.set_timesteps(request.steps, device=device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
             generator = torch.Generator(device="cpu").manual_seed(request.seed)
             guided = request.guidance_scale > 1
             embeddings = torch.cat([negative[i : i + 1], positive[i : i + 1]]) if guided else positive[i : i + 1]
+            added = {}
+            if pooled is not None and negative_pooled is not None:
+                added = self._size_conditioning(request, pooled[i : i + 1], negative_pooled[i : i + 1], guided)
             slot = Slot(
                 request=request,
                 scheduler=scheduler,
@@ -128,10 +141,26 @@ class StepEngine:
                 embeddings=embeddings,
                 generator=generator,
                 step_kwargs=_step_kwargs(scheduler, generator),
+                added=added,
             )
             admitted.append(slot)
         self.slots.extend(admitted)
         return admitted
+
+    def _size_conditioning(
+        self, request: SlotRequest, pooled: torch.Tensor, negative_pooled: torch.Tensor, guided: bool
+    ) -> dict[str, torch.Tensor]:
+        """SDXL's added conditioning for one image: pooled text embeddings and the size ids the pipeline
+        makes by default (original and target size = the image's, no crop)."""
+        pipe = self.pipe
+        size = (request.height, request.width)
+        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=projection
+        ).to(pooled.device)
+        if guided:
+            return {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def _scheduler(self, name: str) -> Any:
         # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
@@ -171,7 +200,12 @@ class StepEngine:
             embeddings.append(slot.embeddings)
         sample = torch.cat(inputs)
         timestep = torch.stack([torch.as_tensor(t, device=sample.device) for t in times])
-        noise = self.pipe.unet(sample, timestep, encoder_hidden_states=torch.cat(embeddings), return_dict=False)[0]
+        added = None
+        if self.xl:
+            added = {key: torch.cat([s.added[key] for s in active]) for key in ("text_embeds", "time_ids")}
+        noise = self.pipe.unet(
+            sample, timestep, encoder_hidden_states=torch.cat(embeddings), added_cond_kwargs=added, return_dict=False
+        )[0]
         row = 0
         for slot in active:
             if slot.guided:
@@ -204,10 +238,34 @@ class StepEngine:
             return []
         pipe = self.pipe
         latents = torch.cat([s.latents for s in slots])
+        if self.xl:
+            return self._decode_xl(latents)
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize))
+
+    def _decode_xl(self, latents: torch.Tensor) -> list[Any]:
+        """As StableDiffusionXLPipeline decodes: the VAE upcast in fp16 when it asks, its latent statistics
+        when it has them, the watermark when one is installed."""
+        pipe, vae = self.pipe, self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return list(pipe.image_processor.postprocess(image, output_type="pil"))
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:

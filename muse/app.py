@@ -31,7 +31,7 @@ from muse.errors import MethodNotAllowed, MuseError, NotFound
 from muse.links import LinkSigner, load_secret
 from muse.slack.bot import start_slack
 from muse.storage import Gallery
-from muse.web import login, pages
+from muse.web import login, pages, stream
 from muse.web.assets import STATIC_DIR
 from muse.web.login import LOGIN_ATTEMPTS_PER_MINUTE
 
@@ -89,6 +89,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         *login.routes,
         Route("/openapi.json", openapi.endpoint),
         *pages.routes,
+        *stream.routes,
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     # Outermost first: size limit before anything reads the body, headers on every response.

@@ -74,11 +74,15 @@
     event.detail.shouldSwap = true;
   });
 
-  // Server unreachable: a polling card retries (its hx-trigger listens for muse:retry) instead of freezing.
-  document.addEventListener("htmx:sendError", function (event) {
-    var elt = event.detail.elt;
+  // Server unreachable. A job card's event stream reconnects by itself (EventSource does); say so meanwhile.
+  document.addEventListener("htmx:sendError", function () {
+    notice("Can't reach the server. Try again in a moment.");
+  });
+  document.addEventListener("htmx:sseError", function () {
     notice("Can't reach the server. Retrying…");
-    if (elt && elt.matches(".job[hx-trigger]")) htmx.trigger(elt, "muse:retry");
+  });
+  document.addEventListener("htmx:sseOpen", function () {
+    notice("");
   });
 
   document.addEventListener("htmx:afterRequest", function (event) {

@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from muse.core.batcher import TicketState
 from muse.web.assets import STATIC_DIR
-from muse.web.render import HTMX_CDN, HTMX_VERSION
+from muse.web.render import HTMX_CDN, HTMX_VERSION, SSE_CDN
 from tests.browser import Restartable, Watched, launch, open_page
 from tests.serving import run_blocker, settings, wait_idle
 
@@ -94,8 +94,9 @@ def test_type_submit_watch_progress_and_get_the_image(
     watched: Watched, served: Restartable, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     page = watched.page
-    # Long enough (about 3 s on a quiet 2-core machine) for the 500 ms polling to show several steps:
-    # 120 steps of one image took 0.8 s there, and the bar was seen at most once between 0 and done.
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    # Long enough (about 3 s on a quiet 2-core machine) to see the bar between its first and last steps.
     steps = 150
     page.goto(f"{served.url}/?steps={steps}&seed=42&size=64x64&n=8")  # the query refills the form
     prompt = page.get_by_label("Prompt", exact=True)
@@ -118,6 +119,9 @@ def test_type_submit_watch_progress_and_get_the_image(
     expect(image).to_be_visible(timeout=60_000)
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
     expect(card).to_contain_text("Seed 42")
+    job = (card.get_attribute("id") or "").removeprefix("job-")
+    assert any(url.endswith(f"/jobs/{job}/stream") for url in requests), "the card follows its event stream"
+    assert not any(url.endswith(f"/jobs/{job}") for url in requests), "and never polls"
     with page.expect_download() as download:
         card.get_by_role("link", name="Download").first.click()
     assert download.value.suggested_filename == "a-lighthouse-at-dusk-42.png"
@@ -186,23 +190,27 @@ def test_a_json_error_becomes_a_readable_card(watched: Watched, served: Restarta
 def test_htmx_loads_from_the_local_copy_when_the_cdn_is_unreachable(watched: Watched, served: Restartable) -> None:
     page = watched.page
     page.goto(served.url + "/")
-    page.wait_for_function("() => window.htmx !== undefined")
+    page.wait_for_function("() => window.htmx !== undefined && htmx.createEventSource !== undefined")
     assert page.evaluate("htmx.version") == HTMX_VERSION
-    assert watched.external == [HTMX_CDN], "the pinned CDN script is the only external resource"
+    assert watched.external == [HTMX_CDN, SSE_CDN], "the pinned CDN scripts are the only external resources"
     assert f"{served.url}/static/htmx.min.js" in watched.requested
+    assert f"{served.url}/static/htmx-ext-sse.min.js" in watched.requested
 
 
 @pytest.mark.parametrize("tampered", [False, True], ids=["genuine", "tampered"])
 def test_the_cdn_copy_is_checked_against_its_sri_hash(browser: Browser, served: Restartable, tampered: bool) -> None:
-    body = (STATIC_DIR / "htmx.min.js").read_bytes() + (b"\n// changed" if tampered else b"")
+    change = b"\n// changed" if tampered else b""
+    htmx, sse = ((STATIC_DIR / name).read_bytes() + change for name in ("htmx.min.js", "htmx-ext-sse.min.js"))
     watched = open_page(browser)
     cors = {"access-control-allow-origin": "*", "content-type": "text/javascript"}
-    watched.context.route(HTMX_CDN, lambda route: route.fulfill(status=200, headers=cors, body=body))
+    watched.context.route(HTMX_CDN, lambda route: route.fulfill(status=200, headers=cors, body=htmx))
+    watched.context.route(SSE_CDN, lambda route: route.fulfill(status=200, headers=cors, body=sse))
     page = watched.page
     page.goto(served.url + "/")
-    page.wait_for_function("() => window.htmx !== undefined")
-    fallback = f"{served.url}/static/htmx.min.js" in watched.requested
-    assert fallback is tampered, "a tampered CDN file is refused (and the local copy used); a genuine one is used"
+    page.wait_for_function("() => window.htmx !== undefined && htmx.createEventSource !== undefined")
+    for local in ("htmx.min.js", "htmx-ext-sse.min.js"):
+        fallback = f"{served.url}/static/{local}" in watched.requested
+        assert fallback is tampered, f"{local}: a tampered CDN file is refused (local copy used), a genuine one used"
     watched.context.close()
 
 

@@ -26,7 +26,7 @@ from muse.core.batcher import Ticket, TicketState
 from muse.errors import GenerationFailed, WorkerDied
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
 from muse.web.assets import STATIC_DIR
-from muse.web.render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION
+from muse.web.render import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, SSE_CDN, SSE_INTEGRITY
 from tests.serving import (
     LiveServer,
     live_server,
@@ -73,8 +73,9 @@ def job_id(fragment: str) -> str:
     return found.group(1)
 
 
-def polls(fragment: str) -> bool:
-    return "hx-trigger=" in fragment.split(">", 1)[0]
+def follows(fragment: str) -> bool:
+    """Whether the card comes with a listener on its server-sent events (until the job ends)."""
+    return 'sse-connect="/jobs/' in fragment
 
 
 # ---- studio and assets ----------------------------------------------------------------------------
@@ -86,13 +87,15 @@ def test_studio_page_has_the_form_pinned_htmx_and_csrf_header(server: LiveServer
     assert page.startswith("<!doctype html>") and 'id="generate-form"' in page and 'id="jobs"' in page
     assert f'<script src="{HTMX_CDN}" integrity="{HTMX_INTEGRITY}" crossorigin="anonymous">' in page
     assert "window.htmx || document.write('<script src=\"/static/htmx.min.js\"><\\/script>')" in page
+    assert f'<script src="{SSE_CDN}" integrity="{SSE_INTEGRITY}" crossorigin="anonymous">' in page
     # The double-submit CSRF token from muse.api.auth rides on every HTMX request.
     token = response.cookies["muse_csrf"]
     assert f"""<body hx-headers='{{"X-CSRF-Token": "{token}"}}'>""" in page
     # Labelled controls: every input the form shows has a <label for=…>.
     for control in ("prompt", "negative_prompt", "seed", "size", "guidance_scale", "scheduler", "steps", "n"):
         assert f'<label for="{control}">' in page and f'id="{control}"' in page
-    assert re.findall(r'(?:src|href)="(https?://[^"]+)"', page) == [HTMX_CDN], "no other external resource"
+    external = re.findall(r'(?:src|href)="(https?://[^"]+)"', page)
+    assert external == [HTMX_CDN, SSE_CDN], "no other external resource"
 
 
 def test_shipped_htmx_is_the_pinned_version_and_matches_the_sri_hash() -> None:
@@ -100,6 +103,12 @@ def test_shipped_htmx_is_the_pinned_version_and_matches_the_sri_hash() -> None:
     assert f'version:"{HTMX_VERSION}"'.encode() in data
     assert "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode() == HTMX_INTEGRITY
     assert f"htmx.org@{HTMX_VERSION}/" in HTMX_CDN
+
+
+def test_shipped_sse_extension_is_the_pinned_file_and_matches_the_sri_hash() -> None:
+    data = (STATIC_DIR / "htmx-ext-sse.min.js").read_bytes()
+    assert b'htmx.defineExtension("sse"' in data
+    assert "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode() == SSE_INTEGRITY
 
 
 def test_static_assets_are_served(server: LiveServer) -> None:
@@ -122,12 +131,12 @@ def test_form_fragment_comes_back_refilled_for_reuse_seed(server: LiveServer) ->
 # ---- job cards ------------------------------------------------------------------------------------
 
 
-def test_job_card_polls_until_done_then_shows_images_and_actions(server: LiveServer) -> None:
+def test_job_card_follows_its_stream_until_done_then_shows_images_and_actions(server: LiveServer) -> None:
     created = post_form(server, {"prompt": "a lighthouse, at dusk!", "steps": "3", "seed": "7", "n": "2"})
     assert created.status_code == 201 and "<html" not in created.text
-    assert polls(created.text) and 'hx-swap="outerHTML"' in created.text
+    assert follows(created.text) and 'hx-swap="outerHTML"' in created.text
     job = job_id(created.text)
-    done = wait_for(lambda: (c := card(server, job)) and not polls(c) and c, 60, what="a card that stops polling")
+    done = wait_for(lambda: (c := card(server, job)) and not follows(c) and c, 60, what="a finished card")
     assert 'data-state="succeeded"' in done
     ids = re.findall(r'<img src="/gallery/([0-9a-f]{16})\.png" alt="a lighthouse, at dusk!"', done)
     assert len(ids) == 2, done
@@ -173,7 +182,7 @@ def test_queued_card_shows_honest_position_and_cancel_ends_it(server: LiveServer
         assert "Next in line" in card(server, job)
         cancelled = httpx.post(f"{server.url}/jobs/{job}/cancel", headers=HX)
         assert cancelled.status_code == 200 and 'data-state="cancelled"' in cancelled.text
-        assert not polls(cancelled.text) and "Cancelled by the client" in cancelled.text
+        assert not follows(cancelled.text) and "Cancelled by the client" in cancelled.text
         assert ">Try again</button>" in cancelled.text
         assert server.read(lambda m: m.job(job).state) is TicketState.CANCELLED
     finally:
@@ -188,7 +197,7 @@ def test_running_card_shows_step_of_n_and_eta(server: LiveServer) -> None:
         step = int(re.search(r'aria-valuenow="(\d+)"', running).group(1))  # type: ignore[union-attr]
         assert 'role="progressbar"' in running and 'aria-valuemax="150"' in running and step >= 2
         assert re.search(r"Step \d+/150 · (about \d+ s|about \d+ min|less than a second) left", running)
-        assert f'id="cancel-{job}"' in running and polls(running)
+        assert f'id="cancel-{job}"' in running and follows(running)
     finally:
         httpx.post(f"{server.url}/jobs/{job}/cancel", headers=HX)
         wait_idle(server)
@@ -242,7 +251,7 @@ def test_timed_out_job_card_explains_it(server: LiveServer) -> None:
         timed_out = card(server, job)
         assert 'data-state="failed"' in timed_out and "Took too long" in timed_out
         assert 'data-state="failed"' in timed_out and "Request timed out after 0.2 s in the queue" in timed_out
-        assert not polls(timed_out)
+        assert not follows(timed_out)
     finally:
         release(server, blocker)
 
@@ -276,7 +285,7 @@ def test_worker_failure_cards_are_readable(idle_app: TestClient) -> None:
         fragment = idle_app.get("/jobs/feedc0de", headers=HX).text
         assert ">a placed job</h3>" in fragment and f'<p class="problem-title">{title}</p>' in fragment
         assert error.message[1:] in fragment and ">Try again</button>" in fragment
-        assert not polls(fragment)
+        assert not follows(fragment)
 
 
 def test_without_a_gallery_images_come_from_the_job(tiny_model: str) -> None:
@@ -364,3 +373,39 @@ def test_with_api_keys_a_signed_in_page_posts_with_its_csrf_token(tiny_model: st
     # With the token it reaches the page and queues (nothing runs it here: the app is not started).
     accepted = client.post("/jobs", data={"prompt": "x"}, headers=HX | {"X-CSRF-Token": token})
     assert accepted.status_code == 201 and 'data-state="queued"' in accepted.text
+
+
+def stream_events(server: LiveServer, job: str) -> list[tuple[str, str]]:
+    """Every (event, data) of a card's stream, until it ends."""
+    events: list[tuple[str, str]] = []
+    name, data = "", []
+    with httpx.stream("GET", f"{server.url}/jobs/{job}/stream", timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+            elif line == "" and name:
+                events.append((name, "\n".join(data)))
+                name, data = "", []
+                if events[-1][0] == "end":
+                    break
+    return events
+
+
+def test_the_card_stream_sends_the_card_on_changes_and_the_bar_at_every_step_then_ends(server: LiveServer) -> None:
+    job = job_id(post_form(server, {"prompt": "streamed", "steps": "12", "seed": "3"}).text)
+    events = stream_events(server, job)
+    names = [name for name, _ in events]
+    assert names[0] == "card" and names[-2:] == ["card", "end"] and set(names) == {"card", "progress", "end"}
+    progress = [html for name, html in events if name == "progress"]
+    assert all(html.startswith(f'<div class="progress" id="progress-{job}">') for html in progress)
+    assert all("Cancel" not in html for html in progress), "a step replaces the bar, not the card's buttons"
+    steps = [int(m.group(1)) for html in progress if (m := re.search(r'aria-valuenow="(\d+)"', html))]
+    assert len(steps) >= 6 and steps == sorted(steps), f"per-step bars, in order: {steps}"
+    final = events[-2][1]
+    assert 'data-state="succeeded"' in final and not follows(final) and 'id="job-' in final
+    assert all(not follows(html) for _, html in events), "the stream sends the card alone"
+    # A finished job's stream is its final card and the end, at once.
+    assert [name for name, _ in stream_events(server, job)] == ["card", "end"]

@@ -6,7 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muse.api.common import error_response
 from muse.errors import PayloadTooLarge
-from muse.web.assets import HTMX_CDN
+from muse.web.assets import HTMX_CDN, SSE_CDN
 
 MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; nothing we accept comes close
 
@@ -15,14 +15,14 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
 ]
-# htmx comes from one pinned CDN URL (allowed exactly, not the whole CDN host), with a local fallback loaded
-# by one inline script (allowed by its hash, which changes if templates/base.html changes that line);
-# nothing else is external.
+# htmx and its SSE extension come from pinned CDN URLs (allowed exactly, not the whole CDN host), with local
+# fallbacks loaded by one inline script (allowed by its hash, which changes if templates/base.html changes
+# that line); nothing else is external.
 # Inline styles stay allowed: the progress bar's width and htmx's indicator styles use them.
-FALLBACK_SCRIPT_HASH = "sha256-SEF+V56b5INjv4anqOol+ubEijhDL39SOI604dOEzGU="
+FALLBACK_SCRIPT_HASH = "sha256-5Joqi1Z3yu96NnhrDJTvuMK0GvTiBVc2Ld3n+ayqVJw="
 PAGE_CSP = (
     b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    b"script-src 'self' " + HTMX_CDN.encode() + b" '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
+    b"script-src 'self' " + HTMX_CDN.encode() + b" " + SSE_CDN.encode() + b" '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
     b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
 

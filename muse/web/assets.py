@@ -21,3 +21,7 @@ STATIC_DIR = package_folder("muse.static")
 HTMX_VERSION = "2.0.11"
 HTMX_CDN = f"https://cdn.jsdelivr.net/npm/htmx.org@{HTMX_VERSION}/dist/htmx.min.js"
 HTMX_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GBLdYKHmVjg"
+# htmx's server-sent events extension, pinned the same way (static/htmx-ext-sse.min.js is the same file).
+SSE_VERSION = "2.2.4"
+SSE_CDN = f"https://cdn.jsdelivr.net/npm/htmx-ext-sse@{SSE_VERSION}/dist/sse.min.js"
+SSE_INTEGRITY = "sha384-A986SAtodyH8eg8x8irJnYUk7i9inVQqYigD6qZ9evobksGNIXfeFvDwLSHcp31N"

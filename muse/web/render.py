@@ -20,7 +20,7 @@ from muse.core.service import Muse
 from muse.errors import MuseError
 from muse.schedulers import SCHEDULERS
 from muse.storage import Gallery
-from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, TEMPLATES_DIR
+from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, SSE_CDN, SSE_INTEGRITY, TEMPLATES_DIR
 from muse.web.forms import FormValues, problem, size_options
 
 log = logging.getLogger("muse.pages")
@@ -77,7 +77,13 @@ def content_disposition(filename: str) -> str:
 
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.filters.update(duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time)
-templates.env.globals.update(htmx_version=HTMX_VERSION, htmx_cdn=HTMX_CDN, htmx_integrity=HTMX_INTEGRITY)
+templates.env.globals.update(
+    htmx_version=HTMX_VERSION,
+    htmx_cdn=HTMX_CDN,
+    htmx_integrity=HTMX_INTEGRITY,
+    sse_cdn=SSE_CDN,
+    sse_integrity=SSE_INTEGRITY,
+)
 
 
 def service(request: Request) -> Muse:
@@ -94,16 +100,25 @@ def is_fragment(request: Request) -> bool:
     return request.headers.get("HX-Request") == "true" and "HX-History-Restore-Request" not in request.headers
 
 
-def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
-    muse = service(request)
-    base = {
-        # Set by the auth middleware when API keys are on; empty otherwise, and then nothing checks it.
+def base_context(request: Request) -> dict[str, Any]:
+    """What every template may use."""
+    return {
+        "request": request,
+        # The CSRF middleware sets it for every request; pages put it in hx-headers and hidden fields.
         "csrf_token": getattr(request.state, "csrf_token", ""),
         "gallery_enabled": gallery_of(request) is not None,
         "signed_in": getattr(request.state, "authenticated_by", None) == "cookie",
-        "model": muse.model,
+        "model": service(request).model,
     }
-    response = templates.TemplateResponse(request, name, base | context, status_code=status_code)
+
+
+def render_text(request: Request, name: str, context: dict[str, Any]) -> str:
+    """A template as text (an event of a stream, not a response)."""
+    return templates.get_template(name).render(base_context(request) | context)
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+    response = templates.TemplateResponse(request, name, base_context(request) | context, status_code=status_code)
     # The same URL answers with a page or a fragment: caches and the back button must keep them apart.
     response.headers["Vary"] = "HX-Request"
     return response

@@ -1,0 +1,201 @@
+"""Open-loop latency: requests arrive on their own (Poisson) clock, as real traffic does; every one is awaited.
+
+    python benchmarks/openloop.py [--rates 0.3,0.6,0.8,0.9] [--duration 30] [--systems muse,litserve] [--mix]
+    python benchmarks/openloop.py --quick        # under 5 minutes
+
+MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct pipeline's
+batch-8 capacity, measured in the same run; each served system is bracketed by direct runs (the machine
+drifts). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server
+reported. Also the highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound).
+`--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7 (LitServe's peer batches
+them anyway, with its first request's steps). Writes JSON and a latency-vs-rate plot. Loopback only;
+every window is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, DirectPipeline, litserve_server, muse_server
+from load import check_loopback, percentile
+
+from muse.config import EMBEDDED_MODEL
+
+P99_BOUND = 4.0  # x the single-image latency
+PATHS = {"muse": "/api/generate", "litserve": "/predict"}
+
+
+def body_for(index: int, rng: random.Random, steps: int, mix: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": "a red circle on a blue background", "seed": index, "steps": steps}
+    if mix:
+        body["steps"] = 25 if rng.random() < 0.5 else 50
+        body["guidance_scale"] = round(rng.uniform(2, 7), 2)
+    return body
+
+
+async def open_loop(url: str, path: str, rate: float, duration: float, warmup: float, steps: int, mix: bool) -> dict:
+    """Send at `rate` per second (exponential gaps) for warmup + duration; count those sent after the warm-up."""
+    check_loopback(url)
+    rng = random.Random(int(rate * 1000))
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors: dict[str, int] = {}
+    measured_images = 0
+
+    async def one(client: httpx.AsyncClient, index: int, measured: bool) -> None:
+        nonlocal measured_images
+        start = time.perf_counter()
+        try:
+            response = await client.post(path, json=body_for(index, rng, steps, mix))
+        except httpx.HTTPError as exc:
+            if measured:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        if not measured:
+            return
+        if response.status_code != 200:
+            errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+            return
+        latencies.append((time.perf_counter() - start) * 1000)
+        data = response.json()
+        measured_images += len(data["images"])
+        if "batch_size" in data:
+            batch_sizes.append(int(data["batch_size"]))
+
+    timeout = httpx.Timeout(600, connect=30)
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        tasks = []
+        begin = time.perf_counter()
+        index = 0
+        next_at = 0.0
+        while next_at < warmup + duration:
+            delay = begin + next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival clock itself, not a synchronisation
+            tasks.append(asyncio.create_task(one(client, index, measured=next_at >= warmup)))
+            index += 1
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    sent = sum(1 for _ in tasks)
+    return {
+        "rate": rate,
+        "sent": sent,
+        "completed": len(latencies),
+        "errors": errors,
+        # Images of the measured requests over the measured window plus their drain: a rate, not a peak.
+        "throughput": measured_images / max(duration, elapsed - warmup),
+        "p50_ms": percentile(latencies, 50),
+        "p90_ms": percentile(latencies, 90),
+        "p99_ms": percentile(latencies, 99),
+        "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
+    parser.add_argument("--rates", default="0.3,0.6,0.8,0.9", help="fractions of the direct batch-8 capacity")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per rate")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--systems", default="muse,litserve")
+    parser.add_argument("--mix", action="store_true", help="half 25 and half 50 steps, guidance 2-7")
+    parser.add_argument("--quick", action="store_true", help="rates 0.3 and 0.9, 12 s windows (< 5 minutes)")
+    parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
+    args = parser.parse_args()
+    if args.quick:
+        args.rates, args.duration, args.warmup = "0.3,0.9", 12.0, 3.0
+    fractions = [float(r) for r in args.rates.split(",")]
+    threads = 2
+    direct = DirectPipeline(args.model, threads)
+    single_ms = statistics.median(direct.run(1, args.steps) for _ in range(3)) * 1000
+    directs = [direct.throughput(args.batch, args.steps, 8.0)]
+    print(f"direct: batch {args.batch} {directs[-1]:.2f} img/s; one image {single_ms:.0f} ms", flush=True)
+    capacity = directs[0]
+
+    flags = ["--model", args.model, "--devices", "cpu", "--threads-per-worker", str(threads)]
+    servers = {
+        "muse": lambda: muse_server(
+            *flags, "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms)
+        ),
+        "litserve": lambda: litserve_server(args.model, args.batch, args.max_wait_ms / 1000, threads),
+    }
+    report: dict[str, Any] = {
+        "model": Path(args.model).name,
+        "steps": args.steps,
+        "mix": args.mix,
+        "capacity_img_s": capacity,
+        "single_image_ms": single_ms,
+        "p99_bound_ms": P99_BOUND * single_ms,
+        "systems": {},
+    }
+    for name in args.systems.split(","):
+        rows = []
+        with servers[name]() as served:
+            for fraction in fractions:
+                rate = fraction * capacity
+                row = asyncio.run(
+                    open_loop(served.url, PATHS[name], rate, args.duration, args.warmup, args.steps, args.mix)
+                )
+                row["fraction"] = fraction
+                rows.append(row)
+                print(
+                    f"{name:<9} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
+                    f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
+                    f"mean batch {row['mean_batch'] or 0:.1f}",
+                    flush=True,
+                )
+        directs.append(direct.throughput(args.batch, args.steps, 8.0))
+        within = [r["rate"] for r in rows if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
+        report["systems"][name] = {
+            "rows": rows,
+            "direct_bracket": (directs[-2] + directs[-1]) / 2,
+            "highest_rate_within_p99_bound": max(within, default=None),
+        }
+        print(f"direct: {directs[-1]:.2f} img/s", flush=True)
+    report["directs"] = directs
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, system in report["systems"].items():
+        rates = [r["fraction"] for r in system["rows"]]
+        axis.plot(rates, [r["p50_ms"] for r in system["rows"]], marker="o", label=f"{name} p50")
+        axis.plot(rates, [r["p99_ms"] for r in system["rows"]], marker="^", linestyle="--", label=f"{name} p99")
+    axis.axhline(report["p99_bound_ms"], color="grey", linewidth=0.8, label="4 x one image")
+    axis.set_xlabel("arrival rate (fraction of direct batch-8 capacity)")
+    axis.set_ylabel("latency (ms)")
+    axis.set_title(f"Open loop, Poisson arrivals{' (mixed steps/guidance)' if report['mix'] else ''}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

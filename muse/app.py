@@ -104,7 +104,8 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))
     # Keys first: the CSRF check needs to know whether a request was authenticated by cookie.
     middleware.append(Middleware(ApiKeyAuth, keys=keys, sessions=sessions, public_metrics=settings.public_metrics))
-    middleware.append(Middleware(CsrfCheck, allowed_origins=origins))
+    public = settings.public_origin()
+    middleware.append(Middleware(CsrfCheck, allowed_origins=[*origins, *([public] if public else [])]))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 EMBEDDED_MODEL = str(Path(__file__).parent / "demo_model" / "pipeline")
@@ -116,15 +117,23 @@ class Settings:
         return cls(**values)
 
     def host_names(self) -> list[str]:
-        """What --allowed-hosts means: the names given, or those of the address bound."""
+        """What --allowed-hosts means: the names given, or those of the address bound, and the host of
+        --public-url (the name a proxy in front passes on)."""
         given = [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
         if given:
             return given
-        if self.host in LOOPBACK:
-            return sorted(LOOPBACK)
+        public = urlsplit(self.public_url).hostname if self.public_url else None
         if self.host in ("0.0.0.0", "::", ""):
             return ["*"]  # every address of the machine: its names are not known here
-        return [self.host]
+        names = sorted(LOOPBACK) if self.host in LOOPBACK else [self.host]
+        return [*names, public] if public and public not in names else names
+
+    def public_origin(self) -> str | None:
+        """--public-url's origin (scheme://host[:port]), which the CSRF check treats as this server."""
+        if not self.public_url:
+            return None
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
 
     def device_list(self) -> list[str]:
         return resolve_devices(self.devices)

@@ -63,3 +63,20 @@ def test_readme_documents_every_flag() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for f in dataclasses.fields(Settings):
         assert f"--{f.name.replace('_', '-')}" in readme, f.name
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "public_url", "names"),
+    [
+        ("127.0.0.1", "", "", ["127.0.0.1", "::1", "[::1]", "localhost"]),
+        ("127.0.0.1", "", "https://muse.example/base", ["127.0.0.1", "::1", "[::1]", "localhost", "muse.example"]),
+        ("10.1.2.3", "", "", ["10.1.2.3"]),
+        ("0.0.0.0", "", "https://muse.example", ["*"]),
+        ("0.0.0.0", "muse.lan, 192.168.1.20", "", ["muse.lan", "192.168.1.20"]),
+    ],
+)
+def test_allowed_hosts_default_to_the_bound_names_and_the_public_url(
+    host: str, allowed: str, public_url: str, names: list[str]
+) -> None:
+    settings = Settings(host=host, allowed_hosts=allowed, public_url=public_url)
+    assert settings.host_names() == names

@@ -147,3 +147,21 @@ def test_loopback_names_are_the_default_allowed_hosts(server: LiveServer) -> Non
     port = server.url.rsplit(":", 1)[1]
     for host in ("localhost", "127.0.0.1", "[::1]"):
         assert httpx.get(f"{server.url}/healthz", headers={"Host": f"{host}:{port}"}).status_code == 200, host
+
+
+def test_same_origin_by_the_browsers_word_passes_even_when_a_proxy_renamed_the_host(server: LiveServer) -> None:
+    # Behind a proxy, Origin names the public host while Host (as Muse sees it) is the bound one.
+    headers = {"Sec-Fetch-Site": "same-origin", "Origin": "https://muse.example"}
+    response = httpx.post(f"{server.url}/jobs", data={"prompt": "via a proxy", "steps": "1"}, headers=headers)
+    assert response.status_code == 303, response.text
+
+
+def test_the_public_url_and_cors_origins_count_as_this_site(tiny_model: str) -> None:
+    settings = muse_settings(tiny_model, public_url="https://muse.example", cors_origins="https://app.example")
+    with live_server(settings) as s:
+        for origin in ("https://muse.example", "https://app.example"):
+            headers = {"Origin": origin, "Sec-Fetch-Site": "cross-site"}
+            response = httpx.post(f"{s.url}/api/jobs", json={"prompt": "x", "steps": 1}, headers=headers)
+            assert response.status_code == 202, (origin, response.text)
+        proxied = httpx.get(f"{s.url}/healthz", headers={"Host": "muse.example"})
+        assert proxied.status_code == 200, "the public URL's host is allowed"

@@ -69,11 +69,14 @@ class CsrfCheck:
 
     def foreign(self, request: Request) -> str | None:
         """Why the browser says this request comes from another site; None when it does not."""
-        site = request.headers.get("sec-fetch-site", "")
-        if site in ("cross-site", "same-site"):
-            return f"Sec-Fetch-Site: {site}"
         origin = request.headers.get("origin")
-        if origin is None or origin.rstrip("/") in self.allowed_origins:
+        if origin is not None and origin.rstrip("/") in self.allowed_origins:
+            return None  # a site allowed by --cors-origins (or this server's --public-url)
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            # The browser's own verdict wins: behind a proxy the Host it was sent to may not be the one we see.
+            return None if site in ("same-origin", "none") else f"Sec-Fetch-Site: {site}"
+        if origin is None:
             return None
         if origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
             return f"Origin {origin[:100]!r} is not this server"

@@ -10,17 +10,19 @@ and the lines before it as the prompts. The chunk goes in right after IHDR witho
 
 from __future__ import annotations
 
-import io
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_TEXT = 1 << 20  # a compressed text chunk may not inflate past this (a zip bomb in metadata)
 KEYWORD = "parameters"
 DEFAULT_SAMPLER = "Default"  # what A1111-style metadata says when the model's own scheduler ran
 NEGATIVE = "Negative prompt: "
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines() splits on
+CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x9f]")
+NEGATIVE_MARK = re.compile(r"negative\s*prompt\s*:", re.IGNORECASE)
 FULLWIDTH_COLON = "\uff1a"
 # A1111's own pattern for one `key: value` pair of the last line (a value may be "quoted, with commas").
 PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -53,12 +55,10 @@ def inert(prompt: str) -> str:
     """A prompt that cannot forge fields: newlines stay (A1111 keeps multi-line prompts), but no line may
     start a negative prompt (its colon becomes a full-width one), and control characters that cut or hide
     text in PNG readers (NUL, carriage returns…) are dropped."""
-    prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
+    prompt = LINE_BREAKS.sub("\n", prompt)
     prompt = CONTROL.sub("", prompt)
-    return "\n".join(
-        FULLWIDTH_COLON.join(line.split(":", 1)) if line.strip().startswith(NEGATIVE.strip()) else line
-        for line in prompt.split("\n")
-    )
+    # Anywhere, in any case: some readers split the whole text on it, not only at line starts.
+    return NEGATIVE_MARK.sub(lambda m: m[0][:-1] + FULLWIDTH_COLON, prompt)
 
 
 def parse(text: str) -> dict[str, str]:
@@ -98,14 +98,47 @@ def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
 
 
 def png_texts(data: bytes) -> dict[str, str]:
-    """Every text chunk of a PNG (tEXt, zTXt, iTXt), read by Pillow; ValueError if it is not a PNG."""
-    from PIL import Image, UnidentifiedImageError
+    """Every text chunk of a PNG (tEXt, zTXt, iTXt); ValueError if it is not a well-formed PNG.
 
+    Reads the chunks, never the pixels: a small file can declare an image of gigapixels, and decoding it
+    would take the memory and the event loop's time."""
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError("not a PNG image")
+    texts: dict[str, str] = {}
+    at = len(PNG_SIGNATURE)
+    while at + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        crc = data[at + 8 + length : at + 12 + length]
+        if len(body) != length or len(crc) != 4 or zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+            raise ValueError(f"not a readable PNG image: chunk {kind!r} is cut off or corrupt")
+        if kind == b"IEND":
+            return texts
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            keyword, text = _text_chunk(kind, body)
+            texts[keyword] = text
+        at += 12 + length
+    raise ValueError("not a readable PNG image: no end chunk")
+
+
+def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str]:
+    keyword, _, rest = body.partition(b"\0")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # text chunks after the image data are only read by load()
-            return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"not a readable PNG image: {exc}") from exc
+        if kind == b"tEXt":
+            return keyword.decode("latin-1"), rest.decode("latin-1")
+        if kind == b"zTXt":
+            return keyword.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
+        compressed, rest = rest[0], rest[2:]  # flag, method
+        _language, _, rest = rest.partition(b"\0")
+        _translated, _, text = rest.partition(b"\0")
+        return keyword.decode("latin-1"), (_inflate(text) if compressed else text).decode("utf-8")
+    except (IndexError, UnicodeDecodeError, zlib.error) as exc:
+        raise ValueError(f"not a readable PNG image: bad {kind.decode()} chunk") from exc
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, MAX_TEXT)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"not a readable PNG image: a text chunk inflates past {MAX_TEXT} bytes")
+    return text

@@ -251,7 +251,12 @@ class Gallery:
         matching, matching_args = search(query, owner)
         with self._lock:
             cursor = after or before
-            found = self._db.execute("SELECT seq FROM images WHERE id = ?", (cursor,)).fetchone() if cursor else None
+            mine, mine_args = owned(owner)  # another owner's id is no cursor: it must not reveal when it was made
+            found = (
+                self._db.execute(f"SELECT seq FROM images {where(['id = ?', *mine])}", (cursor, *mine_args)).fetchone()
+                if cursor
+                else None
+            )
             # An unknown (e.g. deleted) cursor falls back to the first page rather than failing.
             anchor = found[0] if found else None
             backwards = anchor is not None and after is None

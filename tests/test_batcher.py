@@ -444,3 +444,27 @@ async def test_one_owner_alone_is_served_oldest_first() -> None:
     batcher.submit(req("busy"), owner="k")
     tickets = [batcher.submit(req(f"p{i}", n=1 + i % 3), owner="k") for i in range(6)]
     assert [batcher.position(t) for t in tickets] == [0, 1, 3, 6, 7, 9]
+
+
+async def test_what_an_owner_cancelled_does_not_count_against_their_next_request() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_batch_size=8)
+    batcher.submit(req("busy"), owner="b")
+    theirs = [batcher.submit(req(f"b{i}", n=8), owner="b") for i in range(3)]
+    mine = [batcher.submit(req(f"a{i}", n=8), owner="a") for i in range(10)]
+    for ticket in mine:
+        batcher.cancel(ticket)
+    again = batcher.submit(req("a again"), owner="a")
+    assert batcher.position(again) <= 8, "only what is still queued may count, not the 80 cancelled images"
+    assert all(t.state is TicketState.QUEUED for t in theirs)
+
+
+async def test_a_retried_batch_goes_back_in_fair_order() -> None:
+    pool = FakePool(workers=1)
+    batcher = make(pool, max_batch_size=8)
+    batcher.submit(req("a0"), owner="a")  # running
+    for name, owner in (("a1", "a"), ("c1", "c"), ("a2", "a"), ("b1", "b")):
+        batcher.submit(req(name), owner=owner)
+    pool.die(batcher)
+    tags = [(t.tag, t.submitted) for t in batcher.queue]
+    assert tags == sorted(tags), "the queue stays sorted, so later arrivals land where they belong"

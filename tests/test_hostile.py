@@ -165,3 +165,22 @@ def test_the_public_url_and_cors_origins_count_as_this_site(tiny_model: str) -> 
             assert response.status_code == 202, (origin, response.text)
         proxied = httpx.get(f"{s.url}/healthz", headers={"Host": "muse.example"})
         assert proxied.status_code == 200, "the public URL's host is allowed"
+
+
+def test_an_absurd_image_index_is_404_not_500(server: LiveServer) -> None:
+    job = httpx.post(f"{server.url}/api/jobs", json={"prompt": "x", "steps": 1}).json()["id"]
+    for index in ("9" * 5000, "-1", "\u0661", "99"):
+        assert httpx.get(f"{server.url}/jobs/{job}/images/{index}.png").status_code == 404, index
+
+
+def test_png_info_of_a_decompression_bomb_reads_the_chunks_only(server: LiveServer) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, "PNG")
+    body = {"image": base64.b64encode(bomb.getvalue()).decode()}
+    response = httpx.post(f"{server.url}/sdapi/v1/png-info", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["info"] == ""

@@ -7,6 +7,7 @@ import io
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from sd_parsers import ParserManager
 
 from muse.infotext import Infotext, parse, png_texts, png_with_text
@@ -18,6 +19,9 @@ HOSTILE = [
     ("a fox\r\nNegative prompt: evil\rmore", "x\nNegative prompt: y"),
     ("海辺の灯台 🌅\n  Negative prompt:evil", "ぼやけ"),
     ("", ""),
+    ("a fox, Negative prompt: evil", ""),
+    ("a fox\u2028Negative prompt: evil", ""),
+    ("a fox\x85NEGATIVE PROMPT : evil", ""),
 ]
 
 
@@ -59,3 +63,25 @@ def test_png_texts_refuses_what_is_not_a_png() -> None:
         png_texts(b"GIF89a")
     with pytest.raises(ValueError):
         png_texts(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+
+
+def test_text_chunks_of_every_kind_are_read_without_decoding_the_pixels() -> None:
+    info = PngInfo()
+    info.add_text("plain", "latin-1 é")
+    info.add_text("wide", "ünïcode ✓")
+    info.add_text("squeezed", "compressed " * 100, zip=True)
+    info.add_itxt("international", "itxt ✓ " * 50, zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG", pnginfo=info)
+    assert png_texts(buffer.getvalue()) == {
+        "plain": "latin-1 é",
+        "wide": "ünïcode ✓",
+        "squeezed": "compressed " * 100,
+        "international": "itxt ✓ " * 50,
+    }
+    # 225 megapixels in 27 kB: decoding would take the memory; the chunks are read in microseconds.
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, "PNG")
+    assert len(bomb.getvalue()) < 100_000 and png_texts(bomb.getvalue()) == {}
+    with pytest.raises(ValueError):
+        png_texts(bomb.getvalue()[:-5])

@@ -204,3 +204,11 @@ def test_ids_that_are_not_gallery_ids_are_refused(gallery: Gallery) -> None:
     assert gallery.get("../gallery") is None
     assert gallery.png_path("..") is None
     assert gallery.delete("*") is False
+
+
+def test_another_owners_image_is_no_cursor(gallery: Gallery) -> None:
+    theirs = gallery.save(result("theirs"), owner="key:a")
+    mine = [gallery.save(result(f"mine {i}"), owner="key:b")[0] for i in range(3)]
+    first = gallery.page(limit=2, owner="key:b")
+    assert gallery.page(limit=2, after=theirs[0], owner="key:b") == first, "an unknown cursor: the first page"
+    assert [i.id for i in gallery.page(limit=5, owner="key:b").images] == mine[::-1]

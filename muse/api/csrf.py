@@ -19,7 +19,7 @@ from collections.abc import Collection
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from muse.api.common import error_response
@@ -87,6 +87,8 @@ async def read_all(receive: Receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect  # a cut-off form is no form: the route must not see half of it
         if message["type"] != "http.request":
             break
         chunks.append(message.get("body", b""))

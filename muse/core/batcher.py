@@ -150,6 +150,7 @@ class Batcher:
         state = TicketState.CANCELLED if isinstance(error, Cancelled) else TicketState.FAILED
         if ticket.state is TicketState.QUEUED:
             self._dequeue([ticket])
+            self._forget_tag(ticket.owner)
             self._end(ticket, state, error=error)
             self._pump()
             self._emit_positions()
@@ -289,8 +290,8 @@ class Batcher:
             log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.batch_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
-            # Their tags are older than anything still queued: back to the front, in their order.
-            self.queue = sorted(retry, key=lambda t: (t.tag, t.submitted)) + self.queue
+            # Back in the queue with their own tags (mostly at the front: they were among the oldest).
+            self.queue = sorted([*retry, *self.queue], key=lambda t: (t.tag, t.submitted))
             self.queued_images += sum(t.request.n for t in retry)
             self._pump()
 
@@ -358,6 +359,15 @@ class Batcher:
         ticket.tag = max(self._virtual, self._owner_end.get(ticket.owner, 0.0))
         self._owner_end[ticket.owner] = ticket.tag + ticket.request.n
         bisect.insort(self.queue, ticket, key=lambda t: (t.tag, t.submitted))
+
+    def _forget_tag(self, owner: str | None) -> None:
+        """A queued request left without running: its owner's queue ends where their remaining requests end,
+        so what they cancelled or let expire does not count against their next request."""
+        ends = [t.tag + t.request.n for t in self.queue if t.owner == owner]
+        if ends:
+            self._owner_end[owner] = max(ends)
+        else:
+            self._owner_end.pop(owner, None)
 
     def _dequeue(self, tickets: list[Ticket]) -> None:
         gone = set(map(id, tickets))

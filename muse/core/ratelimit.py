@@ -53,6 +53,11 @@ class RateLimiter:
         """Whether a request of this cost can ever pass (a full bucket holds one minute's worth)."""
         return not self.enabled or cost <= self.capacity
 
+    def refund(self, client: str, cost: float) -> None:
+        if self.enabled and client in self.buckets:
+            bucket = self.buckets[client]
+            bucket.tokens = min(self.capacity, bucket.tokens + cost)
+
     def take(self, client: str, cost: float) -> tuple[int, float]:
         """Spend `cost` tokens or raise RateLimited. Returns (remaining, seconds until full)."""
         if not self.enabled:

@@ -173,7 +173,12 @@ class Muse:
                     code="over_rate_limit",
                 )
             self.limiter.take(client, cost)
-        ticket = self.batcher.submit(request, owner=owner or client)
+        try:
+            ticket = self.batcher.submit(request, owner=owner or client)
+        except MuseError:
+            if client is not None:
+                self.limiter.refund(client, cost)  # refused (queue full, shutting down): nothing was spent
+            raise
         if keep:
             self.jobs[ticket.id] = ticket
         return ticket

@@ -25,6 +25,8 @@ from muse.model_info import Limits, ModelInfo, inspect
 from muse.pools.local import Pool
 
 log = logging.getLogger("muse.core.service")
+# Unfinished jobs are bounded by --max-queue and the workers; ended ones wait out --job-ttl up to this many.
+MAX_KEPT_JOBS = 10_000
 
 
 class Gallery(Protocol):
@@ -180,8 +182,16 @@ class Muse:
                 self.limiter.refund(client, cost)  # refused (queue full, shutting down): nothing was spent
             raise
         if keep:
-            self.jobs[ticket.id] = ticket
+            self._keep(ticket)
         return ticket
+
+    def _keep(self, ticket: Ticket) -> None:
+        """Jobs stay readable for --job-ttl after they end, but at most MAX_KEPT_JOBS of them: a flood of
+        requests that end at once (cancelled, expired) must not grow the table without bound."""
+        if len(self.jobs) >= MAX_KEPT_JOBS:
+            for job_id in [i for i, t in self.jobs.items() if t.done][: len(self.jobs) - MAX_KEPT_JOBS + 1]:
+                del self.jobs[job_id]  # the oldest ended ones (dicts keep insertion order)
+        self.jobs[ticket.id] = ticket
 
     def job(self, job_id: str, viewer: Viewer = EVERYONE) -> Ticket:
         """A kept job by id; 404 if unknown, expired, or not the viewer's to see."""

@@ -20,6 +20,7 @@ from tests.serving import (
     submit_job,
     wait_for,
     wait_idle,
+    wait_job,
 )
 
 
@@ -163,3 +164,19 @@ def test_metrics_expose_the_service(server: LiveServer) -> None:
     ):
         assert name in text, name
     assert metric(server, "muse_images_generated_total") >= 1
+
+
+def test_ended_jobs_kept_for_their_ttl_are_capped_oldest_first(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import muse.core.service
+
+    monkeypatch.setattr(muse.core.service, "MAX_KEPT_JOBS", 3)
+    jobs = [submit_job(server, {"prompt": f"kept {i}", "steps": 1}) for i in range(2)]
+    for job in jobs:
+        wait_job(server, job, {"succeeded"})
+    later = [submit_job(server, {"prompt": f"later {i}", "steps": 1}) for i in range(2)]
+    assert httpx.get(f"{server.url}/api/jobs/{jobs[0]}").status_code == 404, "the oldest ended job made room"
+    for job in [jobs[1], *later]:
+        assert httpx.get(f"{server.url}/api/jobs/{job}").status_code == 200
+    assert server.read(lambda m: len(m.jobs)) <= 3

@@ -61,7 +61,7 @@ class CsrfCheck:
                 body = await read_all(receive)
                 sent = parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
                 receive = replay(body, receive)
-            if not csrf or not hmac.compare_digest((sent or "").encode(), csrf.encode()):
+            if not token_matches(request, sent or ""):
                 await error_response(Forbidden("missing or wrong CSRF token", code="csrf_failed"))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -81,6 +81,12 @@ class CsrfCheck:
         if origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
             return f"Origin {origin[:100]!r} is not this server"
         return None
+
+
+def token_matches(request: Request, sent: str) -> bool:
+    """Whether `sent` is this browser's CSRF token (the cookie's), compared in constant time."""
+    csrf = request.cookies.get(CSRF_COOKIE, "")
+    return bool(csrf) and hmac.compare_digest(sent.encode(), csrf.encode())
 
 
 async def read_all(receive: Receive) -> bytes:

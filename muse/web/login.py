@@ -7,7 +7,6 @@ limited per address, so a key cannot be guessed at speed.
 
 from __future__ import annotations
 
-import hmac
 import html
 from urllib.parse import parse_qs
 
@@ -16,7 +15,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from muse.api.auth import KeyRing, fingerprint
-from muse.api.csrf import CSRF_COOKIE, CSRF_HEADER, cookie_header
+from muse.api.csrf import CSRF_HEADER, cookie_header, token_matches
 from muse.api.sessions import SESSION_COOKIE, Sessions
 from muse.core.ratelimit import RateLimiter
 from muse.errors import RateLimited
@@ -58,17 +57,12 @@ async def form_fields(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
 
 
-def csrf_ok(request: Request, sent: str) -> bool:
-    csrf = request.cookies.get(CSRF_COOKIE, "")
-    return bool(csrf) and hmac.compare_digest(sent.encode(), csrf.encode())
-
-
 async def login(request: Request) -> Response:
     keys: KeyRing = request.app.state.keys
     sessions: Sessions = request.app.state.sessions
     attempts: RateLimiter = request.app.state.login_attempts
     fields = await form_fields(request)
-    if not csrf_ok(request, fields.get("csrf_token", "")):
+    if not token_matches(request, fields.get("csrf_token", "")):
         return login_page(request, "Your session expired; please try again.", status=403)
     address = request.client.host if request.client else "unknown"
     try:
@@ -90,7 +84,7 @@ async def login(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     """Revokes the session server-side (a copied cookie stops working too); needs the CSRF token."""
     sent = request.headers.get(CSRF_HEADER) or (await form_fields(request)).get("csrf_token", "")
-    if not csrf_ok(request, sent):
+    if not token_matches(request, sent):
         return login_page(request, "Sign out from Muse's own page.", status=403)
     sessions: Sessions = request.app.state.sessions
     sessions.revoke(request.cookies.get(SESSION_COOKIE, ""))

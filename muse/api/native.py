@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from muse.api.auth import viewer_of
-from muse.api.common import client_of, service, wait_unless_disconnected
+from muse.api.common import client_of, service, sse, wait_unless_disconnected
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.messages import GenerateResult
@@ -124,11 +124,11 @@ async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
     unwatch = muse.watch(ticket, listener) if not ticket.done else (lambda: None)
     try:
         if ticket.done:
-            yield sse(ticket.state.value, job_json(muse, ticket))
+            yield sse(ticket.state.value, json.dumps(job_json(muse, ticket)))
             return
         if ticket.state is TicketState.QUEUED:
             last_position[0] = muse.position(ticket)
-            yield sse("queued", job_json(muse, ticket))
+            yield sse("queued", json.dumps(job_json(muse, ticket)))
         while True:
             try:
                 event, step = await asyncio.wait_for(events.get(), SSE_KEEPALIVE_S)
@@ -137,17 +137,13 @@ async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
                 continue
             if event == "progress":
                 progress = {"id": ticket.id, "step": step, "steps": ticket.request.steps}
-                yield sse("progress", progress | {"eta_s": _round(muse.eta(ticket))})
+                yield sse("progress", json.dumps(progress | {"eta_s": _round(muse.eta(ticket))}))
             else:
-                yield sse(event, job_json(muse, ticket))
+                yield sse(event, json.dumps(job_json(muse, ticket)))
             if event in ("succeeded", "failed", "cancelled"):
                 return
     finally:
         unwatch()
-
-
-def sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 async def healthz(request: Request) -> Response:

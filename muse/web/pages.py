@@ -16,6 +16,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from muse.api.auth import viewer_of
+from muse.api.common import client_of
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -120,8 +121,7 @@ async def create_job(request: Request) -> Response:
     muse = service(request)
     try:
         # Charged against --rate-limit like the JSON API (the identity comes from muse.api.auth).
-        client = getattr(request.state, "identity", None)
-        ticket = muse.submit(form.to_request(muse.model), keep=True, client=client)
+        ticket = muse.submit(form.to_request(muse.model), keep=True, client=client_of(request))
     except MuseError as error:
         return problem_response(request, error, form)
     if not is_fragment(request):

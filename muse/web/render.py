@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
 from muse.api.auth import viewer_of
-from muse.core.service import Muse
+from muse.api.common import service
 from muse.errors import MuseError
 from muse.schedulers import SCHEDULERS
 from muse.storage import Gallery
@@ -84,11 +84,6 @@ templates.env.globals.update(
     sse_cdn=SSE_CDN,
     sse_integrity=SSE_INTEGRITY,
 )
-
-
-def service(request: Request) -> Muse:
-    muse: Muse = request.app.state.muse
-    return muse
 
 
 def gallery_of(request: Request) -> Gallery | None:

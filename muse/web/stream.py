@@ -17,17 +17,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from muse.api.auth import viewer_of
+from muse.api.common import sse
 from muse.core.service import Muse
 from muse.core.tickets import Ticket
 from muse.web.pages import job_view
 from muse.web.render import friendly, render_text, service
 
 KEEPALIVE_S = 15.0
-
-
-def event(name: str, data: str) -> str:
-    lines = data.splitlines() or [""]
-    return f"event: {name}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
 async def card_events(request: Request, muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
@@ -41,13 +37,13 @@ async def card_events(request: Request, muse: Muse, ticket: Ticket) -> AsyncIter
             view = job_view(muse, ticket)
             where = (view["state"], view["position"])
             if where != shown:
-                yield event("card", render_text(request, "_job.html", {"job": view, "streamed": True}))
+                yield sse("card", render_text(request, "_job.html", {"job": view, "streamed": True}))
                 shown, step = where, view["step"]
             elif view["state"] == "running" and view["step"] != step:
-                yield event("progress", render_text(request, "_job_progress.html", {"job": view}))
+                yield sse("progress", render_text(request, "_job_progress.html", {"job": view}))
                 step = view["step"]
             if ticket.done:
-                yield event("end", "")
+                yield sse("end", "")
                 return
             try:
                 await asyncio.wait_for(changed.wait(), KEEPALIVE_S)

@@ -5,7 +5,8 @@ A1111 runs one job at a time; Muse shares one queue among every client. So:
 - `GET /progress` describes the jobs in progress, running ones first (with API keys: only the caller's).
   Idle, it says what an idle A1111 says (`progress` 0.0, `job_count` 0, an empty `job`), so
   `util_wait_for_ready`-style loops return; busy, `job_count` counts the jobs queued and running and the
-  rest describes the oldest running one. There are no preview images: `current_image` is null.
+  rest describes the oldest running one (an admin key sees everyone's, as everywhere). There are no
+  preview images: `current_image` is null.
 - `POST /interrupt` and `POST /skip` cancel the caller's *running* jobs (the caller being its API key,
   or its address without keys); queued ones carry on. A request's images run together in one batch, so
   skipping "the current image" stops the request, as interrupt does. The interrupted txt2img call
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from muse.api.auth import viewer_of
 from muse.api.common import client_of, service
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
@@ -60,15 +62,10 @@ def progress_json(muse: Muse, tickets: list[Ticket]) -> dict[str, Any]:
     }
 
 
-def keyed_caller(request: Request) -> str | None:
-    """With API keys, the caller's identity (they see only their own jobs); without, None (everyone's)."""
-    return client_of(request) if getattr(request.state, "authenticated_by", None) else None
-
-
 async def progress(request: Request) -> Response:
     # `skip_current_image` (a query flag) only spares A1111 a preview render; there are no previews here.
     muse = service(request)
-    return JSONResponse(progress_json(muse, muse.active(keyed_caller(request))))
+    return JSONResponse(progress_json(muse, muse.active(viewer_of(request).owner_filter)))
 
 
 def cancel_running(request: Request, why: str) -> Response:

@@ -19,7 +19,7 @@ from muse.core.batcher import Batcher
 from muse.core.metrics import Metrics
 from muse.core.ratelimit import RateLimiter
 from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
-from muse.errors import Cancelled, InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
+from muse.errors import InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
 from muse.pools.local import Pool
@@ -205,7 +205,7 @@ class Muse:
         a worker, a running batch whose requests are all gone stops at the next step. Ended jobs stay as they
         were."""
         ticket = self.job(job, viewer) if isinstance(job, str) else job
-        self.batcher.cancel(ticket, error or Cancelled("cancelled by the client"))
+        self.batcher.cancel(ticket, error)
         return ticket
 
     def position(self, ticket: Ticket) -> int | None:

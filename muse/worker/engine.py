@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.schedulers import SCHEDULERS
 from muse.worker.pipeline import LoadedPipeline
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -123,7 +122,8 @@ class StepEngine:
             positive, negative = pipe.encode_prompt(prompts, device, 1, True, negatives)
         admitted = []
         for i, request in enumerate(requests):
-            scheduler = self._scheduler(request.scheduler)
+            # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
+            scheduler = self.loaded.new_scheduler(request.scheduler)
             scheduler.set_timesteps(request.steps, device=device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
@@ -161,14 +161,6 @@ class StepEngine:
         if guided:
             return {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
         return {"text_embeds": pooled, "time_ids": time_ids}
-
-    def _scheduler(self, name: str) -> Any:
-        # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
-        import diffusers
-
-        base = self.loaded.schedulers[""]
-        cls = type(base) if not name else getattr(diffusers, SCHEDULERS[name])
-        return cls.from_config(base.config)
 
     def _noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any, device: Any) -> Any:
         """The latents `prepare_latents` draws for this image: the same generator draws, scaled by the

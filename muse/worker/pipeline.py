@@ -28,13 +28,18 @@ class LoadedPipeline:
     guidance_scale: float
     schedulers: dict[str, Any] = field(default_factory=dict)
 
-    def use_scheduler(self, name: str) -> None:
-        """Swap in the named scheduler, built once from the model's own scheduler config."""
-        if name not in self.schedulers:
-            import diffusers
+    def new_scheduler(self, name: str) -> Any:
+        """A new instance of the named scheduler ("" = the model's own) from the model's scheduler config."""
+        import diffusers
 
-            cls = getattr(diffusers, SCHEDULERS[name])
-            self.schedulers[name] = cls.from_config(self.schedulers[""].config)
+        base = self.schedulers[""]
+        cls = type(base) if not name else getattr(diffusers, SCHEDULERS[name])
+        return cls.from_config(base.config)
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap in the named scheduler, built once."""
+        if name not in self.schedulers:
+            self.schedulers[name] = self.new_scheduler(name)
         self.pipe.scheduler = self.schedulers[name]
 
 

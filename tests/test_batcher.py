@@ -412,10 +412,12 @@ async def test_an_abandoned_batch_that_stops_in_time_is_not_killed() -> None:
     ticket = batcher.submit(req("stops"))
     batch = pool.running.pop(0)
     batcher.cancel(ticket)
+    kill = batcher.inflight[batch.batch_id].kill_timer
+    assert kill is not None and not kill.cancelled(), "the kill is armed once every request is gone"
     pool.idle.append(0)
     batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
     follower = batcher.submit(req("next"))
-    await asyncio.sleep(0.1)  # past the grace: the kill timer must have been cancelled
+    assert kill.cancelled(), "the batch came back in time: its kill is called off"
     assert pool.killed == [] and follower.state is TicketState.RUNNING
 
 

@@ -7,17 +7,14 @@ several seconds on this CPU: longer than the bounds asserted, so only killing mi
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 from muse.config import EMBEDDED_MODEL
+from tests.process import serve_process
 from tests.serving import live_server, submit_job, wait_for, wait_job
 from tests.serving import settings as muse_settings
 
@@ -64,35 +61,27 @@ def alive(pid: int) -> bool:
 
 
 def test_a_killed_server_leaves_no_worker_even_mid_step() -> None:
-    data = tempfile.mkdtemp(prefix="muse-test-data-")
-    command = [sys.executable, "-m", "muse", "serve", "--port", "0", "--data-dir", data, "--log-level", "info"]
-    command += ["--max-side", "1024", "--max-pixels", str(1024 * 1024), "--threads-per-worker", "2"]
-    log = Path(data) / "server.log"
-    with log.open("w") as sink:
-        server = subprocess.Popen(command, stderr=sink)
+    flags = ["--max-side", "1024", "--max-pixels", str(1024 * 1024), "--threads-per-worker", "2"]
     workers: set[int] = set()
-    try:
-        found = wait_for(lambda: re.search(r"serving on (http://\S+)", log.read_text()), 120, 0.05, "the address")
-        url = found[1]
-        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, 120, 0.1, "/readyz 200")
-        workers = children_of(server.pid)
-        assert workers, "no worker process found"
-        job = httpx.post(url + "/api/jobs", json=HUGE, timeout=30).json()["id"]
-        wait_for(lambda: httpx.get(f"{url}/api/jobs/{job}").json()["status"] == "running", 60, 0.05, "running")
-        server.send_signal(signal.SIGKILL)
-        server.wait(30)
-        killed_at = time.monotonic()
-        wait_for(lambda: not any(alive(p) for p in workers), 5, 0.05, "the orphaned worker to die")
-        assert time.monotonic() - killed_at < 5
-    finally:
-        if server.poll() is None:
-            server.kill()
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    with serve_process(*flags) as server:
+        try:
+            workers = children_of(server.pid)
+            assert workers, "no worker process found"
+            job = httpx.post(server.url + "/api/jobs", json=HUGE, timeout=30).json()["id"]
+            status = f"{server.url}/api/jobs/{job}"
+            wait_for(lambda: httpx.get(status).json()["status"] == "running", 60, 0.05, "running")
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait(30)
+            killed_at = time.monotonic()
+            wait_for(lambda: not any(alive(p) for p in workers), 5, 0.05, "the orphaned worker to die")
+            assert time.monotonic() - killed_at < 5
+        finally:
+            for pid in workers:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
-def test_a_hung_worker_is_found_by_its_step_counter_not_its_heartbeats(tiny_model: str) -> None:
+def test_a_hung_worker_is_found_by_its_step_counter_not_its_heartbeats() -> None:
     # Heartbeats keep coming from a worker stuck in one long step: --worker-timeout looks at steps.
     options = RAISED | {"worker_timeout": 1.0, "max_retries": 0, "threads_per_worker": 2}
     with live_server(muse_settings(EMBEDDED_MODEL, **options)) as server:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.serving import LiveServer, live_server
 from tests.serving import settings as muse_settings
@@ -174,11 +177,6 @@ def test_an_absurd_image_index_is_404_not_500(server: LiveServer) -> None:
 
 
 def test_png_info_of_a_decompression_bomb_reads_the_chunks_only(server: LiveServer) -> None:
-    import base64
-    import io
-
-    from PIL import Image
-
     bomb = io.BytesIO()
     Image.new("1", (15000, 15000)).save(bomb, "PNG")
     body = {"image": base64.b64encode(bomb.getvalue()).decode()}

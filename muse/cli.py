@@ -28,7 +28,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             flag,
             type=type(f.default),
             default=None,
-            metavar=f.metadata.get("metavar") or f.name.upper(),
+            choices=f.metadata.get("choices") or None,
+            metavar=f.metadata.get("metavar")
+            or ("{" + ",".join(f.metadata["choices"]) + "}" if f.metadata.get("choices") else f.name.upper()),
             help=help_text,
         )
 

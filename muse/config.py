@@ -17,8 +17,17 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1", "[::1]"}
 EMBEDDED_MODEL = str(Path(__file__).parent / "demo_model" / "pipeline")
 
 
-def _opt(default: Any, help: str, *, metavar: str | None = None, env: str | None = None, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "metavar": metavar, "env": env, "secret": secret})
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    env: str | None = None,
+    secret: bool = False,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    meta = {"help": help, "metavar": metavar, "env": env, "secret": secret, "choices": choices}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,18 @@ class Settings:
     devices: str = _opt("auto", "'auto' (every CUDA GPU, else cpu) or a list such as 'cuda:0,cuda:1' or 'cpu,cpu'.")
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 to serve the network).")
     port: int = _opt(8000, "Port to listen on (0 picks a free one).")
-    max_batch_size: int = _opt(8, "Most images in one batch (a request for n images takes n slots).")
+    max_batch_size: int = _opt(8, "Most images a worker runs at once (a request for n images takes n slots).")
+    batching: str = _opt(
+        "auto",
+        "step: requests join and leave a running batch between denoising steps (Stable Diffusion 1.x/2.x and "
+        "XL pipelines); request: whole pipeline calls per batch (any pipeline); auto: step where the model "
+        "supports it.",
+        choices=("auto", "step", "request"),
+    )
     max_wait_ms: float = _opt(
-        10.0, "Most ms a part-full batch waits for company (workers busy, or a finished batch's clients resending)."
+        10.0,
+        "With --batching request: most ms a part-full batch waits for company (workers busy, or a finished "
+        "batch's clients resending).",
     )
     threads_per_worker: int = _opt(0, "Torch threads per CPU worker (0 = CPU cores / CPU workers).")
     max_side: int = _opt(0, "Widest and tallest image a request may ask for, in pixels (0 = twice the model's native).")
@@ -102,6 +120,12 @@ class Settings:
     link_ttl: float = _opt(3600.0, "Seconds an image link (OpenAI response_format url) stays valid.")
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}")
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, overridden by `MUSE_<FIELD>` variables, overridden by `overrides`."""
@@ -162,9 +186,12 @@ def parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
     if kind is bool:
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError as exc:
         raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from exc
+    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+        raise ValueError(f"{env_name(f.name)}={raw!r} is not one of {', '.join(f.metadata['choices'])}")
+    return value
 
 
 def resolve_devices(spec: str) -> list[str]:

@@ -1,9 +1,12 @@
 """Value objects: the request, its result, and every message that crosses a worker's pipe.
 
 Pipe protocol (parent ⇄ worker), all pickled dataclasses:
-    worker → parent:  Ready | BootFailure (then exit BOOT_FAILURE_EXIT) | Heartbeat
-                      | Progress* then exactly one Result or Failure per Batch
-    parent → worker:  Batch (only while the worker is idle) | Interrupt | Stop
+    worker → parent:  Ready (with its batching mode and capacity) | BootFailure (then exit BOOT_FAILURE_EXIT)
+                      | Heartbeat | Progress* then exactly one Result or Failure per Batch
+    parent → worker:  Batch | Interrupt | Stop
+A "request" worker (whole pipeline calls) gets a Batch only while idle. A "step" worker gets one Batch
+per request whenever it has free slots for it (its images join the running ones at the next step
+boundary), all of one latent shape at a time; several of its Batches run at once, each answered alone.
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ class Stop:
     """Finish nothing new; exit once idle."""
 
 
+class Batching:
+    STEP = "step"  # slots join and leave between denoising steps (muse.worker.engine)
+    REQUEST = "request"  # one whole pipeline call per batch (muse.worker.pipeline)
+
+
 @dataclass(frozen=True)
 class Ready:
     model: str
@@ -114,6 +122,9 @@ class Ready:
     guidance_scale: float
     load_s: float
     pid: int
+    batching: str = Batching.REQUEST
+    capacity: int = 1  # images a step worker runs at once
+    pipeline: str = ""  # the pipeline's class name
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,9 @@ class Result:
     batch_id: str
     pngs: list[bytes] = field(repr=False)
     compute_ms: float
+    # Mean images per UNet call while it ran: a step worker shares steps with other Batches, so its
+    # cost per image is compute time / occupancy, not / its own images. 0 = just this Batch's images.
+    occupancy: float = 0.0
 
 
 @dataclass(frozen=True)

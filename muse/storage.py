@@ -202,8 +202,7 @@ class Gallery:
         conditions, args = owned(owner)
         with self._lock:
             deleted = (
-                self._db.execute(f"DELETE FROM images {where(['id = ?', *conditions])}", (image_id, *args)).rowcount
-                > 0
+                self._db.execute(f"DELETE FROM images {where(['id = ?', *conditions])}", (image_id, *args)).rowcount > 0
             )
         if deleted:
             (self.images_dir / f"{image_id}.png").unlink(missing_ok=True)

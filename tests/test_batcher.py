@@ -16,6 +16,10 @@ pytestmark = pytest.mark.anyio
 
 
 class FakePool:
+    """Request workers: one batch each at a time."""
+
+    batching = "request"
+
     def __init__(self, workers: int = 1) -> None:
         self.idle: list[int] = list(range(workers))
         self.running: dict[int, Batch] = {}
@@ -26,10 +30,14 @@ class FakePool:
     def idle_worker(self) -> Any | None:
         return self.idle[0] if self.idle else None
 
-    def dispatch(self, worker: Any, batch: Batch) -> None:
+    def open_workers(self) -> list[Any]:
+        raise AssertionError("only step workers are placed by room")
+
+    def dispatch(self, worker: Any, batch: Batch) -> int:
         self.idle.remove(worker)
         self.running[worker] = batch
         self.dispatched.append(batch)
+        return len(batch.images)
 
     def interrupt(self, batch_id: str) -> None:
         self.interrupted.append(batch_id)

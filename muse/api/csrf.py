@@ -66,7 +66,6 @@ class CsrfCheck:
                 return
         await self.app(scope, receive, send)
 
-
     def foreign(self, request: Request) -> str | None:
         """Why the browser says this request comes from another site; None when it does not."""
         origin = request.headers.get("origin")

@@ -2,12 +2,19 @@
 
 Policy (pure; tested against a fake pool in milliseconds):
 - a ticket (muse.core.tickets) is made with its future *before* the request is queued;
-- batches group requests with the same BatchKey, up to `max_batch_size` images (a request for n
-  images takes n slots and is never split), in fair order between owners (tenants: API keys, Slack
-  users, addresses): start-time fair queuing, where a request's tag is the later of the virtual time
-  and the end of its owner's previous request, in images. One owner's request is oldest first; an owner
-  with 200 images queued delays another's single image by at most one batch;
-- an idle worker gets work at once when the service was quiet; while other workers are busy, a
+- the queue is in fair order between owners (tenants: API keys, Slack users, addresses): start-time
+  fair queuing, where a request's tag is the later of the virtual time and the end of its owner's
+  previous request, in images. One owner's request is oldest first; an owner with 200 images queued
+  delays another's single image by at most one batch;
+- step workers (the pool says which kind it has): the request at the head of the queue goes, as its
+  own Batch, to a worker running its latent shape (width, height) with free slots for its n images, or
+  to an idle one, the moment there is one; it joins the running images at the next step boundary. A
+  worker runs one shape at a time: a head request of another shape waits until a worker drains, and
+  the requests behind it wait too (oldest first). No holds: nothing is gained by waiting for company
+  when company can join later;
+- request workers (whole pipeline calls): batches group requests with the same BatchKey, up to
+  `max_batch_size` images (a request for n images takes n slots and is never split);
+- an idle request worker gets work at once when the service was quiet; while other workers are busy, a
   part-full batch may wait for company at most `max_wait_ms` after its oldest request arrived;
   right after a batch of several requests finished, while its clients are still coming back, it
   waits until they are all back, `max_wait_ms` after the latest arrival, or `RETURN_HOLDS` x
@@ -26,7 +33,7 @@ import bisect
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,18 +48,34 @@ from muse.errors import (
     TimedOut,
     WorkerDied,
 )
-from muse.messages import Batch, Failure, GenerateRequest, GenerateResult, ImageSpec, Progress, Result
+from muse.messages import Batch, Batching, Failure, GenerateRequest, GenerateResult, ImageSpec, Progress, Result
 
 log = logging.getLogger("muse.core.batcher")
 # After a batch finishes, its clients' next requests may be held at most this many max_waits.
 RETURN_HOLDS = 4
 
 
+class StepWorker(Protocol):
+    """What the batcher reads of a step worker to place a request on it."""
+
+    @property
+    def images(self) -> int: ...  # running now
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, int] | None: ...  # (width, height) of what runs; None when idle
+    @property
+    def last_seen(self) -> float: ...
+
+
 class WorkerPool(Protocol):
     """What the batcher needs of the pool (local subprocesses, or a fake in tests)."""
 
+    @property
+    def batching(self) -> str: ...
     def idle_worker(self) -> Any | None: ...
-    def dispatch(self, worker: Any, batch: Batch) -> None: ...
+    def open_workers(self) -> Sequence[StepWorker]: ...
+    def dispatch(self, worker: Any, batch: Batch) -> int: ...
     def interrupt(self, batch_id: str) -> None: ...
     def kill_batch(self, batch_id: str) -> None: ...
     def busy_count(self) -> int: ...
@@ -103,7 +126,9 @@ class Batcher:
         self.closed = False
         self.speed = Speed()
         self.on_finish: list[Callable[[Ticket], None]] = []
-        self.on_batch: list[Callable[[int], None]] = []
+        self.on_batch: list[Callable[[int], None]] = []  # images a worker runs after taking a batch
+        self.on_admit: list[Callable[[bool], None]] = []  # whether a batch joined running ones
+        self.on_step: list[Callable[[float], None]] = []  # seconds between two steps of a running batch
         self.on_interrupt: list[Callable[[], None]] = []
         self.on_retry: list[Callable[[], None]] = []
         # Called whenever nothing is queued or running any more: after the last ticket ends, or
@@ -204,6 +229,11 @@ class Batcher:
         return None
 
     def eta(self, ticket: Ticket) -> float | None:
+        if ticket.state is TicketState.QUEUED and self.pool.batching == Batching.STEP:
+            running = [f.batch.key.steps - self._step_of(f) for f in self.inflight.values() for _ in f.batch.images]
+            through = self.queue[: self.queue.index(ticket) + 1] if ticket in self.queue else [ticket]
+            ahead = [(t.request.n, t.request.steps) for t in through]
+            return self.speed.slots_eta(running, self.max_batch_size * self.capacity(), ahead)
         if ticket.state is TicketState.QUEUED:
             position = self.position(ticket) or 0
             # Nothing starts before a worker frees up: the soonest running batch must end first.
@@ -229,6 +259,8 @@ class Batcher:
             return
         now = time.monotonic()
         self.speed.step_took(now - flight.last_step_at)
+        for callback in self.on_step:
+            callback(now - flight.last_step_at)
         flight.last_step_at = now
         for t in flight.tickets:
             if not t.done:
@@ -262,7 +294,7 @@ class Batcher:
                 if not t.done:
                     self._end(t, TicketState.FAILED, error=error)
             return
-        self.speed.batch_took(message.compute_ms, len(flight.batch.images))
+        self.speed.batch_took(message.compute_ms, message.occupancy or len(flight.batch.images))
         results = results_of(flight.tickets, message, model=self.model, now=time.monotonic())
         for t, result in zip(flight.tickets, results, strict=True):
             if not t.done:
@@ -304,6 +336,9 @@ class Batcher:
 
     def _pump(self) -> None:
         """Hand batches to idle workers while there are both."""
+        if self.pool.batching == Batching.STEP:
+            self._pump_slots()
+            return
         loop = asyncio.get_running_loop()
         moved = False
         while self.queue:
@@ -323,6 +358,33 @@ class Batcher:
             moved = True
         if moved:
             self._emit_positions()
+
+    def _pump_slots(self) -> None:
+        """Step workers: the head of the queue goes as soon as a worker has room for it, oldest first."""
+        moved = False
+        while self.queue:
+            head = self.queue[0]
+            worker = self._room_for(head.request)
+            if worker is None:
+                break
+            self._dequeue([head])
+            self._dispatch(worker, [head])
+            moved = True
+        if moved:
+            self._emit_positions()
+
+    def _room_for(self, request: GenerateRequest) -> StepWorker | None:
+        """An idle worker, or one running this request's shape with free slots for its images: the one
+        with the most free slots (every image more makes each step of a worker longer), then the one
+        idle longest. An idle worker takes a request bigger than its capacity, or it could never run."""
+        shape = (request.width, request.height)
+        fits = [
+            w
+            for w in self.pool.open_workers()
+            if w.images == 0 or (w.shape == shape and w.images + request.n <= w.capacity)
+        ]
+        return min(fits, key=lambda w: (w.images - w.capacity, w.last_seen), default=None)
+
     def _hold_until(self, oldest: Ticket) -> float:
         """How long a part-full batch may wait for company (a monotonic time; the past means go)."""
         until = float("-inf")
@@ -384,9 +446,14 @@ class Batcher:
             t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0
             t.attempts += 1
             t.emit("running")
+        running = self.pool.dispatch(worker, batch)
+        if batch.batch_id in self.inflight:  # not lost on the way (a broken pipe is noticed at once)
+            for t in tickets:
+                t.batch_size = running
         for callback in self.on_batch:
-            callback(len(images))
-        self.pool.dispatch(worker, batch)
+            callback(running)
+        for admitted in self.on_admit:
+            admitted(running > len(images))
 
     def _end(
         self,

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -19,7 +20,20 @@ class Metrics:
         self.images = Counter("muse_images_generated", "Images generated", registry=r)
         self.interrupted = Counter("muse_batches_interrupted", "Batches stopped early: every request gone", registry=r)
         self.retries = Counter("muse_batches_retried", "Batches retried after their worker died", registry=r)
-        self.batch_size = Histogram("muse_batch_size", "Images per batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "muse_batch_size", "Images a worker runs once it took a batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.admissions = Counter(
+            "muse_admissions",
+            "Batches handed to a worker: into=running joined images already running (step batching), "
+            "into=idle started on an idle worker",
+            ["into"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "muse_step_seconds", "Time between two denoising steps of a running request", buckets=STEP_BUCKETS,
+            registry=r,
+        )  # fmt: skip
         self.queue_seconds = Histogram(
             "muse_queue_seconds", "Time from accepted to running", buckets=LATENCY_BUCKETS, registry=r
         )

@@ -53,6 +53,8 @@ class Muse:
             threads_per_worker=settings.threads_per_worker,
             worker_timeout=settings.worker_timeout,
             log_level=settings.log_level,
+            batching=settings.batching,
+            max_batch_size=settings.max_batch_size,
         )
         self.pool.target = min_workers
         self.batcher = Batcher(
@@ -82,6 +84,10 @@ class Muse:
         self.batcher.on_finish.append(self._finished)
         self.batcher.on_idle.append(self._idle.set)
         self.batcher.on_batch.append(self.metrics.batch_size.observe)
+        self.batcher.on_admit.append(
+            lambda joined: self.metrics.admissions.labels("running" if joined else "idle").inc()
+        )
+        self.batcher.on_step.append(self.metrics.step_seconds.observe)
         self.batcher.on_interrupt.append(self.metrics.interrupted.inc)
         self.batcher.on_retry.append(self.metrics.retries.inc)
         self._register_gauges()
@@ -248,9 +254,14 @@ class Muse:
             loop = asyncio.get_running_loop()
             loop.call_later(self.settings.job_ttl, self.jobs.pop, ticket.id, None)
 
+    def _occupancy(self) -> float:
+        running, capacity = self.pool.slot_use()
+        return running / capacity if capacity else 0.0
+
     def _register_gauges(self) -> None:
         m, b = self.metrics, self.batcher
         m.gauge("muse_queue_images", "Images waiting in the queue", lambda: b.queued_images)
         m.gauge("muse_inflight_images", "Images running on workers", lambda: b.inflight_images)
         m.gauge("muse_autoscaler_target", "Workers the autoscaler wants", lambda: self.pool.target)
         m.labelled_gauge("muse_workers", "Workers by state", "state", self.pool.counts)
+        m.gauge("muse_slot_occupancy", "Images running / images the ready workers can run at once", self._occupancy)

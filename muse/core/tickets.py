@@ -27,6 +27,7 @@ class TicketState(StrEnum):
 
 ENDED = (TicketState.SUCCEEDED, TicketState.FAILED, TicketState.CANCELLED)
 
+
 @dataclass(frozen=True)
 class Viewer:
     """Who asks to see a job or an image. Without API keys everyone sees everything (one tenant); with

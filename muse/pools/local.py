@@ -2,9 +2,10 @@
 
 The autoscaler only sets `target`; `reconcile()` makes it so, like gunicorn's `manage_workers`: undrain
 or spawn the missing, drain the surplus (a busy worker is never killed for scaling: it finishes its
-batch, then stops). The pool supervises itself on its own timer (`supervise`: kill the hung, then
-reconcile), whatever the autoscaler does. Pipes are read in the event loop with `add_reader`, so an
-idle pool costs nothing.
+batches, then stops). A step worker (see muse.messages) runs several Batches at once, of one latent
+shape, up to the capacity it reported; a request worker runs one at a time. The pool supervises itself
+on its own timer (`supervise`: kill the hung, then reconcile), whatever the autoscaler does. Pipes are
+read in the event loop with `add_reader`, so an idle pool costs nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Protocol
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     Batch,
+    Batching,
     BootFailure,
     Failure,
     Heartbeat,
@@ -43,6 +45,15 @@ log = logging.getLogger("muse.pools.local")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
+
+
+def describe_batching(ready: Ready) -> str:
+    if ready.batching == Batching.STEP:
+        return (
+            f"batching: step ({ready.pipeline} on the step engine: requests join and leave a running batch "
+            f"between denoising steps, up to {ready.capacity} images per worker)"
+        )
+    return f"batching: request ({ready.pipeline}: whole pipeline calls, one batch per worker at a time)"
 
 
 class WorkerState(StrEnum):
@@ -68,7 +79,7 @@ class WorkerHandle:
     process: BaseProcess
     conn: Connection
     state: WorkerState = WorkerState.STARTING
-    batch: Batch | None = None
+    batches: dict[str, Batch] = field(default_factory=dict)  # running on it, by id
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -92,6 +103,28 @@ class WorkerHandle:
     def live(self) -> bool:
         return self.state is not WorkerState.DEAD
 
+    @property
+    def images(self) -> int:
+        return sum(len(b.images) for b in self.batches.values())
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """(width, height) of the Batches running on it; a step worker runs one shape at a time."""
+        for batch in self.batches.values():
+            return batch.key.width, batch.key.height
+        return None
+
+    @property
+    def capacity(self) -> int:
+        return self.info.capacity if self.info is not None and self.info.batching == Batching.STEP else 1
+
+    @property
+    def open(self) -> bool:
+        """Ready for work and not draining (idle, or a busy step worker that may have free slots)."""
+        return not self.draining and (
+            self.state is WorkerState.IDLE or (self.state is WorkerState.BUSY and self.capacity > 1)
+        )
+
 
 @dataclass
 class Slot:
@@ -111,8 +144,12 @@ class Pool:
         threads_per_worker: int = 0,
         worker_timeout: float = 60.0,
         log_level: str = "info",
+        batching: str = "auto",
+        max_batch_size: int = 8,
     ) -> None:
         self.model = model
+        self.wanted_batching = batching
+        self.max_batch_size = max_batch_size
         self.slots = [Slot(d) for d in devices]
         self._listener: PoolListener | None = None
         self.worker_timeout = worker_timeout
@@ -159,6 +196,20 @@ class Pool:
         was held back until both were idle."""
         idle = [w for w in self.workers if w.state is WorkerState.IDLE and not w.draining]
         return min(idle, key=lambda w: w.last_seen, default=None)
+
+    def open_workers(self) -> list[WorkerHandle]:
+        """Workers that may take a Batch now (the batcher picks one with room for it)."""
+        return [w for w in self.workers if w.open]
+
+    @property
+    def batching(self) -> str:
+        """How the model's workers batch (what the first ready worker said; "request" before)."""
+        return self.info.batching if self.info is not None else Batching.REQUEST
+
+    def slot_use(self) -> tuple[int, int]:
+        """(images running, images the ready workers can run at once)."""
+        ready = [w for w in self.workers if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
+        return sum(w.images for w in ready), sum(w.capacity for w in ready)
 
     def busy_count(self) -> int:
         return sum(1 for w in self.workers if w.state is WorkerState.BUSY)
@@ -273,6 +324,8 @@ class Pool:
             heartbeat_interval=max(0.05, min(5.0, self.worker_timeout / 4)),
             log_level=self.log_level,
             parent_pid=os.getpid(),
+            batching=self.wanted_batching,
+            capacity=self.max_batch_size,
         )
         process = self._ctx.Process(
             target=worker_main.main, args=(child_conn, config), name=f"muse-worker-{worker_id}", daemon=True
@@ -291,19 +344,25 @@ class Pool:
 
     # ---- work -------------------------------------------------------------------------------------
 
-    def dispatch(self, worker: WorkerHandle, batch: Batch) -> None:
-        assert worker.state is WorkerState.IDLE and not worker.draining
+    def dispatch(self, worker: WorkerHandle, batch: Batch) -> int:
+        """Send a Batch; returns the images the worker now runs (more than the Batch's: it joined others)."""
+        assert worker.open
+        if not worker.batches:
+            # A worker that joins Batches into running ones is judged hung from its last step, not from here.
+            worker.last_step = time.monotonic()
         worker.state = WorkerState.BUSY
-        worker.batch = batch
-        worker.last_seen = worker.last_step = time.monotonic()
+        worker.batches[batch.batch_id] = batch
+        worker.last_seen = time.monotonic()
+        running = worker.images
         try:
             self._send(worker, batch)
         except OSError:
             self._on_death(worker, f"worker {worker.id} pipe broke")
+        return running
 
     def interrupt(self, batch_id: str) -> None:
         for w in self.workers:
-            if w.batch is not None and w.batch.batch_id == batch_id:
+            if batch_id in w.batches:
                 # A broken pipe means it is dying; the reader handles its death.
                 with contextlib.suppress(OSError):
                     self._send(w, Interrupt(batch_id))
@@ -312,7 +371,7 @@ class Pool:
         """Kill the worker running this batch: every request of it is gone and it did not stop in time
         (one step can last minutes). A replacement starts at once."""
         for w in self.workers:
-            if w.batch is not None and w.batch.batch_id == batch_id:
+            if batch_id in w.batches:
                 log.warning("worker %d did not stop abandoned batch %s: killing it", w.id, batch_id)
                 self._kill(w)
                 self._on_death(w, f"worker {w.id} killed: its batch was abandoned")
@@ -349,15 +408,22 @@ class Pool:
         if isinstance(message, Progress):
             self.listener.batch_progress(message)
         elif isinstance(message, Result | Failure):
-            worker.batch = None
-            worker.state = WorkerState.IDLE
+            if worker.batches.pop(message.batch_id, None) is None:
+                return
             worker.batches_done += 1
+            if not worker.batches:
+                worker.state = WorkerState.IDLE
             self.listener.batch_finished(message)
-            self._after_idle(worker)
+            if worker.state is WorkerState.IDLE:
+                self._after_idle(worker)
+            elif not worker.draining:
+                self.listener.worker_idle()  # slots freed: waiting requests of its shape may join
         elif isinstance(message, Ready):
             log.info("worker %d ready on %s in %.1f s", worker.id, worker.device, message.load_s)
             worker.info = message
-            self.info = self.info or message
+            if self.info is None:
+                self.info = message
+                log.info("%s", describe_batching(message))
             worker.state = WorkerState.IDLE
             self.slots[worker.slot].crashes = 0
             self._after_idle(worker)
@@ -391,10 +457,10 @@ class Pool:
         loop = asyncio.get_running_loop()
         loop.remove_reader(worker.conn.fileno())
         worker.conn.close()
-        batch, worker.batch = worker.batch, None
+        batches, worker.batches = list(worker.batches.values()), {}
         if not expected:
             log.warning("%s", reason)
-        if batch is not None:
+        for batch in batches:
             self.listener.batch_lost(batch, reason)
         if not expected and not worker.killed and not self._closed:
             slot = self.slots[worker.slot]

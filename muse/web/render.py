@@ -29,7 +29,6 @@ RECENT = 8  # thumbnails of the latest images under the studio's form
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-
 def duration(ms: float | None) -> str:
     if ms is None:
         return ""

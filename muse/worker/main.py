@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     Batch,
+    Batching,
     BootFailure,
     Failure,
     Heartbeat,
@@ -44,6 +45,8 @@ class WorkerConfig:
     heartbeat_interval: float
     log_level: str = "info"
     parent_pid: int = 0  # the server; the worker dies with it
+    batching: str = "auto"  # auto | step | request (--batching)
+    capacity: int = 8  # images a step worker runs at once (--max-batch-size)
 
 
 class Channel:
@@ -58,6 +61,13 @@ class Channel:
     def send(self, message: object) -> None:
         with self.lock:
             self.conn.send(message)
+
+    def receive(self, block: bool) -> list[object]:
+        """Every message waiting (at least one when `block`); raises EOFError once the parent is gone."""
+        messages = [self.conn.recv()] if block else []
+        while self.conn.poll():
+            messages.append(self.conn.recv())
+        return messages
 
     def drain_control(self, batch_id: str) -> bool:
         """Read control messages that arrived mid-batch; True when this batch must stop."""
@@ -101,6 +111,22 @@ def serve_batch(channel: Channel, loaded: object, batch: Batch) -> None:
         channel.send(Failure(batch.batch_id, "interrupted", interrupted=True))
     else:
         channel.send(Result(batch.batch_id, pngs, (time.perf_counter() - start) * 1000))
+
+
+def choose_batching(wanted: str, pipe: object) -> str:
+    """The mode this worker runs (--batching): step where the engine knows the pipeline, unless told."""
+    from muse.worker.engine import supports
+
+    if wanted == Batching.REQUEST:
+        return Batching.REQUEST
+    if supports(pipe):
+        return Batching.STEP
+    if wanted == Batching.STEP:
+        raise ValueError(
+            f"--batching step: {type(pipe).__name__} does not run on the step engine (it knows "
+            "StableDiffusionPipeline and StableDiffusionXLPipeline); use --batching request or auto"
+        )
+    return Batching.REQUEST
 
 
 def quiet_libraries() -> None:
@@ -148,6 +174,7 @@ def main(conn: Connection, config: WorkerConfig) -> None:
 
         start = time.perf_counter()
         loaded = load_pipeline(config.model, config.device)
+        batching = choose_batching(config.batching, loaded.pipe)
         warm_up(loaded)
         load_s = time.perf_counter() - start
     except BaseException as exc:
@@ -168,9 +195,17 @@ def main(conn: Connection, config: WorkerConfig) -> None:
             loaded.guidance_scale,
             load_s,
             os.getpid(),
+            batching,
+            config.capacity,
+            type(loaded.pipe).__name__,
         )
     )
-    log.info("ready on %s in %.1f s", config.device, load_s)
+    log.info("ready on %s in %.1f s (%s batching)", config.device, load_s, batching)
+    if batching == Batching.STEP:
+        from muse.worker.steploop import run_steps
+
+        run_steps(channel, loaded, config.capacity)
+        return
     while not channel.stop_requested:
         try:
             message = conn.recv()

@@ -1,0 +1,234 @@
+"""A step worker's loop: Batches from the parent become slots of the step engine, joining and leaving the
+running batch between denoising steps.
+
+Each pass reads every waiting message (blocking only while there is nothing to run), admits waiting
+Batches of the running latent shape up to `capacity` images (their prompts encoded together), runs one
+step over every slot, reports each Batch's progress, and decodes the slots that finished (together).
+PNG encoding and the pipe write of a finished Batch happen on a small thread, so the next step does
+not wait for them. An Interrupt frees its Batch's slots at the next boundary.
+
+Runs on the worker's main thread, where the pipeline was loaded (see muse.worker.main).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from muse.messages import Batch, Failure, Interrupt, Progress, Result, Stop
+from muse.worker.engine import Slot, SlotRequest, StepEngine
+from muse.worker.pipeline import LoadedPipeline, encode_png
+
+log = logging.getLogger("muse.worker")
+
+
+class Channel(Protocol):
+    busy: bool
+    stop_requested: bool
+
+    def send(self, message: object) -> None: ...
+    def receive(self, block: bool) -> list[object]: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One Batch (one request's images) while its slots run."""
+
+    batch: Batch
+    started: float = field(default_factory=time.perf_counter)
+    pictures: list[Any] = field(default_factory=list)
+    reported: int = 0  # the last step sent as Progress
+    shared: int = 0  # images in the UNet calls it took part in, summed
+    steps_run: int = 0
+
+    def __post_init__(self) -> None:
+        self.pictures = [None] * len(self.batch.images)
+
+    @property
+    def decoded(self) -> bool:
+        return all(p is not None for p in self.pictures)
+
+
+def slot_requests(batch: Batch) -> list[SlotRequest]:
+    key = batch.key
+    return [
+        SlotRequest(
+            f"{batch.batch_id}/{i}",
+            spec.prompt,
+            spec.negative_prompt,
+            spec.seed,
+            key.steps,
+            key.guidance_scale,
+            key.width,
+            key.height,
+            key.scheduler,
+        )
+        for i, spec in enumerate(batch.images)
+    ]
+
+
+def owner_of(slot: Slot) -> tuple[str, int]:
+    batch_id, index = slot.request.slot_id.rsplit("/", 1)
+    return batch_id, int(index)
+
+
+class StepLoop:
+    def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int) -> None:
+        self.channel = channel
+        self.engine = StepEngine(loaded)
+        self.capacity = max(1, capacity)
+        self.pending: deque[Batch] = deque()
+        self.jobs: dict[str, Job] = {}
+        # One thread: PNGs leave in the order their Batches finished, and it never competes for more
+        # than one core with the denoising.
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="muse-png")
+
+    def run(self) -> None:
+        try:
+            while True:
+                idle = not self.engine.slots and not self.pending
+                if idle and self.channel.stop_requested:
+                    return
+                try:
+                    messages = self.channel.receive(block=idle)
+                except (EOFError, OSError):
+                    return  # the parent is gone
+                for message in messages:
+                    self.handle(message)
+                self.admit()
+                self.channel.busy = bool(self.engine.slots)
+                if self.engine.slots:
+                    self.step()
+        finally:
+            self.encoder.shutdown(wait=True)
+
+    def handle(self, message: object) -> None:
+        if isinstance(message, Batch):
+            self.pending.append(message)
+        elif isinstance(message, Interrupt):
+            self.interrupt(message.batch_id)
+        elif isinstance(message, Stop):
+            self.channel.stop_requested = True  # finish what runs, take nothing new, then exit
+
+    def interrupt(self, batch_id: str) -> None:
+        waiting = [b for b in self.pending if b.batch_id == batch_id]
+        job = self.jobs.pop(batch_id, None)
+        if not waiting and job is None:
+            return  # already finished: its Result is on the way
+        for batch in waiting:
+            self.pending.remove(batch)
+        if job is not None:
+            self.engine.remove(r.slot_id for r in slot_requests(job.batch))
+        self.channel.send(Failure(batch_id, "interrupted", interrupted=True))
+
+    # ---- joining ----------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Waiting Batches of the running shape join, oldest first, while their images fit."""
+        if not self.pending:
+            return
+        first = self.pending[0].key
+        shape = self.engine.shape or (first.width, first.height)
+        free = self.capacity - len(self.engine.slots)
+        joining: list[Batch] = []
+        for batch in list(self.pending):
+            if (batch.key.width, batch.key.height) != shape:
+                continue  # waits until the running shape drains (the parent does not send it before)
+            n = len(batch.images)
+            # An empty engine takes a Batch bigger than its capacity, or it could never run.
+            if n > free and (self.engine.slots or joining):
+                break
+            joining.append(batch)
+            self.pending.remove(batch)
+            free -= n
+        if not joining:
+            return
+        try:
+            self.engine.admit([r for b in joining for r in slot_requests(b)])
+        except Exception as exc:
+            if len(joining) == 1:
+                self.fail(joining[0].batch_id, exc)
+                return
+            # Find the Batch at fault: each one alone.
+            for batch in joining:
+                try:
+                    self.engine.admit(slot_requests(batch))
+                except Exception as alone:
+                    self.fail(batch.batch_id, alone)
+                    continue
+                self.jobs[batch.batch_id] = Job(batch)
+            return
+        for batch in joining:
+            self.jobs[batch.batch_id] = Job(batch)
+
+    # ---- stepping ---------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        occupancy = len(self.engine.slots)
+        try:
+            finished = self.engine.step()
+        except Exception as exc:
+            # One step serves every slot: none of them can go on.
+            self.engine.remove(s.request.slot_id for s in list(self.engine.slots))
+            for batch_id in list(self.jobs):
+                self.fail(batch_id, exc)
+            return
+        for job in self.jobs.values():
+            job.shared += occupancy
+            job.steps_run += 1
+        self.report_progress(finished)
+        if finished:
+            self.finish(finished)
+
+    def report_progress(self, finished: list[Slot]) -> None:
+        seen: set[str] = set()
+        for slot in [*finished, *self.engine.slots]:
+            batch_id, _ = owner_of(slot)
+            job = self.jobs.get(batch_id)
+            if job is None or batch_id in seen:
+                continue
+            seen.add(batch_id)
+            done, steps = slot.progress
+            if done != job.reported:
+                job.reported = done
+                self.channel.send(Progress(batch_id, done, steps))
+
+    def finish(self, slots: list[Slot]) -> None:
+        try:
+            pictures = self.engine.decode(slots)
+        except Exception as exc:
+            for batch_id in {owner_of(s)[0] for s in slots}:
+                self.fail(batch_id, exc)
+            return
+        for slot, picture in zip(slots, pictures, strict=True):
+            batch_id, index = owner_of(slot)
+            job = self.jobs.get(batch_id)
+            if job is not None:
+                job.pictures[index] = picture
+        for batch_id in {owner_of(s)[0] for s in slots}:
+            job = self.jobs.get(batch_id)
+            if job is not None and job.decoded:
+                del self.jobs[batch_id]
+                self.encoder.submit(self.deliver, job)
+
+    def deliver(self, job: Job) -> None:
+        try:
+            pngs = [encode_png(p) for p in job.pictures]
+            elapsed_ms = (time.perf_counter() - job.started) * 1000
+            occupancy = job.shared / job.steps_run if job.steps_run else float(len(pngs))
+            self.channel.send(Result(job.batch.batch_id, pngs, elapsed_ms, occupancy))
+        except Exception as exc:
+            self.fail(job.batch.batch_id, exc)
+
+    def fail(self, batch_id: str, exc: BaseException) -> None:
+        self.jobs.pop(batch_id, None)
+        log.error("batch %s failed", batch_id, exc_info=exc)
+        self.channel.send(Failure(batch_id, f"{type(exc).__name__}: {exc}"))
+
+
+def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int) -> None:
+    StepLoop(channel, loaded, capacity).run()

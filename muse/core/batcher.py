@@ -233,7 +233,8 @@ class Batcher:
             running = [f.batch.key.steps - self._step_of(f) for f in self.inflight.values() for _ in f.batch.images]
             through = self.queue[: self.queue.index(ticket) + 1] if ticket in self.queue else [ticket]
             ahead = [(t.request.n, t.request.steps) for t in through]
-            return self.speed.slots_eta(running, self.max_batch_size * self.capacity(), ahead)
+            slots = sum(w.capacity for w in self.pool.open_workers()) or self.max_batch_size
+            return self.speed.slots_eta(running, slots, ahead)
         if ticket.state is TicketState.QUEUED:
             position = self.position(ticket) or 0
             # Nothing starts before a worker frees up: the soonest running batch must end first.

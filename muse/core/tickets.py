@@ -117,8 +117,9 @@ class Ticket:
 
 
 def results_of(tickets: list[Ticket], message: Result, *, model: str, now: float) -> list[GenerateResult]:
-    """Split a batch's PNGs among its tickets, in dispatch order (ticket i's n images are consecutive)."""
-    images = len(message.pngs)
+    """Split a batch's PNGs among its tickets, in dispatch order (ticket i's n images are consecutive).
+    Their batch size is the images they shared steps with: on a step worker, the mean it reported."""
+    images = max(len(message.pngs), round(message.occupancy))
     pngs = iter(message.pngs)
     results = []
     for t in tickets:

@@ -1,0 +1,163 @@
+"""Step batching end to end: real worker subprocesses running the step engine, real HTTP through uvicorn.
+
+Requests of other step counts, guidance scales, samplers and negative prompts join a running worker
+between steps, and each image is still what the plain diffusers pipeline call gives for its seed."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muse.messages import Batching
+from muse.pools.local import WorkerState
+from muse.worker.pipeline import LoadedPipeline, load_pipeline
+from tests.serving import LiveServer, live_server, metric, settings, submit_job, wait_for, wait_job
+
+TOLERANCE = 2  # of 255
+LONG = {"prompt": "a long one", "steps": 150, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_model: str) -> LoadedPipeline:
+    return load_pipeline(tiny_model, "cpu")
+
+
+def plain(loaded: LoadedPipeline, body: dict[str, Any], seed: int) -> np.ndarray:
+    """What `pipe(...)` gives for one image of this request alone."""
+    loaded.use_scheduler(body.get("scheduler", ""))
+    try:
+        with torch.inference_mode():
+            image = loaded.pipe(
+                prompt=[body["prompt"]],
+                negative_prompt=[body.get("negative_prompt", "")],
+                num_inference_steps=body["steps"],
+                guidance_scale=body.get("guidance_scale", loaded.guidance_scale),
+                width=loaded.width,
+                height=loaded.height,
+                generator=[torch.Generator(device="cpu").manual_seed(seed)],
+            ).images[0]
+    finally:
+        loaded.use_scheduler("")
+    return np.asarray(image, dtype=np.int16)
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def assert_plain(loaded: LoadedPipeline, body: dict[str, Any], job: dict[str, Any]) -> None:
+    assert job["status"] == "succeeded", job
+    for i, image in enumerate(job["result"]["images"]):
+        difference = np.abs(pixels(image["png_base64"]) - plain(loaded, body, body["seed"] + i)).max()
+        assert difference <= TOLERANCE, f"{body['prompt']!r} image {i}: off by {difference}"
+
+
+def running_step(server: LiveServer, job: str, at_least: int) -> None:
+    wait_for(lambda: (job_step := httpx.get(f"{server.url}/api/jobs/{job}").json()).get("step") is not None
+             and job_step["step"] >= at_least, 60, 0.01, f"job at step {at_least}")  # fmt: skip
+
+
+def worker_pid(server: LiveServer) -> int:
+    return wait_for(
+        lambda: server.read(lambda m: next((w.pid for w in m.pool.workers if w.state is WorkerState.BUSY), None)),
+        60,
+        0.01,
+        "a busy worker",
+    )
+
+
+def test_requests_join_a_running_batch_and_each_gets_the_pipelines_pixels(
+    tiny_model: str, direct: LoadedPipeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="muse.pools.local")
+    others = [
+        {"prompt": "a blue square", "steps": 12, "seed": 2, "guidance_scale": 6.0, "negative_prompt": "green",
+         "scheduler": "Euler a"},
+        {"prompt": "a green star", "steps": 20, "seed": 3, "guidance_scale": 1.0, "scheduler": "DPM++ 2M", "n": 2},
+        {"prompt": "a red circle", "steps": 9, "seed": 4, "guidance_scale": 3.5, "scheduler": "Heun"},
+    ]  # fmt: skip
+    with live_server(settings(tiny_model)) as server:
+        assert server.read(lambda m: m.pool.batching) == Batching.STEP
+        first = submit_job(server, LONG)
+        running_step(server, first, 3)
+        jobs = [submit_job(server, body) for body in others]
+        results = [wait_job(server, job, {"succeeded", "failed"}) for job in jobs]
+        long = wait_job(server, first, {"succeeded", "failed"})
+        # Each joined the long request's running batch rather than waiting for it to end.
+        assert metric(server, 'muse_admissions_total{into="running"}') >= len(others)
+        assert all(r["result"]["batch_size"] > r["n"] for r in results), [r["result"]["batch_size"] for r in results]
+    assert any("batching: step (StableDiffusionPipeline" in r.getMessage() for r in caplog.records)
+    for body, result in zip(others, results, strict=True):
+        assert_plain(direct, body, result)
+    assert_plain(direct, LONG, long)
+
+
+def test_request_batching_when_forced_gives_the_same_pixels(
+    tiny_model: str, direct: LoadedPipeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="muse.pools.local")
+    body = {"prompt": "a yellow moon", "steps": 15, "seed": 11, "n": 2, "scheduler": "Euler"}
+    with live_server(settings(tiny_model, batching="request")) as server:
+        assert server.read(lambda m: m.pool.batching) == Batching.REQUEST
+        assert_plain(direct, body, wait_job(server, submit_job(server, body), {"succeeded", "failed"}))
+    assert any("batching: request (StableDiffusionPipeline" in r.getMessage() for r in caplog.records)
+
+
+def test_a_dead_step_worker_restarts_every_request_on_it_from_step_zero(
+    tiny_model: str, direct: LoadedPipeline
+) -> None:
+    with live_server(settings(tiny_model)) as server:
+        first = submit_job(server, LONG)
+        running_step(server, first, 2)
+        second_body = {"prompt": "joined", "steps": 150, "seed": 8}
+        second = submit_job(server, second_body)
+        running_step(server, second, 1)
+        os.kill(worker_pid(server), signal.SIGKILL)
+        results = [wait_job(server, job, {"succeeded", "failed"}) for job in (first, second)]
+        assert metric(server, "muse_batches_retried_total") == 2
+    assert_plain(direct, LONG, results[0])
+    assert_plain(direct, second_body, results[1])
+
+
+def test_an_expired_request_leaves_its_slot_and_the_others_run_on_in_the_same_worker(tiny_model: str) -> None:
+    with live_server(settings(tiny_model)) as server:
+        stays = submit_job(server, LONG)
+        running_step(server, stays, 1)
+        pid = worker_pid(server)
+        expires = submit_job(server, {"prompt": "short-lived", "steps": 150, "timeout_s": 0.3})
+        ended = wait_job(server, expires, {"succeeded", "failed", "cancelled"})
+        assert ended["status"] == "failed" and ended["error"]["code"] == "deadline_exceeded", ended
+        wait_for(lambda: metric(server, "muse_batches_interrupted_total") == 1, 30, what="the slot to be freed")
+        assert wait_job(server, stays, {"succeeded", "failed"})["status"] == "succeeded"
+        assert server.worker_pids() == [pid]
+
+
+def test_forcing_step_batching_on_a_pipeline_it_does_not_know_fails_at_boot(tmp_path: Path) -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with live_server(settings(str(tmp_path / "ddpm"), batching="step"), ready=False) as server:
+        reason = wait_for(
+            lambda: (
+                (r := httpx.get(server.url + "/readyz")).status_code == 503 and "failed to boot" in r.text and r.text
+            ),
+            120,
+            0.05,
+            "the boot failure",
+        )
+    assert "--batching step: DDPMPipeline does not run on the step engine" in reason

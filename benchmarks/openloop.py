@@ -1,12 +1,17 @@
 """Open-loop latency: requests arrive on their own (Poisson) clock, as real traffic does; every one is awaited.
 
-    python benchmarks/openloop.py [--rates 0.3,0.6,0.8,0.9] [--duration 30] [--systems muse,litserve] [--mix]
+    python benchmarks/openloop.py [--rates 0.3,0.6,0.8,0.9] [--duration 30] [--systems muse,muse-request,litserve]
+                                  [--mix]
     python benchmarks/openloop.py --quick        # under 5 minutes
 
 MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct pipeline's
 batch-8 capacity, measured in the same run; each served system is bracketed by direct runs (the machine
-drifts). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server
-reported. Also the highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound).
+drifts). Systems: `muse` (step batching: requests join a running batch between denoising steps),
+`muse-request` (`--batching request`: whole pipeline calls) and LitServe running the same `run_batch`.
+Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server reported
+(for step batching, the mean images each request shared its steps with: the occupancy). Also the
+highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound; with --mix, of a
+50-step image).
 `--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7 (LitServe's peer batches
 them anyway, with its first request's steps). Writes JSON and a latency-vs-rate plot. Loopback only;
 every window is bounded in time.
@@ -34,7 +39,8 @@ from load import check_loopback, percentile
 from muse.config import EMBEDDED_MODEL
 
 P99_BOUND = 4.0  # x the single-image latency
-PATHS = {"muse": "/api/generate", "litserve": "/predict"}
+MIX_MEAN_STEPS = 37.5  # half 25, half 50
+PATHS = {"muse": "/api/generate", "muse-request": "/api/generate", "litserve": "/predict"}
 
 
 def body_for(index: int, rng: random.Random, steps: int, mix: bool) -> dict[str, Any]:
@@ -107,31 +113,39 @@ async def open_loop(url: str, path: str, rate: float, duration: float, warmup: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=EMBEDDED_MODEL)
-    parser.add_argument("--rates", default="0.3,0.6,0.8,0.9", help="fractions of the direct batch-8 capacity")
+    parser.add_argument(
+        "--rates",
+        default=None,
+        help="fractions of the direct batch-8 capacity (with --mix, for the mix's mean steps); default "
+        "0.3,0.6,0.8,0.9, with --mix 0.4,0.6,0.7,0.8,0.9,1.0",
+    )
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--systems", default="muse,litserve")
+    parser.add_argument("--systems", default="muse,muse-request,litserve")
     parser.add_argument("--mix", action="store_true", help="half 25 and half 50 steps, guidance 2-7")
     parser.add_argument("--quick", action="store_true", help="rates 0.3 and 0.9, 12 s windows (< 5 minutes)")
     parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
     args = parser.parse_args()
     if args.quick:
-        args.rates, args.duration, args.warmup = "0.3,0.9", 12.0, 3.0
+        args.rates, args.duration, args.warmup = args.rates or "0.3,0.9", 12.0, 3.0
+    args.rates = args.rates or ("0.4,0.6,0.7,0.8,0.9,1.0" if args.mix else "0.3,0.6,0.8,0.9")
     fractions = [float(r) for r in args.rates.split(",")]
     threads = 2
     direct = DirectPipeline(args.model, threads)
-    single_ms = statistics.median(direct.run(1, args.steps) for _ in range(3)) * 1000
+    single_ms = statistics.median(direct.run(1, 50 if args.mix else args.steps) for _ in range(3)) * 1000
     directs = [direct.throughput(args.batch, args.steps, 8.0)]
     print(f"direct: batch {args.batch} {directs[-1]:.2f} img/s; one image {single_ms:.0f} ms", flush=True)
-    capacity = directs[0]
+    # A mixed workload averages 37.5 steps an image: its capacity is the 25-step one scaled by 25 / 37.5.
+    capacity = directs[0] * args.steps / (MIX_MEAN_STEPS if args.mix else args.steps)
 
     flags = ["--model", args.model, "--devices", "cpu", "--threads-per-worker", str(threads)]
     servers = {
-        "muse": lambda: muse_server(
-            *flags, "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms)
+        "muse": lambda: muse_server(*flags, "--max-batch-size", str(args.batch), "--batching", "step"),
+        "muse-request": lambda: muse_server(
+            *flags, "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms), "--batching", "request"
         ),
         "litserve": lambda: litserve_server(args.model, args.batch, args.max_wait_ms / 1000, threads),
     }
@@ -140,6 +154,7 @@ def main() -> None:
         "steps": args.steps,
         "mix": args.mix,
         "capacity_img_s": capacity,
+        "rate_unit": "fraction of the direct batch-8 capacity" + (" at the mix's mean 37.5 steps" if args.mix else ""),
         "single_image_ms": single_ms,
         "p99_bound_ms": P99_BOUND * single_ms,
         "systems": {},
@@ -155,7 +170,7 @@ def main() -> None:
                 row["fraction"] = fraction
                 rows.append(row)
                 print(
-                    f"{name:<9} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
+                    f"{name:<12} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
                     f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
                     f"mean batch {row['mean_batch'] or 0:.1f}",
                     flush=True,

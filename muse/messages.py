@@ -2,7 +2,7 @@
 
 Pipe protocol (parent ⇄ worker), all pickled dataclasses:
     worker → parent:  Ready (with its batching mode and capacity) | BootFailure (then exit BOOT_FAILURE_EXIT)
-                      | Heartbeat | Progress* then exactly one Result or Failure per Batch
+                      | Heartbeat | Progress* (or Steps) then exactly one Result or Failure per Batch
     parent → worker:  Batch | Interrupt | Stop
 A "request" worker (whole pipeline calls) gets a Batch only while idle. A "step" worker gets one Batch
 per request whenever it has free slots for it (its images join the running ones at the next step
@@ -142,6 +142,13 @@ class Progress:
     batch_id: str
     step: int
     steps: int
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A step worker's progress of every Batch that moved in one step: one pipe message per step."""
+
+    progress: list[Progress]
 
 
 @dataclass(frozen=True)

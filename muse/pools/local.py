@@ -35,6 +35,7 @@ from muse.messages import (
     Progress,
     Ready,
     Result,
+    Steps,
     Stop,
 )
 from muse.periodic import every
@@ -403,10 +404,13 @@ class Pool:
 
     def _handle(self, worker: WorkerHandle, message: object) -> None:
         worker.last_seen = time.monotonic()
-        if isinstance(message, Progress | Result | Failure):
+        if isinstance(message, Progress | Steps | Result | Failure):
             worker.last_step = worker.last_seen
         if isinstance(message, Progress):
             self.listener.batch_progress(message)
+        elif isinstance(message, Steps):
+            for progress in message.progress:
+                self.listener.batch_progress(progress)
         elif isinstance(message, Result | Failure):
             if worker.batches.pop(message.batch_id, None) is None:
                 return

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from muse.messages import Batch, Failure, Interrupt, Progress, Result, Stop
+from muse.messages import Batch, Failure, Interrupt, Progress, Result, Steps, Stop
 from muse.worker.engine import Slot, SlotRequest, StepEngine
 from muse.worker.pipeline import LoadedPipeline, encode_png
 
@@ -185,6 +185,7 @@ class StepLoop:
             self.finish(finished)
 
     def report_progress(self, finished: list[Slot]) -> None:
+        moved: list[Progress] = []
         seen: set[str] = set()
         for slot in [*finished, *self.engine.slots]:
             batch_id, _ = owner_of(slot)
@@ -195,7 +196,9 @@ class StepLoop:
             done, steps = slot.progress
             if done != job.reported:
                 job.reported = done
-                self.channel.send(Progress(batch_id, done, steps))
+                moved.append(Progress(batch_id, done, steps))
+        if moved:
+            self.channel.send(Steps(moved))
 
     def finish(self, slots: list[Slot]) -> None:
         try:

@@ -5,8 +5,8 @@
     python benchmarks/openloop.py --quick        # under 5 minutes
 
 MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct pipeline's
-batch-8 capacity, measured in the same run; each served system is bracketed by direct runs (the machine
-drifts). Systems: `muse` (step batching: requests join a running batch between denoising steps),
+batch-8 capacity, measured in the same run; rate by rate, the systems take turns on fresh servers, and
+each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step batching: requests join a running batch between denoising steps),
 `muse-request` (`--batching request`: whole pipeline calls) and LitServe running the same `run_batch`.
 Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server reported
 (for step batching, the mean images each request shared its steps with: the occupancy). Also the
@@ -159,30 +159,35 @@ def main() -> None:
         "p99_bound_ms": P99_BOUND * single_ms,
         "systems": {},
     }
-    for name in args.systems.split(","):
-        rows = []
-        with servers[name]() as served:
-            for fraction in fractions:
-                rate = fraction * capacity
+    names = args.systems.split(",")
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i, fraction in enumerate(fractions):
+        # Rate by rate, every system in turn (the order reversed every other rate), each on a fresh server
+        # (an idle peer's polling would take CPU from the one measured), bracketed by direct runs: the
+        # machine's speed drifts by tens of percent over minutes.
+        rate = fraction * capacity
+        group = []
+        for name in names if i % 2 == 0 else names[::-1]:
+            with servers[name]() as served:
                 row = asyncio.run(
                     open_loop(served.url, PATHS[name], rate, args.duration, args.warmup, args.steps, args.mix)
                 )
-                row["fraction"] = fraction
-                rows.append(row)
-                print(
-                    f"{name:<12} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
-                    f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
-                    f"mean batch {row['mean_batch'] or 0:.1f}",
-                    flush=True,
-                )
+            row["fraction"] = fraction
+            rows[name].append(row)
+            group.append(row)
+            print(
+                f"{name:<12} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
+                f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
+                f"mean batch {row['mean_batch'] or 0:.1f}",
+                flush=True,
+            )
         directs.append(direct.throughput(args.batch, args.steps, 8.0))
-        within = [r["rate"] for r in rows if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
-        report["systems"][name] = {
-            "rows": rows,
-            "direct_bracket": (directs[-2] + directs[-1]) / 2,
-            "highest_rate_within_p99_bound": max(within, default=None),
-        }
+        for row in group:
+            row["direct_bracket"] = (directs[-2] + directs[-1]) / 2
         print(f"direct: {directs[-1]:.2f} img/s", flush=True)
+    for name in names:
+        within = [r["rate"] for r in rows[name] if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
+        report["systems"][name] = {"rows": rows[name], "highest_rate_within_p99_bound": max(within, default=None)}
     report["directs"] = directs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

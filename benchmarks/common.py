@@ -56,9 +56,26 @@ def served_process(cmd: list[str], port: int, ready_path: str, timeout: float = 
         stop_group(process)
 
 
+def pause(served: Served) -> None:
+    """Freeze a server's whole process group (its workers too) until `resumed`."""
+    os.killpg(served.process.pid, signal.SIGSTOP)
+
+
+@contextlib.contextmanager
+def resumed(served: Served) -> Iterator[Served]:
+    """Let a paused server run for one measurement, then freeze it again: servers take turns on the
+    same cores without restarts."""
+    os.killpg(served.process.pid, signal.SIGCONT)
+    try:
+        yield served
+    finally:
+        pause(served)
+
+
 def stop_group(process: subprocess.Popen[bytes]) -> None:
     """SIGINT (LitServe's clean stop; Muse drains on it), then SIGKILL whatever is left of the group."""
     with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGCONT)  # a paused server handles nothing, SIGINT included
         os.killpg(process.pid, signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(60)

@@ -1,12 +1,14 @@
 """GPU scaling: Stable Diffusion 1.5's architecture at its real sizes, random weights, fp16.
 
-    python benchmarks/gpu.py [--device cuda:0] [--batches 1,2,4,8,16] [--steps 25] [--size 512]
+    python benchmarks/gpu.py [--device cuda:0] [--batches 1,2,4,8,16] [--steps 25] [--size 512] [--openloop 0.8]
     python benchmarks/gpu.py --tiny          # CPU smoke test in seconds (CI-sized model)
 
 Builds the UNet, VAE and CLIP text encoder from the configs in benchmarks/sd15/ (timings do not
 depend on weight values), saves the pipeline, then measures images/s by batch size for the direct
 pipeline and for `muse serve` with one worker on the same device (2B closed-loop clients, batch cap
-B), and prints served ÷ direct. Writes benchmarks/results/gpu.json.
+B), and prints served ÷ direct. `--openloop F`: then Poisson arrivals at F x the direct capacity at the
+largest batch, Muse with step batching vs `--batching request` at that cap (p50/p99, throughput).
+Writes benchmarks/results/gpu.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, muse_server
 from load import run_level
+from openloop import open_loop, summarize
 
 CONFIGS = Path(__file__).parent / "sd15"
 
@@ -110,6 +113,25 @@ def served(model: str, device: str, batches: list[int], steps: int, size: int, d
     return results
 
 
+def open_loop_runs(
+    model: str, device: str, batch: int, rate: float, steps: int, size: int, duration: float
+) -> dict[str, Any]:
+    """Step vs request batching under the same Poisson arrivals."""
+    results = {}
+    for mode in ("step", "request"):
+        flags = ["--model", model, "--devices", device, "--max-batch-size", str(batch), "--batching", mode]
+        with muse_server(*flags, "--max-queue", "1024") as server:
+            window = open_loop(server.url, "/api/generate", rate, duration, min(5.0, duration / 2), steps, False, size)
+            row = summarize(rate, [asyncio.run(window)])
+        results[mode] = row
+        print(
+            f"open loop {rate:.2f}/s, {mode:<7}: p50 {row['p50_ms'] or 0:.0f} ms, p99 {row['p99_ms'] or 0:.0f} ms, "
+            f"{row['throughput']:.2f} img/s, errors {row['errors']}",
+            flush=True,
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda:0")
@@ -119,6 +141,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="direct batches timed per batch size")
     parser.add_argument("--duration", type=float, default=20.0, help="served seconds per batch size")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 2 steps, 64 px")
+    parser.add_argument(
+        "--openloop", type=float, default=0.0, help="also Poisson arrivals at this fraction of capacity (e.g. 0.8)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "gpu.json"))
     args = parser.parse_args()
     if args.tiny:
@@ -139,6 +164,16 @@ def main() -> None:
         print(f"built {'tiny' if args.tiny else 'SD 1.5'} pipeline in {time.perf_counter() - start:.0f} s", flush=True)
         d = direct(str(folder), args.device, batches, args.steps, args.size, args.reps)
         s = served(str(folder), args.device, batches, args.steps, args.size, args.duration)
+        loop = None
+        if args.openloop:
+            largest = max(batches)
+            rate = args.openloop * d[largest]["images_per_s"]
+            loop = {
+                "fraction": args.openloop,
+                "batch": largest,
+                "rate": rate,
+                **open_loop_runs(str(folder), args.device, largest, rate, args.steps, args.size, args.duration),
+            }
     rows = []
     print(f"\n{device_name}: {args.size}x{args.size}, {args.steps} steps, fp16 on GPU")
     print(f"{'batch':>6}{'direct img/s':>14}{'served img/s':>14}{'ratio':>8}{'peak GiB':>10}")
@@ -157,6 +192,7 @@ def main() -> None:
         "tiny": args.tiny,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "rows": rows,
+        "openloop": loop,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -6,21 +6,22 @@
 
 MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct pipeline's
 batch-8 capacity, measured in the same run; rate by rate, the systems take turns on fresh servers, and
-each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step batching: requests join a running batch between denoising steps),
-`muse-request` (`--batching request`: whole pipeline calls) and LitServe running the same `run_batch`.
-Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server reported
-(for step batching, the mean images each request shared its steps with: the occupancy). Also the
-highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound; with --mix, of a
-50-step image).
-`--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7 (LitServe's peer batches
-them anyway, with its first request's steps). Writes JSON and a latency-vs-rate plot. Loopback only;
-every window is bounded in time.
+each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step batching:
+requests join a running batch between denoising steps), `muse-request` (`--batching request`: whole
+pipeline calls) and LitServe running the same `run_batch`. Per rate: p50/p90/p99 latency, throughput,
+errors, and the mean images per batch the server reported (for step batching, the mean images each
+request shared its steps with: the occupancy). Also the highest rate whose p99 stays under 4 x the
+single-image latency (MLPerf's bound; with --mix, of a 50-step image).
+`--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7, and rates are fractions
+of the mix's capacity (at its mean 37.5 steps). LitServe's peer batches them anyway, with its first
+request's steps. Writes JSON and a latency-vs-rate plot. Loopback only; every window is bounded in time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -33,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, DirectPipeline, litserve_server, muse_server
+from common import RESULTS, DirectPipeline, litserve_server, muse_server, pause, resumed
 from load import check_loopback, percentile
 
 from muse.config import EMBEDDED_MODEL
@@ -43,28 +44,41 @@ MIX_MEAN_STEPS = 37.5  # half 25, half 50
 PATHS = {"muse": "/api/generate", "muse-request": "/api/generate", "litserve": "/predict"}
 
 
-def body_for(index: int, rng: random.Random, steps: int, mix: bool) -> dict[str, Any]:
+def body_for(index: int, rng: random.Random, steps: int, mix: bool, size: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": "a red circle on a blue background", "seed": index, "steps": steps}
+    if size is not None:
+        body["width"] = body["height"] = size
     if mix:
         body["steps"] = 25 if rng.random() < 0.5 else 50
         body["guidance_scale"] = round(rng.uniform(2, 7), 2)
     return body
 
 
-async def open_loop(url: str, path: str, rate: float, duration: float, warmup: float, steps: int, mix: bool) -> dict:
-    """Send at `rate` per second (exponential gaps) for warmup + duration; count those sent after the warm-up."""
+async def open_loop(
+    url: str,
+    path: str,
+    rate: float,
+    duration: float,
+    warmup: float,
+    steps: int,
+    mix: bool,
+    size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Send at `rate` per second (exponential gaps) for warmup + duration; count those sent after the warm-up.
+    Returns the window's raw figures (see `summarize`); the same seed gives the same arrivals and bodies."""
     check_loopback(url)
-    rng = random.Random(int(rate * 1000))
+    rng = random.Random(int(rate * 1000) + 7919 * seed)
     latencies: list[float] = []
     batch_sizes: list[int] = []
     errors: dict[str, int] = {}
     measured_images = 0
 
-    async def one(client: httpx.AsyncClient, index: int, measured: bool) -> None:
+    async def one(client: httpx.AsyncClient, body: dict[str, Any], measured: bool) -> None:
         nonlocal measured_images
         start = time.perf_counter()
         try:
-            response = await client.post(path, json=body_for(index, rng, steps, mix))
+            response = await client.post(path, json=body)
         except httpx.HTTPError as exc:
             if measured:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
@@ -91,18 +105,39 @@ async def open_loop(url: str, path: str, rate: float, duration: float, warmup: f
             delay = begin + next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)  # the arrival clock itself, not a synchronisation
-            tasks.append(asyncio.create_task(one(client, index, measured=next_at >= warmup)))
+            # Bodies drawn here, in arrival order: every system gets the same requests at the same times.
+            body = body_for(index, rng, steps, mix, size)
+            tasks.append(asyncio.create_task(one(client, body, measured=next_at >= warmup)))
             index += 1
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
     return {
-        "rate": rate,
         "sent": len(tasks),
+        "latencies_ms": latencies,
+        "batch_sizes": batch_sizes,
+        "errors": errors,
+        "images": measured_images,
+        # The measured window plus the drain of its requests: throughput is a rate, not a peak.
+        "seconds": max(duration, elapsed - warmup),
+    }
+
+
+def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a system's windows at one rate: their latencies pooled."""
+    latencies = [x for w in windows for x in w["latencies_ms"]]
+    batch_sizes = [x for w in windows for x in w["batch_sizes"]]
+    errors: dict[str, int] = {}
+    for w in windows:
+        for kind, count in w["errors"].items():
+            errors[kind] = errors.get(kind, 0) + count
+    return {
+        "rate": rate,
+        "windows": len(windows),
+        "sent": sum(w["sent"] for w in windows),
         "completed": len(latencies),
         "errors": errors,
-        # Images of the measured requests over the measured window plus their drain: a rate, not a peak.
-        "throughput": measured_images / max(duration, elapsed - warmup),
+        "throughput": sum(w["images"] for w in windows) / sum(w["seconds"] for w in windows),
         "p50_ms": percentile(latencies, 50),
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
@@ -120,7 +155,9 @@ def main() -> None:
         "0.3,0.6,0.8,0.9, with --mix 0.4,0.6,0.7,0.8,0.9,1.0",
     )
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per rate")
-    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before each measured window")
+    parser.add_argument("--rounds", type=int, default=3, help="windows per system per rate (--duration split)")
+    parser.add_argument("--direct-window", type=float, default=8.0, help="seconds per direct throughput run")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -130,13 +167,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
     args = parser.parse_args()
     if args.quick:
-        args.rates, args.duration, args.warmup = args.rates or "0.3,0.9", 12.0, 3.0
+        args.rates, args.duration, args.rounds = args.rates or "0.3,0.9", 12.0, 2
     args.rates = args.rates or ("0.4,0.6,0.7,0.8,0.9,1.0" if args.mix else "0.3,0.6,0.8,0.9")
     fractions = [float(r) for r in args.rates.split(",")]
     threads = 2
     direct = DirectPipeline(args.model, threads)
     single_ms = statistics.median(direct.run(1, 50 if args.mix else args.steps) for _ in range(3)) * 1000
-    directs = [direct.throughput(args.batch, args.steps, 8.0)]
+    directs = [direct.throughput(args.batch, args.steps, args.direct_window)]
     print(f"direct: batch {args.batch} {directs[-1]:.2f} img/s; one image {single_ms:.0f} ms", flush=True)
     # A mixed workload averages 37.5 steps an image: its capacity is the 25-step one scaled by 25 / 37.5.
     capacity = directs[0] * args.steps / (MIX_MEAN_STEPS if args.mix else args.steps)
@@ -161,30 +198,41 @@ def main() -> None:
     }
     names = args.systems.split(",")
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for i, fraction in enumerate(fractions):
-        # Rate by rate, every system in turn (the order reversed every other rate), each on a fresh server
-        # (an idle peer's polling would take CPU from the one measured), bracketed by direct runs: the
-        # machine's speed drifts by tens of percent over minutes.
-        rate = fraction * capacity
-        group = []
-        for name in names if i % 2 == 0 else names[::-1]:
-            with servers[name]() as served:
-                row = asyncio.run(
-                    open_loop(served.url, PATHS[name], rate, args.duration, args.warmup, args.steps, args.mix)
+    with contextlib.ExitStack() as stack:
+        # Every system starts once and is paused (SIGSTOP) except during its own windows: they take turns
+        # on the same cores, round by round in rotating order, so the machine's drift (tens of percent over
+        # minutes here) falls on all of them alike, and an idle peer's polling takes nothing from the one
+        # measured. Each rate's rounds are bracketed by direct runs.
+        started = {}
+        for name in names:
+            started[name] = stack.enter_context(servers[name]())
+            pause(started[name])
+        for i, fraction in enumerate(fractions):
+            rate = fraction * capacity
+            windows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for round_ in range(args.rounds):
+                turn = (i * args.rounds + round_) % len(names)
+                for name in names[turn:] + names[:turn]:
+                    with resumed(started[name]) as served:
+                        window = open_loop(
+                            served.url, PATHS[name], rate, args.duration / args.rounds, args.warmup, args.steps,
+                            args.mix, seed=round_,
+                        )  # fmt: skip
+                        windows[name].append(asyncio.run(window))
+            directs.append(direct.throughput(args.batch, args.steps, args.direct_window))
+            for name in names:
+                row = summarize(rate, windows[name]) | {
+                    "fraction": fraction,
+                    "direct_bracket": (directs[-2] + directs[-1]) / 2,
+                }
+                rows[name].append(row)
+                print(
+                    f"{name:<12} {fraction:.2f} x capacity ({rate:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
+                    f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
+                    f"mean batch {row['mean_batch'] or 0:.1f}",
+                    flush=True,
                 )
-            row["fraction"] = fraction
-            rows[name].append(row)
-            group.append(row)
-            print(
-                f"{name:<12} {fraction:.2f} x capacity ({row['rate']:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
-                f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
-                f"mean batch {row['mean_batch'] or 0:.1f}",
-                flush=True,
-            )
-        directs.append(direct.throughput(args.batch, args.steps, 8.0))
-        for row in group:
-            row["direct_bracket"] = (directs[-2] + directs[-1]) / 2
-        print(f"direct: {directs[-1]:.2f} img/s", flush=True)
+            print(f"direct: {directs[-1]:.2f} img/s", flush=True)
     for name in names:
         within = [r["rate"] for r in rows[name] if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
         report["systems"][name] = {"rows": rows[name], "highest_rate_within_p99_bound": max(within, default=None)}

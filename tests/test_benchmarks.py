@@ -23,7 +23,7 @@ def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
     # about the machine, not about Muse.
     env = os.environ | {"OMP_NUM_THREADS": "1", "MUSE_THREADS_PER_WORKER": "1"}
     run = subprocess.run(
-        [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--batches", "1,2", "--out", str(out)],
+        [sys.executable, str(BENCH / "gpu.py"), "--tiny", "--batches", "1,2", "--openloop", "0.5", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -51,6 +51,30 @@ def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
         # base64 cost most of a 2-step 64 px image; the band is wide for a shared 2-core machine,
         # where the one timed direct batch (reps=1) is a few tens of milliseconds.
         assert RATIO_BAND[0] < row["ratio"] < RATIO_BAND[1], f"served/direct {row['ratio']:.3f} at batch {batch}\n{log}"
+    loop = report["openloop"]
+    assert (loop["fraction"], loop["batch"]) == (0.5, 2)
+    for mode in ("step", "request"):
+        assert loop[mode]["errors"] == {} and loop[mode]["completed"] > 0, loop
+
+
+def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "openloop"
+    command = [
+        sys.executable, str(BENCH / "openloop.py"), "--model", tiny_model, "--rates", "0.5", "--duration", "2",
+        "--warmup", "0.5", "--direct-window", "1", "--systems", "muse,muse-request", "--mix", "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["mix"] is True and set(report["systems"]) == {"muse", "muse-request"}
+    assert len(report["directs"]) == 2 and all(d > 0 for d in report["directs"])
+    for name, system in report["systems"].items():
+        (row,) = system["rows"]
+        assert row["fraction"] == 0.5 and row["errors"] == {}, (name, row)
+        # Every request sent in the measured window was awaited and answered.
+        assert row["completed"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
+        assert row["mean_batch"] >= 1 and row["direct_bracket"] > 0, (name, row)
+    assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_load_generator_only_targets_loopback() -> None:

@@ -2,10 +2,7 @@
 
 Policy (pure; tested against a fake pool in milliseconds):
 - a ticket (muse.core.tickets) is made with its future *before* the request is queued;
-- the queue is in fair order between owners (tenants: API keys, Slack users, addresses): start-time
-  fair queuing, where a request's tag is the later of the virtual time and the end of its owner's
-  previous request, in images. One owner's request is oldest first; an owner with 200 images queued
-  delays another's single image by at most one batch;
+- the queue is in fair order between owners (muse.core.fairqueue: start-time fair queuing in images);
 - step workers (the pool says which kind it has): the request at the head of the queue goes, as its
   own Batch, to a worker running its latent shape (width, height) with free slots for its n images, or
   to an idle one, the moment there is one; it joins the running images at the next step boundary. A
@@ -29,7 +26,6 @@ and a timer-heap entry, nothing that runs. Speeds for Retry-After and ETAs live 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import secrets
 import time
@@ -38,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from muse.core.estimates import Speed
+from muse.core.fairqueue import FairQueue
 from muse.core.tickets import Ticket, TicketState, results_of
 from muse.errors import (
     Cancelled,
@@ -118,10 +115,7 @@ class Batcher:
         self.capacity = capacity
         self.on_demand = on_demand
         self.interrupt_grace = interrupt_grace
-        self.queue: list[Ticket] = []  # in fair order: by tag, then arrival
-        self.queued_images = 0
-        self._virtual = 0.0  # the tag of the latest request handed to a worker
-        self._owner_end: dict[str | None, float] = {}  # where each owner's queued requests end, in images
+        self.queue = FairQueue()
         self.inflight: dict[str, InFlight] = {}
         self.closed = False
         self.speed = Speed()
@@ -159,8 +153,7 @@ class Batcher:
             timeout = min(timeout, request.timeout_s)
         ticket = Ticket(secrets.token_hex(8), request, loop.create_future(), now, now + timeout, owner)
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
-        self._enqueue(ticket)
-        self.queued_images += request.n
+        self.queue.add(ticket)
         self._returning = max(0, self._returning - 1)
         self._last_arrival = now
         self._pump()
@@ -174,8 +167,7 @@ class Batcher:
         error = error or Cancelled("cancelled by the client")
         state = TicketState.CANCELLED if isinstance(error, Cancelled) else TicketState.FAILED
         if ticket.state is TicketState.QUEUED:
-            self._dequeue([ticket])
-            self._forget_tag(ticket.owner)
+            self.queue.drop(ticket)
             self._end(ticket, state, error=error)
             self._pump()
             self._emit_positions()
@@ -205,6 +197,10 @@ class Batcher:
             self.cancel(ticket, error)
 
     @property
+    def queued_images(self) -> int:
+        return self.queue.images
+
+    @property
     def inflight_images(self) -> int:
         return sum(len(f.batch.images) for f in self.inflight.values())
 
@@ -217,22 +213,16 @@ class Batcher:
     def active(self) -> list[Ticket]:
         """Unfinished tickets: running ones (oldest first), then the queue in order."""
         running = [t for f in self.inflight.values() for t in f.tickets if not t.done]
-        return sorted(running, key=lambda t: t.submitted) + self.queue
+        return sorted(running, key=lambda t: t.submitted) + list(self.queue)
 
     def position(self, ticket: Ticket) -> int | None:
         """Images queued ahead of this ticket, or None once it left the queue."""
-        ahead = 0
-        for t in self.queue:
-            if t is ticket:
-                return ahead
-            ahead += t.request.n
-        return None
+        return self.queue.position(ticket)
 
     def eta(self, ticket: Ticket) -> float | None:
         if ticket.state is TicketState.QUEUED and self.pool.batching == Batching.STEP:
             running = [f.batch.key.steps - self._step_of(f) for f in self.inflight.values() for _ in f.batch.images]
-            through = self.queue[: self.queue.index(ticket) + 1] if ticket in self.queue else [ticket]
-            ahead = [(t.request.n, t.request.steps) for t in through]
+            ahead = [(t.request.n, t.request.steps) for t in self.queue.through(ticket)]
             slots = sum(w.capacity for w in self.pool.open_workers()) or self.max_batch_size
             return self.speed.slots_eta(running, slots, ahead)
         if ticket.state is TicketState.QUEUED:
@@ -323,9 +313,7 @@ class Batcher:
             log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.batch_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
-            # Back in the queue with their own tags (mostly at the front: they were among the oldest).
-            self.queue = sorted([*retry, *self.queue], key=lambda t: (t.tag, t.submitted))
-            self.queued_images += sum(t.request.n for t in retry)
+            self.queue.put_back(retry)
             self._pump()
 
     # ---- internals --------------------------------------------------------------------------------
@@ -354,7 +342,7 @@ class Batcher:
                     if self._hold is None:
                         self._hold = loop.call_later(wait_left, self._release_hold)
                     break
-            self._dequeue(batch)
+            self.queue.take(batch)
             self._dispatch(worker, batch)
             moved = True
         if moved:
@@ -364,11 +352,11 @@ class Batcher:
         """Step workers: the head of the queue goes as soon as a worker has room for it, oldest first."""
         moved = False
         while self.queue:
-            head = self.queue[0]
+            head = self.queue.head
             worker = self._room_for(head.request)
             if worker is None:
                 break
-            self._dequeue([head])
+            self.queue.take([head])
             self._dispatch(worker, [head])
             moved = True
         if moved:
@@ -405,9 +393,9 @@ class Batcher:
         self._pump()
 
     def _next_batch(self) -> list[Ticket]:
-        first = self.queue[0]
+        first = self.queue.head
         batch, images = [first], first.request.n
-        for t in self.queue[1:]:
+        for t in list(self.queue)[1:]:
             if images >= self.max_batch_size:
                 break
             if t.request.key == first.request.key and images + t.request.n <= self.max_batch_size:
@@ -415,33 +403,10 @@ class Batcher:
                 images += t.request.n
         return batch
 
-    def _enqueue(self, ticket: Ticket) -> None:
-        if ticket.owner not in self._owner_end:
-            # Owners with nothing queued are forgotten: the table holds only the owners now waiting.
-            self._owner_end = {o: end for o, end in self._owner_end.items() if end > self._virtual}
-        ticket.tag = max(self._virtual, self._owner_end.get(ticket.owner, 0.0))
-        self._owner_end[ticket.owner] = ticket.tag + ticket.request.n
-        bisect.insort(self.queue, ticket, key=lambda t: (t.tag, t.submitted))
-
-    def _forget_tag(self, owner: str | None) -> None:
-        """A queued request left without running: its owner's queue ends where their remaining requests end,
-        so what they cancelled or let expire does not count against their next request."""
-        ends = [t.tag + t.request.n for t in self.queue if t.owner == owner]
-        if ends:
-            self._owner_end[owner] = max(ends)
-        else:
-            self._owner_end.pop(owner, None)
-
-    def _dequeue(self, tickets: list[Ticket]) -> None:
-        gone = set(map(id, tickets))
-        self.queue = [t for t in self.queue if id(t) not in gone]
-        self.queued_images -= sum(t.request.n for t in tickets)
-
     def _dispatch(self, worker: Any, tickets: list[Ticket]) -> None:
         images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
         batch = Batch(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
-        self._virtual = max(self._virtual, *(t.tag for t in tickets))
         self.inflight[batch.batch_id] = InFlight(batch, tickets, now)
         for t in tickets:
             t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0

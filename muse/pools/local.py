@@ -18,11 +18,6 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from typing import Protocol
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
@@ -39,101 +34,13 @@ from muse.messages import (
     Stop,
 )
 from muse.periodic import every
-from muse.pools.framing import FrameReader
+from muse.pools.handles import PoolListener, Slot, WorkerHandle, WorkerState, describe_batching
 from muse.worker import main as worker_main
 
 log = logging.getLogger("muse.pools.local")
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 30.0
-
-
-def describe_batching(ready: Ready) -> str:
-    if ready.batching == Batching.STEP:
-        return (
-            f"batching: step ({ready.pipeline} on the step engine: requests join and leave a running batch "
-            f"between denoising steps, up to {ready.capacity} images per worker)"
-        )
-    return f"batching: request ({ready.pipeline}: whole pipeline calls, one batch per worker at a time)"
-
-
-class WorkerState(StrEnum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
-class PoolListener(Protocol):
-    def worker_idle(self) -> None: ...
-    def batch_progress(self, message: Progress) -> None: ...
-    def batch_finished(self, message: Result | Failure) -> None: ...
-    def batch_lost(self, batch: Batch, reason: str) -> None: ...
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    id: int
-    slot: int
-    device: str
-    process: BaseProcess
-    conn: Connection
-    state: WorkerState = WorkerState.STARTING
-    batches: dict[str, Batch] = field(default_factory=dict)  # running on it, by id
-    draining: bool = False
-    started_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
-    # When its batch last moved (dispatch, a step, the end): heartbeats prove a process is alive, not
-    # that its batch is getting anywhere.
-    last_step: float = field(default_factory=time.monotonic)
-    killed: bool = False  # on purpose (hung, or its batch abandoned): not a crash to back off from
-    info: Ready | None = None
-    batches_done: int = 0
-    exited: asyncio.Future[int | None] | None = None
-    reader: FrameReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.reader = FrameReader(self.conn.fileno())
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    @property
-    def live(self) -> bool:
-        return self.state is not WorkerState.DEAD
-
-    @property
-    def images(self) -> int:
-        return sum(len(b.images) for b in self.batches.values())
-
-    @property
-    def shape(self) -> tuple[int, int] | None:
-        """(width, height) of the Batches running on it; a step worker runs one shape at a time."""
-        for batch in self.batches.values():
-            return batch.key.width, batch.key.height
-        return None
-
-    @property
-    def capacity(self) -> int:
-        return self.info.capacity if self.info is not None and self.info.batching == Batching.STEP else 1
-
-    @property
-    def open(self) -> bool:
-        """Ready for work and not draining (idle, or a busy step worker that may have free slots)."""
-        return not self.draining and (
-            self.state is WorkerState.IDLE or (self.state is WorkerState.BUSY and self.capacity > 1)
-        )
-
-
-@dataclass
-class Slot:
-    device: str
-    worker: WorkerHandle | None = None
-    crashes: int = 0
-    retry_at: float = 0.0
-    boot_error: str | None = None
 
 
 class Pool:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="rates 0.3 and 0.9, 12 s windows (< 5 minutes)")
     parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
     args = parser.parse_args()
+    # Killed (SIGTERM), unwind like Ctrl-C, so the paused servers are resumed and stopped, not left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if args.quick:
         args.rates, args.duration, args.rounds = args.rates or "0.3,0.9", 12.0, 2
     args.rates = args.rates or ("0.4,0.6,0.7,0.8,0.9,1.0" if args.mix else "0.3,0.6,0.8,0.9")

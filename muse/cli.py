@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = settings_from_args(args)
             settings.device_list()
+            if settings.pool == "ray" and importlib.util.find_spec("ray") is None:
+                raise ValueError("--pool ray needs Ray: pip install 'muse[ray]'")
         except ValueError as exc:
             parser.error(str(exc))
         return serve(settings)

@@ -50,6 +50,18 @@ class Settings:
         "batch's clients resending).",
     )
     threads_per_worker: int = _opt(0, "Torch threads per CPU worker (0 = CPU cores / CPU workers).")
+    pool: str = _opt(
+        "local",
+        "local: one worker subprocess per device on this machine; ray: workers are Ray actors on any node of "
+        "the cluster at --ray-address (pip install 'muse[ray]').",
+        choices=("local", "ray"),
+    )
+    ray_address: str = _opt(
+        "auto",
+        "With --pool ray: the cluster to join ('auto': the one `ray start` runs on this machine; or host:port). "
+        "--devices then names the kind of each worker (cpu or cuda; auto: cuda when the cluster has GPUs), "
+        "--max-workers how many, --threads-per-worker the CPUs a CPU worker asks for.",
+    )
     max_side: int = _opt(0, "Widest and tallest image a request may ask for, in pixels (0 = twice the model's native).")
     max_pixels: int = _opt(
         0, "Most pixels one request may ask for, width x height x n (0 = two images of --max-side squared)."

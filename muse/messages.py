@@ -3,6 +3,7 @@
 Pipe protocol (parent ⇄ worker), all pickled dataclasses:
     worker → parent:  Ready (with its batching mode and capacity) | BootFailure (then exit BOOT_FAILURE_EXIT)
                       | Heartbeat | Progress* (or Steps) then exactly one Result or Failure per Batch
+                      | (a Ray actor only) Placed first, Exited last
     parent → worker:  Batch | Interrupt | Stop
 A "request" worker (whole pipeline calls) gets a Batch only while idle. A "step" worker gets one Batch
 per request whenever it has free slots for it (its images join the running ones at the next step
@@ -166,3 +167,18 @@ class Failure:
     batch_id: str
     message: str
     interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A Ray actor exists: where Ray put it (before its model loads)."""
+
+    node: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited:
+    """A Ray actor's engine returned with this exit code; nothing follows."""
+
+    code: int

@@ -69,7 +69,7 @@ def test_hung_worker_is_killed_and_its_batch_retried(tiny_model: str) -> None:
         try:
             result = wait_job(server, job, {"succeeded", "failed"})
         finally:
-            if server.read(lambda m: victim.process.is_alive()):
+            if server.read(lambda m: victim.link.alive()):
                 os.kill(pid, signal.SIGKILL)
         assert result["status"] == "succeeded", result
         assert server.read(lambda m: victim.state) is WorkerState.DEAD

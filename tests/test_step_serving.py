@@ -5,62 +5,26 @@ between steps, and each image is still what the plain diffusers pipeline call gi
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from muse.messages import Batching
 from muse.pools.local import WorkerState
 from muse.worker.pipeline import LoadedPipeline, load_pipeline
+from tests.pixels import assert_plain
 from tests.serving import LiveServer, live_server, metric, settings, submit_job, wait_for, wait_job
 
-TOLERANCE = 2  # of 255
 LONG = {"prompt": "a long one", "steps": 150, "seed": 5}
 
 
 @pytest.fixture(scope="module")
 def direct(tiny_model: str) -> LoadedPipeline:
     return load_pipeline(tiny_model, "cpu")
-
-
-def plain(loaded: LoadedPipeline, body: dict[str, Any], seed: int) -> np.ndarray:
-    """What `pipe(...)` gives for one image of this request alone."""
-    loaded.use_scheduler(body.get("scheduler", ""))
-    try:
-        with torch.inference_mode():
-            image = loaded.pipe(
-                prompt=[body["prompt"]],
-                negative_prompt=[body.get("negative_prompt", "")],
-                num_inference_steps=body["steps"],
-                guidance_scale=body.get("guidance_scale", loaded.guidance_scale),
-                width=loaded.width,
-                height=loaded.height,
-                generator=[torch.Generator(device="cpu").manual_seed(seed)],
-            ).images[0]
-    finally:
-        loaded.use_scheduler("")
-    return np.asarray(image, dtype=np.int16)
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
-
-
-def assert_plain(loaded: LoadedPipeline, body: dict[str, Any], job: dict[str, Any]) -> None:
-    assert job["status"] == "succeeded", job
-    for i, image in enumerate(job["result"]["images"]):
-        difference = np.abs(pixels(image["png_base64"]) - plain(loaded, body, body["seed"] + i)).max()
-        assert difference <= TOLERANCE, f"{body['prompt']!r} image {i}: off by {difference}"
 
 
 def running_step(server: LiveServer, job: str, at_least: int) -> None:
@@ -80,7 +44,7 @@ def worker_pid(server: LiveServer) -> int:
 def test_requests_join_a_running_batch_and_each_gets_the_pipelines_pixels(
     tiny_model: str, direct: LoadedPipeline, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="muse.pools.local")
+    caplog.set_level(logging.INFO, logger="muse.pools")
     others = [
         {"prompt": "a blue square", "steps": 12, "seed": 2, "guidance_scale": 6.0, "negative_prompt": "green",
          "scheduler": "Euler a"},
@@ -106,7 +70,7 @@ def test_requests_join_a_running_batch_and_each_gets_the_pipelines_pixels(
 def test_request_batching_when_forced_gives_the_same_pixels(
     tiny_model: str, direct: LoadedPipeline, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="muse.pools.local")
+    caplog.set_level(logging.INFO, logger="muse.pools")
     body = {"prompt": "a yellow moon", "steps": 15, "seed": 11, "n": 2, "scheduler": "Euler"}
     with live_server(settings(tiny_model, batching="request")) as server:
         assert server.read(lambda m: m.pool.batching) == Batching.REQUEST

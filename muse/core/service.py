@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from muse.config import EMBEDDED_MODEL, Settings
 from muse.core.autoscaler import Autoscaler
@@ -22,6 +22,7 @@ from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
 from muse.errors import InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
+from muse.pools.base import BasePool
 from muse.pools.local import Pool
 
 log = logging.getLogger("muse.core.service")
@@ -39,7 +40,7 @@ class Muse:
     def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
         self.settings = settings
         self.gallery = gallery
-        self.devices = settings.device_list()
+        self.devices = settings.device_list() if settings.pool == "local" else self._ray_devices(settings)
         self._model = inspect(settings.model, EMBEDDED_MODEL)
         self.jobs: dict[str, Ticket] = {}
         self.metrics = Metrics()
@@ -47,15 +48,22 @@ class Muse:
         self.draining = False
         max_workers = min(settings.max_workers or len(self.devices), len(self.devices))
         min_workers = max_workers if settings.min_workers < 0 else min(settings.min_workers, max_workers)
-        self.pool = Pool(
-            model=settings.model,
-            devices=self.devices,
-            threads_per_worker=settings.threads_per_worker,
-            worker_timeout=settings.worker_timeout,
-            log_level=settings.log_level,
-            batching=settings.batching,
-            max_batch_size=settings.max_batch_size,
-        )
+        common: dict[str, Any] = {
+            "model": settings.model,
+            "devices": self.devices,
+            "worker_timeout": settings.worker_timeout,
+            "log_level": settings.log_level,
+            "batching": settings.batching,
+            "max_batch_size": settings.max_batch_size,
+        }
+        self.pool: BasePool
+        if settings.pool == "ray":
+            from muse.pools.ray import RayPool
+
+            cpus = float(settings.threads_per_worker or 1)
+            self.pool = RayPool(address=settings.ray_address, cpus_per_worker=cpus, **common)
+        else:
+            self.pool = Pool(threads_per_worker=settings.threads_per_worker, **common)
         self.pool.target = min_workers
         self.batcher = Batcher(
             self.pool,
@@ -91,6 +99,13 @@ class Muse:
         self.batcher.on_interrupt.append(self.metrics.interrupted.inc)
         self.batcher.on_retry.append(self.metrics.retries.inc)
         self._register_gauges()
+
+    @staticmethod
+    def _ray_devices(settings: Settings) -> list[str]:
+        """Ray workers: --devices names their kinds (cycled), --max-workers how many (default: one per entry)."""
+        kinds = ["auto"] if settings.devices.strip() == "auto" else settings.device_list()
+        count = settings.max_workers or len(kinds)
+        return [kinds[i % len(kinds)] for i in range(count)]
 
     @property
     def model(self) -> ModelInfo:
@@ -264,4 +279,5 @@ class Muse:
         m.gauge("muse_inflight_images", "Images running on workers", lambda: b.inflight_images)
         m.gauge("muse_autoscaler_target", "Workers the autoscaler wants", lambda: self.pool.target)
         m.labelled_gauge("muse_workers", "Workers by state", "state", self.pool.counts)
+        m.labelled_gauge("muse_workers_by_node", "Live workers by the node they run on", "node", self.pool.nodes)
         m.gauge("muse_slot_occupancy", "Images running / images the ready workers can run at once", self._occupancy)

@@ -1,4 +1,4 @@
-"""A worker as the pool sees it: its process and pipe, its state, the Batches running on it."""
+"""A worker as the pool sees it: its link (a subprocess's pipe, a Ray actor), its state, its Batches."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from muse.messages import Batch, Batching, Failure, Progress, Ready, Result
-from muse.pools.framing import FrameReader
 
 
 def describe_batching(ready: Ready) -> str:
@@ -31,6 +28,19 @@ class WorkerState(StrEnum):
     DEAD = "dead"
 
 
+class Link(Protocol):
+    """How the pool reaches one worker, whatever hosts it."""
+
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def node(self) -> str: ...  # where it runs ("local", or a Ray node's address)
+    def alive(self) -> bool: ...
+    def send(self, message: object) -> None: ...  # OSError when the worker is gone
+    def kill(self) -> None: ...
+    def close(self) -> None: ...  # after its death: stop reading it
+
+
 class PoolListener(Protocol):
     def worker_idle(self) -> None: ...
     def batch_progress(self, message: Progress) -> None: ...
@@ -43,8 +53,7 @@ class WorkerHandle:
     id: int
     slot: int
     device: str
-    process: BaseProcess
-    conn: Connection
+    link: Link = field(init=False)  # set by the pool right after it makes the handle
     state: WorkerState = WorkerState.STARTING
     batches: dict[str, Batch] = field(default_factory=dict)  # running on it, by id
     draining: bool = False
@@ -57,14 +66,11 @@ class WorkerHandle:
     info: Ready | None = None
     batches_done: int = 0
     exited: asyncio.Future[int | None] | None = None
-    reader: FrameReader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.reader = FrameReader(self.conn.fileno())
+    pending: bool = False  # waiting for resources its host does not have yet (a Ray cluster)
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid
+        return self.link.pid
 
     @property
     def live(self) -> bool:

@@ -1,8 +1,10 @@
-"""The worker subprocess: load one pipeline on one device, then run the batches the parent sends.
+"""The worker: load one pipeline on one device, then run the batches the parent sends.
 
-Started with the `spawn` context (a forked child hangs once the parent's torch has used threads).
-Loading, warm-up and every batch run on the main thread: a model loaded on one thread and run on
-another was measured 3.2x slower here, its OpenMP threads fighting over the cores.
+`main` is a worker subprocess's entry point (started with the `spawn` context: a forked child hangs
+once the parent's torch has used threads); `serve` is the engine behind any transport (a pipe, or the
+queues of a Ray actor, muse.worker.channel). Loading, warm-up and every batch run on one thread: a
+model loaded on one thread and run on another was measured 3.2x slower here, its OpenMP threads
+fighting over the cores.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from muse.messages import (
     BootFailure,
     Failure,
     Heartbeat,
-    Interrupt,
     Progress,
     Ready,
     Result,
     Stop,
 )
+from muse.worker.channel import Channel, PipeChannel
 
 log = logging.getLogger("muse.worker")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -47,38 +49,6 @@ class WorkerConfig:
     parent_pid: int = 0  # the server; the worker dies with it
     batching: str = "auto"  # auto | step | request (--batching)
     capacity: int = 8  # images a step worker runs at once (--max-batch-size)
-
-
-class Channel:
-    """The worker's end of the pipe; the heartbeat thread and the main thread both send."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-        self.busy = False
-        self.stop_requested = False
-
-    def send(self, message: object) -> None:
-        with self.lock:
-            self.conn.send(message)
-
-    def receive(self, block: bool) -> list[object]:
-        """Every message waiting (at least one when `block`); raises EOFError once the parent is gone."""
-        messages = [self.conn.recv()] if block else []
-        while self.conn.poll():
-            messages.append(self.conn.recv())
-        return messages
-
-    def drain_control(self, batch_id: str) -> bool:
-        """Read control messages that arrived mid-batch; True when this batch must stop."""
-        interrupted = False
-        while self.conn.poll():
-            message = self.conn.recv()
-            if isinstance(message, Interrupt) and message.batch_id == batch_id:
-                interrupted = True
-            elif isinstance(message, Stop):
-                self.stop_requested = True
-        return interrupted
 
 
 def heartbeat(channel: Channel, interval: float) -> None:
@@ -154,6 +124,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def main(conn: Connection, config: WorkerConfig) -> None:
+    """A worker subprocess's entry point."""
     die_with_parent(config.parent_pid)
     # The parent decides when workers stop: Ctrl-C in a terminal, or a service manager signalling the
     # whole process group, must not kill a batch the parent is draining.
@@ -163,8 +134,14 @@ def main(conn: Connection, config: WorkerConfig) -> None:
         level=config.log_level.upper(),
         format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
     )
-    channel = Channel(conn)
     quiet_libraries()
+    sys.exit(serve(PipeChannel(conn), config))
+
+
+def serve(channel: Channel, config: WorkerConfig) -> int:
+    """Load the pipeline, say Ready, then run what the parent sends until it says Stop or is gone.
+    Returns the exit code (BOOT_FAILURE_EXIT when the model cannot load). Whatever hosts it (a
+    subprocess, a Ray actor), loading and every step run on the calling thread."""
     try:
         import torch
 
@@ -178,12 +155,10 @@ def main(conn: Connection, config: WorkerConfig) -> None:
         warm_up(loaded)
         load_s = time.perf_counter() - start
     except BaseException as exc:
-        message = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
-        log.error("%s\n%s", message, traceback.format_exc())
-        try:
-            channel.send(BootFailure(message))
-        finally:
-            sys.exit(BOOT_FAILURE_EXIT)
+        reason = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
+        log.error("%s\n%s", reason, traceback.format_exc())
+        channel.send(BootFailure(reason))
+        return BOOT_FAILURE_EXIT
 
     threading.Thread(target=heartbeat, args=(channel, config.heartbeat_interval), daemon=True).start()
     channel.send(
@@ -205,14 +180,16 @@ def main(conn: Connection, config: WorkerConfig) -> None:
         from muse.worker.steploop import run_steps
 
         run_steps(channel, loaded, config.capacity)
-        return
+        return 0
     while not channel.stop_requested:
         try:
-            message = conn.recv()
+            messages = channel.receive(block=True)
         except (EOFError, OSError):
-            return  # the parent is gone
-        if isinstance(message, Batch):
-            serve_batch(channel, loaded, message)
-        elif isinstance(message, Stop):
-            return
-        # A stale Interrupt (its batch already finished) needs nothing.
+            return 0  # the parent is gone
+        for received in messages:
+            if isinstance(received, Batch):
+                serve_batch(channel, loaded, received)
+            elif isinstance(received, Stop):
+                channel.stop_requested = True
+            # A stale Interrupt (its batch already finished) needs nothing.
+    return 0

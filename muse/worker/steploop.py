@@ -17,21 +17,14 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from muse.messages import Batch, Failure, Interrupt, Progress, Result, Steps, Stop
+from muse.worker.channel import Channel
 from muse.worker.engine import Slot, SlotRequest, StepEngine
 from muse.worker.pipeline import LoadedPipeline, encode_png
 
 log = logging.getLogger("muse.worker")
-
-
-class Channel(Protocol):
-    busy: bool
-    stop_requested: bool
-
-    def send(self, message: object) -> None: ...
-    def receive(self, block: bool) -> list[object]: ...
 
 
 @dataclass(eq=False)

@@ -1,0 +1,62 @@
+"""The worker as a Ray actor: the same engine as a subprocess (muse.worker.main.serve), behind queues.
+
+The engine runs on a thread of its own for the actor's whole life (load, warm-up and every step on
+that one thread). The pool puts the parent's messages in with `send` and reads what the worker says
+from `events`, a streaming method that yields each message as it is produced, so progress reaches the
+parent without polling. When the engine returns (Stop, or a model that cannot load) the stream ends
+with `Exited`.
+
+Ray is imported by the pool (muse.pools.ray), which wraps this class with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+from muse.messages import Exited, Placed
+from muse.worker.channel import CLOSED, QueueChannel
+from muse.worker.main import WorkerConfig, quiet_libraries, serve
+
+
+def node_address() -> str:
+    """The node's address and the start of its id (several nodes may share one address)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+class WorkerActor:
+    def __init__(self, config: WorkerConfig) -> None:
+        logging.basicConfig(
+            level=config.log_level.upper(),
+            format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
+        )
+        quiet_libraries()
+        self.channel = QueueChannel()
+        self.channel.send(Placed(node_address(), os.getpid()))
+        self.thread = threading.Thread(target=self._run, args=(config,), name="muse-worker", daemon=True)
+        self.thread.start()
+
+    def _run(self, config: WorkerConfig) -> None:
+        code = 1
+        try:
+            code = serve(self.channel, config)
+        finally:
+            self.channel.outbox.put(Exited(code))
+
+    def send(self, message: object) -> None:
+        self.channel.inbox.put(message)
+
+    def close(self) -> None:
+        """The parent is gone: the engine stops at its next read."""
+        self.channel.inbox.put(CLOSED)
+
+    def events(self) -> Iterator[object]:
+        while True:
+            message = self.channel.outbox.get()
+            yield message
+            if isinstance(message, Exited):
+                return

@@ -146,3 +146,16 @@ def test_scaling_one_two_one_drains_an_actor_before_it_stops(tiny_model: str, cl
         # Drained and stopped (asked to stop once idle), not killed.
         assert not server.read(lambda m: stopped.killed)
         assert metric(server, 'muse_requests_total{outcome="succeeded"}') == len(jobs)
+
+
+def test_an_actor_the_cluster_has_no_room_for_is_reported_pending(tiny_model: str, cluster: Cluster) -> None:
+    # Each worker asks for 64 CPUs; no node has them.
+    with live_server(ray_settings(tiny_model, cluster, devices="cpu", threads_per_worker=64), ready=False) as server:
+        reason = wait_for(
+            lambda: (r := httpx.get(server.url + "/readyz")).status_code == 503 and "resources" in r.text and r.text,
+            60,
+            0.1,
+            "the actor reported pending",
+        )
+        assert "1 worker(s) waiting for resources" in reason
+        assert metric(server, 'muse_workers{state="pending"}') == 1

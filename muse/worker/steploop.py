@@ -140,6 +140,7 @@ class StepLoop:
             free -= n
         if not joining:
             return
+        started = time.perf_counter()  # a request's compute time counts its text encoding too
         try:
             self.engine.admit([r for b in joining for r in slot_requests(b)])
         except Exception as exc:
@@ -153,10 +154,10 @@ class StepLoop:
                 except Exception as alone:
                     self.fail(batch.batch_id, alone)
                     continue
-                self.jobs[batch.batch_id] = Job(batch)
+                self.jobs[batch.batch_id] = Job(batch, started)
             return
         for batch in joining:
-            self.jobs[batch.batch_id] = Job(batch)
+            self.jobs[batch.batch_id] = Job(batch, started)
 
     # ---- stepping ---------------------------------------------------------------------------------
 

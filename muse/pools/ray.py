@@ -101,15 +101,14 @@ class RayPool(BasePool):
         code: int | None = None
         try:
             async for ref in link.actor.events.options(num_returns="streaming").remote():
-                for message in await ref:
-                    if isinstance(message, Placed):
-                        link.node, link.pid, worker.pending = message.node, message.pid, False
-                    elif isinstance(message, Exited):
-                        code = message.code
-                    elif worker.live:
-                        self._handle(worker, message)
-                if code is not None:
+                message = await ref
+                if isinstance(message, Placed):
+                    link.node, link.pid, worker.pending = message.node, message.pid, False
+                elif isinstance(message, Exited):
+                    code = message.code
                     break
+                elif worker.live:
+                    self._handle(worker, message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the actor died: killed, out of memory, its node lost

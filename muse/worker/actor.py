@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
-import time
 from collections.abc import Iterator
 
-from muse.messages import Exited, Heartbeat, Placed, Progress, Steps
+from muse.messages import Exited, Placed
 from muse.worker.channel import CLOSED, QueueChannel
 from muse.worker.main import WorkerConfig, quiet_libraries, serve
-
-COALESCE_S = 0.05
-PROGRESS = (Steps, Progress, Heartbeat)
 
 
 def node_address() -> str:
@@ -59,19 +54,9 @@ class WorkerActor:
         """The parent is gone: the engine stops at its next read."""
         self.channel.inbox.put(CLOSED)
 
-    def events(self) -> Iterator[list[object]]:
-        """What the worker says, a list at a time: each item crossing to the parent costs about a
-        millisecond of CPU on both sides, so progress (one message a step) is gathered for up to
-        COALESCE_S; anything else (a result, a failure, Ready) goes at once with what came before it."""
-        outbox = self.channel.outbox
+    def events(self) -> Iterator[object]:
         while True:
-            batch = [outbox.get()]
-            deadline = time.monotonic() + COALESCE_S
-            while isinstance(batch[-1], PROGRESS) and (left := deadline - time.monotonic()) > 0:
-                try:
-                    batch.append(outbox.get(timeout=left))
-                except queue.Empty:
-                    break
-            yield batch
-            if isinstance(batch[-1], Exited):
+            message = self.channel.outbox.get()
+            yield message
+            if isinstance(message, Exited):
                 return

@@ -43,5 +43,3 @@ def assert_plain(loaded: LoadedPipeline, body: dict[str, Any], job: dict[str, An
     for i, image in enumerate(job["result"]["images"]):
         difference = np.abs(pixels(image["png_base64"]) - plain(loaded, body, body["seed"] + i)).max()
         assert difference <= TOLERANCE, f"{body['prompt']!r} image {i}: off by {difference}"
-
-

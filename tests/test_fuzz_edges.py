@@ -42,9 +42,7 @@ CONTENT_TYPES = [
     "application/json; charset=utf-16", "", "*/*", "application/x-www-form-urlencoded; charset=\u00ff",
 ]  # fmt: skip
 VISIBLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=40)
-HEADERS = st.dictionaries(
-    st.sampled_from(HEADER_NAMES), st.one_of(VISIBLE, st.sampled_from(CONTENT_TYPES)), max_size=5
-)
+HEADERS = st.dictionaries(st.sampled_from(HEADER_NAMES), st.one_of(VISIBLE, st.sampled_from(CONTENT_TYPES)), max_size=5)
 FORM_VALUES = st.one_of(
     st.text(max_size=12), st.sampled_from(["1", "0", "-1", "1e309", "nan", "64x64", "\u00b2", "9" * 400, "DDIM"])
 )

@@ -42,7 +42,7 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def test_half_sent_requests_do_not_starve_others_and_are_cut_off(server: ServeProcess) -> None:
     partial_headers = b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    partial_body = b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"prompt\""
+    partial_body = b'POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"prompt"'
     sockets = [half_sent(server.url, partial_headers if i % 2 else partial_body) for i in range(HELD)]
     try:
         with httpx.Client(timeout=10) as client:

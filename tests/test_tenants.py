@@ -57,8 +57,9 @@ def test_gallery_images_belong_to_the_key_that_made_them(server: LiveServer) -> 
 
 def test_one_keys_backlog_does_not_hold_back_anothers_single_image(server: LiveServer) -> None:
     hog = [
-        httpx.post(f"{server.url}/api/jobs", json={"prompt": f"hog {i}", "n": 8, "steps": 60}, headers=auth(ONE))
-        .json()["id"]
+        httpx.post(
+            f"{server.url}/api/jobs", json={"prompt": f"hog {i}", "n": 8, "steps": 60}, headers=auth(ONE)
+        ).json()["id"]
         for i in range(6)
     ]
     single = httpx.post(f"{server.url}/api/jobs", json={"prompt": "one image", "steps": 2}, headers=auth(TWO))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +160,11 @@ def child_processes(parent: int) -> list[tuple[int, bytes]]:
         if ppid == parent:
             found.append((int(entry.name), cmdline))
     return found
+
+
+def write_report(report: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """`out` without extension: the report as JSON beside its plot as PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

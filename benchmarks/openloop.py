@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import signal
 import statistics
@@ -35,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, DirectPipeline, litserve_server, muse_server, pause, resumed
+from common import RESULTS, DirectPipeline, litserve_server, muse_server, pause, resumed, write_report
 from load import check_loopback, percentile
 
 from muse.config import EMBEDDED_MODEL
@@ -240,11 +239,7 @@ def main() -> None:
         within = [r["rate"] for r in rows[name] if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
         report["systems"][name] = {"rows": rows[name], "highest_rate_within_p99_bound": max(within, default=None)}
     report["directs"] = directs
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

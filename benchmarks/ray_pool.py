@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -33,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, DirectPipeline, free_port, muse_server, pause, resumed
+from common import RESULTS, DirectPipeline, free_port, muse_server, pause, resumed, write_report
 from load import run_level
 
 from muse.config import EMBEDDED_MODEL
@@ -126,11 +125,7 @@ def main() -> None:
         f"{report['ray_extra_idle_ms']:+.1f} ms (target <= 15); extra front memory {report['ray_extra_rss_gib']:+.2f} "
         "GiB (target <= 0.3)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), plot)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

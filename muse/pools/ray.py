@@ -52,17 +52,16 @@ class ActorLink:
             ray.kill(self.actor, no_restart=True)
 
     def close(self) -> None:
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
-        self.kill()  # its resources go back to the cluster
+        # Its resources go back to the cluster; its event stream then ends with an error, and `_follow`
+        # reports the exit as the local pool's process sentinel does.
+        self.kill()
 
 
 class RayPool(BasePool):
     def __init__(self, *, address: str, devices: Sequence[str], cpus_per_worker: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(devices=devices, **kwargs)
+        super().__init__(devices=devices, threads_per_worker=max(1, int(cpus_per_worker)), **kwargs)
         self.address = address
         self.cpus_per_worker = cpus_per_worker
-        self.threads = max(1, int(cpus_per_worker))
         self._connected_here = False
         self._remote: Any = None
 
@@ -74,11 +73,11 @@ class RayPool(BasePool):
         if not ray.is_initialized():
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             self._connected_here = True
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
         for slot in self.slots:
             if slot.device == "auto":
-                slot.device = "cuda" if gpus else "cpu"
-        log.info("Ray cluster at %s: %s", self.address, _resources(ray.cluster_resources()))
+                slot.device = "cuda" if resources.get("GPU", 0) else "cpu"
+        log.info("Ray cluster at %s: %s", self.address, _resources(resources))
         self._remote = ray.remote(WorkerActor)
         super().start(listener)
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from muse.messages import Exited, Placed
-from muse.worker.channel import CLOSED, QueueChannel
+from muse.worker.channel import QueueChannel
 from muse.worker.main import WorkerConfig, quiet_libraries, serve
 
 
@@ -49,10 +49,6 @@ class WorkerActor:
 
     def send(self, message: object) -> None:
         self.channel.inbox.put(message)
-
-    def close(self) -> None:
-        """The parent is gone: the engine stops at its next read."""
-        self.channel.inbox.put(CLOSED)
 
     def events(self) -> Iterator[object]:
         while True:

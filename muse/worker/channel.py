@@ -65,12 +65,10 @@ class PipeChannel(Channel):
         return self.conn.poll()
 
 
-CLOSED = object()  # put in a QueueChannel's inbox: the parent is gone
-
-
 class QueueChannel(Channel):
     """For a worker hosted on a thread of a process it does not own (a Ray actor): the host puts the
-    parent's messages in `inbox` and streams `outbox` back."""
+    parent's messages in `inbox` and streams `outbox` back. The host's owner ends it (Ray kills an
+    actor whose owner died), so no end-of-input marker is needed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,11 +79,7 @@ class QueueChannel(Channel):
         self.outbox.put(message)
 
     def _recv(self) -> object:
-        message = self.inbox.get()
-        if message is CLOSED:
-            self.inbox.put(CLOSED)  # every later read sees it too
-            raise EOFError("the parent is gone")
-        return message
+        return self.inbox.get()
 
     def _poll(self) -> bool:
         return not self.inbox.empty()

@@ -125,12 +125,14 @@ class BasePool:
 
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in WorkerState if state is not WorkerState.DEAD}
-        counts["draining"] = 0
-        counts["failed"] = 0
-        counts["pending"] = 0
+        counts["draining"] = counts["pending"] = 0
         for w in self.workers:
-            counts["draining" if w.draining and w.state is not WorkerState.STOPPING else w.state.value] += 1
-            counts["pending"] += w.pending
+            if w.draining and w.state is not WorkerState.STOPPING:
+                counts["draining"] += 1
+            elif w.pending:  # starting, but not placed yet: each worker is counted in one state only
+                counts["pending"] += 1
+            else:
+                counts[w.state.value] += 1
         counts["failed"] = sum(1 for s in self.slots if s.boot_error)
         return counts
 

@@ -20,8 +20,8 @@ from tests.serving import LiveServer, live_server, metric, settings, submit_job,
 
 # Ray advertises the machine's external address unless told otherwise; keep every connection on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-ray = pytest.importorskip("ray", reason="the Ray pool needs `pip install 'muse[ray]'` (in the dev extra)")
-from ray.cluster_utils import Cluster  # noqa: E402
+import ray
+from ray.cluster_utils import Cluster
 
 NODE = {"num_cpus": 2, "node_ip_address": "127.0.0.1"}
 WAITING = {"queued", "running"}

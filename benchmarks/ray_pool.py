@@ -93,15 +93,17 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
                 with resumed(servers[name]) as served:
-                    asyncio.run(run_level(served.url, 16, 3.0, BODY))  # fill the pipeline
-                    row = asyncio.run(run_level(served.url, 16, args.duration, BODY))
-                    closed[name].append(row.throughput)
+                    # Idle first: right after a saturating run, Ray's processes are still freeing its objects.
                     with httpx.Client(base_url=served.url, timeout=60) as client:
+                        assert client.post("/api/generate", json=BODY).status_code == 200  # wake it up
                         for i in range(args.pairs // args.rounds or 1):
                             start = time.perf_counter()
                             assert client.post("/api/generate", json=BODY | {"seed": i}).status_code == 200
                             served_ms = (time.perf_counter() - start) * 1000
                             overhead[name].append(served_ms - direct.run(1, BODY["steps"], seed=i) * 1000)
+                    asyncio.run(run_level(served.url, 16, 3.0, BODY))  # fill the pipeline
+                    row = asyncio.run(run_level(served.url, 16, args.duration, BODY))
+                    closed[name].append(row.throughput)
                 print(f"round {round_ + 1} {name:<5}: {closed[name][-1]:.2f} img/s", flush=True)
         memory = {name: rss_gib(served.process.pid) for name, served in servers.items()}
     report = {

@@ -73,6 +73,11 @@ class Settings:
     worker_timeout: float = _opt(
         60.0, "A busy worker whose batch makes no step for this long is hung: killed, its batch retried."
     )
+    progress_interval: float = _opt(
+        0.1,
+        "Seconds between a worker's progress reports while it runs (0 = every denoising step). Each report "
+        "costs the server some CPU that a busy CPU worker would otherwise use.",
+    )
     interrupt_grace: float = _opt(
         5.0,
         "Seconds (beyond two measured steps) a worker gets to stop a batch whose requests all expired or "
@@ -133,6 +138,8 @@ class Settings:
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     def __post_init__(self) -> None:
+        if self.progress_interval < 0:
+            raise ValueError("--progress-interval must be 0 or more seconds")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

@@ -204,6 +204,19 @@ async def test_progress_reaches_each_request_and_the_step_time_is_measured() -> 
     assert batcher.eta(a) == pytest.approx(3 * batcher.speed.step_seconds)
 
 
+async def test_coalesced_progress_spreads_its_time_over_the_steps_it_covers() -> None:
+    pool = FakeStepPool(capacity=4)
+    batcher = make(pool)
+    steps: list[float] = []
+    batcher.on_step.append(steps.append)
+    a = batcher.submit(req("a", steps=10))
+    batch_id = next(iter(pool.workers[0].batches))
+    batcher.inflight[batch_id].last_step_at -= 0.4  # one report for steps 1-4, 400 ms after dispatch
+    batcher.batch_progress(Progress(batch_id, 4, 10))
+    assert a.step == 4 and steps == pytest.approx([0.1] * 4, abs=0.01)
+    assert batcher.speed.step_seconds == pytest.approx(0.1, abs=0.01)
+
+
 async def test_a_queued_requests_eta_counts_the_slots_ahead_of_it() -> None:
     pool = FakeStepPool(capacity=2)
     batcher = make(pool)

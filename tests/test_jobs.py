@@ -26,7 +26,8 @@ from tests.serving import (
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str) -> Iterator[LiveServer]:
-    with live_server(settings(tiny_model, max_queue=4, job_ttl=30, max_wait_ms=1)) as s:
+    # Progress at every step: these tests follow the events step by step.
+    with live_server(settings(tiny_model, max_queue=4, job_ttl=30, max_wait_ms=1, progress_interval=0)) as s:
         yield s
 
 

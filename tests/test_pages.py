@@ -47,7 +47,8 @@ LOOPBACK = "http://127.0.0.1"
 
 @pytest.fixture(scope="module")
 def server(tiny_model: str) -> Iterator[LiveServer]:
-    with live_server(settings(tiny_model, max_queue=4, job_ttl=60, max_wait_ms=1)) as s:
+    # Progress at every step: the stream tests follow a job step by step.
+    with live_server(settings(tiny_model, max_queue=4, job_ttl=60, max_wait_ms=1, progress_interval=0)) as s:
         yield s
 
 

@@ -249,9 +249,12 @@ class Batcher:
         if flight is None:
             return
         now = time.monotonic()
-        self.speed.step_took(now - flight.last_step_at)
-        for callback in self.on_step:
-            callback(now - flight.last_step_at)
+        # A Ray actor's progress comes coalesced (several steps in one message): spread the time over them.
+        moved = max(1, message.step - self._step_of(flight))
+        for _ in range(moved):
+            self.speed.step_took((now - flight.last_step_at) / moved)
+            for callback in self.on_step:
+                callback((now - flight.last_step_at) / moved)
         flight.last_step_at = now
         for t in flight.tickets:
             if not t.done:

@@ -55,6 +55,7 @@ class Muse:
             "log_level": settings.log_level,
             "batching": settings.batching,
             "max_batch_size": settings.max_batch_size,
+            "progress_interval": settings.progress_interval,
         }
         self.pool: BasePool
         if settings.pool == "ray":

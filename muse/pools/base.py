@@ -61,8 +61,10 @@ class BasePool:
         log_level: str = "info",
         batching: str = "auto",
         max_batch_size: int = 8,
+        progress_interval: float = 0.1,
     ) -> None:
         self.model = model
+        self.progress_interval = progress_interval
         self.wanted_batching = batching
         self.max_batch_size = max_batch_size
         self.slots = [Slot(d) for d in devices]
@@ -247,6 +249,7 @@ class BasePool:
             parent_pid=os.getpid(),
             batching=self.wanted_batching,
             capacity=self.max_batch_size,
+            progress_interval=self.progress_interval,
         )
         handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device)
         handle.exited = asyncio.get_running_loop().create_future()

@@ -100,19 +100,20 @@ class RayPool(BasePool):
         code: int | None = None
         try:
             async for ref in link.actor.events.options(num_returns="streaming").remote():
-                message = await ref
-                if isinstance(message, Placed):
-                    link.node, link.pid, worker.pending = message.node, message.pid, False
-                elif isinstance(message, Exited):
-                    code = message.code
+                for message in await ref:
+                    if isinstance(message, Placed):
+                        link.node, link.pid, worker.pending = message.node, message.pid, False
+                    elif isinstance(message, Exited):
+                        code = message.code
+                    elif worker.live:
+                        self._handle(worker, message)
+                if code is not None:
                     break
-                elif worker.live:
-                    self._handle(worker, message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the actor died: killed, out of memory, its node lost
             if worker.live and worker.state is not WorkerState.STOPPING:
-                log.warning("worker %d (actor on %s) died: %s", worker.id, link.node, type(exc).__name__)
+                log.warning("worker %d (actor on %s) died: %s", worker.id, link.node, _first_line(exc))
         self._exited(worker, code)
 
     def where(self, worker: WorkerHandle) -> str:
@@ -136,3 +137,8 @@ class RayPool(BasePool):
 
 def _resources(resources: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "memory")))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__

@@ -2,26 +2,53 @@
 
 The worker engine (muse.worker.main, muse.worker.steploop) only sends messages and receives them,
 so the same engine runs behind either transport. The heartbeat thread and the main thread both send.
+
+Progress is coalesced: a step's progress waits (at most PROGRESS_EVERY_S after the last message) to travel
+with what follows, keeping each Batch's latest step; anything else (a Result, a Failure, a heartbeat)
+leaves at once, with the progress held before it. Every message costs the parent (and a Ray actor's
+own process) CPU taken from the steps on a busy machine: one per step added ~30 ms to a 500 ms CPU
+request through Ray. A held step is never stale for long: the step after it, or its Batch's Result,
+comes within one step.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
-from muse.messages import Interrupt, Stop
+from muse.messages import Interrupt, Progress, Steps, Stop
+
+PROGRESS_EVERY_S = 0.1
 
 
 class Channel:
-    def __init__(self) -> None:
+    def __init__(self, progress_every: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
         self.busy = False
         self.stop_requested = False
+        self.progress_every = progress_every
+        self.clock = clock
+        self._held: dict[str, Progress] = {}
+        self._last_sent = -progress_every
 
     def send(self, message: object) -> None:
         with self.lock:
-            self._send(message)
+            if isinstance(message, Progress | Steps):
+                for progress in message.progress if isinstance(message, Steps) else [message]:
+                    self._held[progress.batch_id] = progress
+                if self.clock() - self._last_sent < self.progress_every:
+                    return
+                message = None
+            if self._held:
+                self._send(Steps(list(self._held.values())))
+                self._held = {}
+            if message is not None:
+                self._send(message)
+            self._last_sent = self.clock()
 
     def receive(self, block: bool) -> list[object]:
         """Every message waiting (at least one when `block`); raises EOFError once the parent is gone."""
@@ -51,8 +78,8 @@ class Channel:
 
 
 class PipeChannel(Channel):
-    def __init__(self, conn: Connection) -> None:
-        super().__init__()
+    def __init__(self, conn: Connection, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.conn = conn
 
     def _send(self, message: object) -> None:
@@ -70,8 +97,8 @@ class QueueChannel(Channel):
     parent's messages in `inbox` and streams `outbox` back. The host's owner ends it (Ray kills an
     actor whose owner died), so no end-of-input marker is needed."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
 

@@ -49,6 +49,7 @@ class WorkerConfig:
     parent_pid: int = 0  # the server; the worker dies with it
     batching: str = "auto"  # auto | step | request (--batching)
     capacity: int = 8  # images a step worker runs at once (--max-batch-size)
+    progress_interval: float = 0.1  # --progress-interval
 
 
 def heartbeat(channel: Channel, interval: float) -> None:
@@ -135,7 +136,7 @@ def main(conn: Connection, config: WorkerConfig) -> None:
         format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
     )
     quiet_libraries()
-    sys.exit(serve(PipeChannel(conn), config))
+    sys.exit(serve(PipeChannel(conn, progress_every=config.progress_interval), config))
 
 
 def serve(channel: Channel, config: WorkerConfig) -> int:

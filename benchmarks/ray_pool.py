@@ -7,8 +7,8 @@ One worker, the embedded model, 25 steps, batch cap 8, 2 torch threads. A one-no
 loopback (`ray start --head`); both servers start once and take turns (the idle one paused), round by
 round, so the machine's drift falls on both alike. Measures:
 - closed loop at saturation (16 clients): images/s, Ray ÷ local (target >= 0.9);
-- idle latency, each served one-image request paired with a direct call in this process: the median
-  served - direct for each pool, and Ray's extra (target <= 15 ms);
+- idle latency (first in each round, before the closed loop), each served one-image request paired with a
+  direct call in this process: the median served - direct for each pool, and Ray's extra (target <= 15 ms);
 - the front process's resident memory after the runs (target: Ray <= local + 0.3 GB).
 Writes benchmarks/results/ray_pool.json and a PNG.
 """

@@ -94,6 +94,9 @@ class StepEngine:
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
         self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
+        # Read once: the pipeline's `_execution_device` walks every module (~5 ms on the embedded model,
+        # as long as its text encoding), and the pipeline never moves.
+        self.device = self.pipe._execution_device
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -110,7 +113,7 @@ class StepEngine:
         shapes = {(r.width, r.height) for r in requests} | ({self.shape} if self.shape else set())
         assert len(shapes) == 1, f"one latent shape at a time, not {sorted(shapes)}"
         pipe = self.pipe
-        device = pipe._execution_device
+        device = self.device
         prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
         pooled = negative_pooled = None
         if self.xl:

@@ -73,6 +73,20 @@ class Settings:
     worker_timeout: float = _opt(
         60.0, "A busy worker whose batch makes no step for this long is hung: killed, its batch retried."
     )
+    compile: bool = _opt(
+        False,
+        "Compile each worker's UNet and VAE decoder (torch.compile, channels-last, fused QKV); the step engine "
+        "pads its UNet calls to a few batch sizes, each compiled before the worker is ready (minutes on a "
+        "CPU; /readyz says how far). Off by default.",
+    )
+    compile_cache: str = _opt(
+        "", "Folder for compiled kernels, kept across restarts (default <data-dir>/compile-cache)."
+    )
+    gpu_memory_fraction: float = _opt(
+        0.9,
+        "With --compile on CUDA: a batch size whose warm-up peaks above this share of the GPU's memory is "
+        "dropped, with every larger one, and the worker takes fewer images at once.",
+    )
     progress_interval: float = _opt(
         0.1,
         "Seconds between a worker's progress reports while it runs (0 = every denoising step). Each report "
@@ -138,6 +152,8 @@ class Settings:
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("--gpu-memory-fraction must be more than 0 and at most 1")
         if self.progress_interval < 0:
             raise ValueError("--progress-interval must be 0 or more seconds")
         for f in dataclasses.fields(self):

@@ -115,6 +115,14 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Compiling:
+    """--compile: the worker compiled `done` of the `total` shapes it warms before Ready."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Ready:
     model: str
     device: str

@@ -121,3 +121,14 @@ def test_one_latent_shape_at_a_time(loaded: LoadedPipeline) -> None:
     engine.admit([request("a", loaded)])
     with pytest.raises(AssertionError):
         engine.admit([request("b", loaded, width=loaded.width * 2 + 8)])
+
+
+def test_padding_to_a_bucket_leaves_every_image_unchanged(loaded: LoadedPipeline) -> None:
+    """--compile pads UNet calls to a bucket (here 3 guided images + 1 unguided = 7 rows, padded to 8):
+    the padding rows are dropped and the real ones give the pipeline's pixels."""
+    from muse.worker.fastpath import row_buckets
+
+    requests = [request(f"g{i}", loaded, seed=i) for i in range(3)] + [request("u", loaded, guidance_scale=1.0)]
+    padded = StepEngine(loaded, row_buckets(8))
+    assert run(padded, {0: requests}).keys() == {r.slot_id for r in requests}
+    assert_same(run(StepEngine(loaded, row_buckets(8)), {0: requests}), loaded, requests)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from muse.config import EMBEDDED_MODEL, Settings
@@ -56,6 +57,9 @@ class Muse:
             "batching": settings.batching,
             "max_batch_size": settings.max_batch_size,
             "progress_interval": settings.progress_interval,
+            "compile": settings.compile,
+            "gpu_memory_fraction": settings.gpu_memory_fraction,
+            "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
         }
         self.pool: BasePool
         if settings.pool == "ray":

@@ -24,6 +24,7 @@ from muse.messages import (
     Batch,
     Batching,
     BootFailure,
+    Compiling,
     Failure,
     Heartbeat,
     Interrupt,
@@ -62,9 +63,15 @@ class BasePool:
         batching: str = "auto",
         max_batch_size: int = 8,
         progress_interval: float = 0.1,
+        compile: bool = False,
+        compile_cache: str = "",
+        gpu_memory_fraction: float = 0.9,
     ) -> None:
+        self.gpu_memory_fraction = gpu_memory_fraction
         self.model = model
         self.progress_interval = progress_interval
+        self.compile = compile
+        self.compile_cache = compile_cache
         self.wanted_batching = batching
         self.max_batch_size = max_batch_size
         self.slots = [Slot(d) for d in devices]
@@ -147,6 +154,10 @@ class BasePool:
             return False, f"every worker failed to boot: {errors[0]}"
         if c["pending"]:
             return False, f"{c['pending']} worker(s) waiting for resources (cluster autoscaler: add a node)"
+        compiling = [w.compiling for w in self.workers if w.state is WorkerState.STARTING and w.compiling]
+        if compiling:
+            done, total = min(compiling)
+            return False, f"{len(compiling)} worker(s) compiling ({done} of {total} shapes)"
         if c["starting"]:
             return False, f"{c['starting']} worker(s) loading the model"
         if self.target == 0:
@@ -250,6 +261,9 @@ class BasePool:
             batching=self.wanted_batching,
             capacity=self.max_batch_size,
             progress_interval=self.progress_interval,
+            compile=self.compile,
+            compile_cache=self.compile_cache,
+            gpu_memory_fraction=self.gpu_memory_fraction,
         )
         handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device)
         handle.exited = asyncio.get_running_loop().create_future()
@@ -338,6 +352,8 @@ class BasePool:
             worker.state = WorkerState.IDLE
             self.slots[worker.slot].crashes = 0
             self._after_idle(worker)
+        elif isinstance(message, Compiling):
+            worker.compiling = (message.done, message.total)
         elif isinstance(message, BootFailure):
             log.error("worker %d failed to boot: %s", worker.id, message.message)
             self.slots[worker.slot].boot_error = message.message

@@ -67,6 +67,7 @@ class WorkerHandle:
     batches_done: int = 0
     exited: asyncio.Future[int | None] | None = None
     pending: bool = False  # waiting for resources its host does not have yet (a Ray cluster)
+    compiling: tuple[int, int] | None = None  # --compile: (shapes done, shapes) while it starts
 
     @property
     def pid(self) -> int | None:

@@ -19,13 +19,14 @@ Nothing here knows about pipes or asyncio; the worker's loop (muse.worker.main) 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from muse.worker.fastpath import bucket_for
 from muse.worker.pipeline import LoadedPipeline
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -88,9 +89,11 @@ class Slot:
 
 
 class StepEngine:
-    def __init__(self, loaded: LoadedPipeline) -> None:
+    def __init__(self, loaded: LoadedPipeline, buckets: Sequence[int] = ()) -> None:
+        """`buckets`: UNet batch sizes to pad each call to (muse.worker.fastpath); none = no padding."""
         assert supports(loaded.pipe), f"{type(loaded.pipe).__name__} runs whole calls, not steps"
         self.loaded = loaded
+        self.buckets = sorted(buckets)
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
         self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
@@ -198,9 +201,7 @@ class StepEngine:
         added = None
         if self.xl:
             added = {key: torch.cat([s.added[key] for s in active]) for key in ("text_embeds", "time_ids")}
-        noise = self.pipe.unet(
-            sample, timestep, encoder_hidden_states=torch.cat(embeddings), added_cond_kwargs=added, return_dict=False
-        )[0]
+        noise = self._unet(sample, timestep, torch.cat(embeddings), added)
         row = 0
         for slot in active:
             if slot.guided:
@@ -216,6 +217,25 @@ class StepEngine:
         finished = [s for s in self.slots if s.done]
         self.slots = [s for s in self.slots if not s.done]
         return finished
+
+    def _unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, added: dict[str, Any] | None
+    ) -> torch.Tensor:
+        """The UNet's noise prediction, its batch padded up to the next bucket (the padding rows repeat the
+        last real row, and are dropped from the result: each row is computed on its own)."""
+        rows = sample.shape[0]
+        size = bucket_for(rows, self.buckets) if self.buckets else rows
+        if size > rows:
+
+            def pad(x: torch.Tensor) -> torch.Tensor:
+                return torch.cat([x, x[-1:].expand(size - rows, *x.shape[1:])])
+
+            sample, timestep, embeddings = pad(sample), pad(timestep), pad(embeddings)
+            added = {key: pad(value) for key, value in added.items()} if added else added
+        noise = self.pipe.unet(
+            sample, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False
+        )[0]
+        return noise[:rows]
 
     def remove(self, slot_ids: Iterable[str]) -> list[Slot]:
         """Cancelled or expired images leave at once (between steps); returns those removed."""

@@ -19,12 +19,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     Batch,
     Batching,
     BootFailure,
+    Compiling,
     Failure,
     Heartbeat,
     Progress,
@@ -50,6 +52,9 @@ class WorkerConfig:
     batching: str = "auto"  # auto | step | request (--batching)
     capacity: int = 8  # images a step worker runs at once (--max-batch-size)
     progress_interval: float = 0.1  # --progress-interval
+    compile: bool = False  # --compile (muse.worker.fastpath)
+    compile_cache: str = ""  # --compile-cache
+    gpu_memory_fraction: float = 0.9  # --gpu-memory-fraction
 
 
 def heartbeat(channel: Channel, interval: float) -> None:
@@ -98,6 +103,42 @@ def choose_batching(wanted: str, pipe: object) -> str:
             "StableDiffusionPipeline and StableDiffusionXLPipeline); use --batching request or auto"
         )
     return Batching.REQUEST
+
+
+def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any) -> list[int]:
+    """--compile: the fast path (muse.worker.fastpath); returns the step engine's row buckets (none for
+    whole calls, whose batch sizes compile as they come)."""
+    from muse.worker.fastpath import optimize, row_buckets, use_compile_cache
+
+    if config.compile_cache:
+        use_compile_cache(config.compile_cache)
+    optimize(loaded.pipe)
+    if choose_batching(config.batching, loaded.pipe) != Batching.STEP:
+        return []
+    buckets = row_buckets(config.capacity)
+    channel.send(Compiling(0, len(buckets)))
+    return buckets
+
+
+def warm(channel: Channel, config: WorkerConfig, loaded: Any, buckets: list[int]) -> tuple[list[int], int]:
+    """Compile every bucket before Ready, saying how far; on CUDA, keep those within
+    --gpu-memory-fraction. Returns the buckets kept and the capacity they allow."""
+    from muse.worker.engine import StepEngine
+    from muse.worker.fastpath import Memory, warm_buckets
+
+    engine = StepEngine(loaded, buckets)
+    memory = Memory(loaded.pipe.unet.device) if config.device.startswith("cuda") else None
+    warmed = warm_buckets(
+        engine,
+        loaded.width,
+        loaded.height,
+        lambda done, total: channel.send(Compiling(done, total)),
+        memory,
+        config.gpu_memory_fraction,
+    )
+    if warmed.peak_bytes:
+        log.info("peak GPU memory by UNet rows: %s", {k: f"{v / 2**30:.2f} GiB" for k, v in warmed.peak_bytes.items()})
+    return warmed.buckets, min(config.capacity, warmed.capacity)
 
 
 def quiet_libraries() -> None:
@@ -153,7 +194,11 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
         start = time.perf_counter()
         loaded = load_pipeline(config.model, config.device)
         batching = choose_batching(config.batching, loaded.pipe)
+        buckets = compile_pipeline(channel, config, loaded) if config.compile else []
         warm_up(loaded)
+        capacity = config.capacity
+        if buckets:
+            buckets, capacity = warm(channel, config, loaded, buckets)
         load_s = time.perf_counter() - start
     except BaseException as exc:
         reason = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
@@ -172,7 +217,7 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
             load_s,
             os.getpid(),
             batching,
-            config.capacity,
+            capacity,
             type(loaded.pipe).__name__,
         )
     )
@@ -180,7 +225,7 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
     if batching == Batching.STEP:
         from muse.worker.steploop import run_steps
 
-        run_steps(channel, loaded, config.capacity)
+        run_steps(channel, loaded, capacity, buckets)
         return 0
     while not channel.stop_requested:
         try:

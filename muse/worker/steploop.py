@@ -70,9 +70,9 @@ def owner_of(slot: Slot) -> tuple[str, int]:
 
 
 class StepLoop:
-    def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int) -> None:
+    def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int, buckets: list[int]) -> None:
         self.channel = channel
-        self.engine = StepEngine(loaded)
+        self.engine = StepEngine(loaded, buckets)
         self.capacity = max(1, capacity)
         self.pending: deque[Batch] = deque()
         self.jobs: dict[str, Job] = {}
@@ -227,5 +227,5 @@ class StepLoop:
         self.channel.send(Failure(batch_id, f"{type(exc).__name__}: {exc}"))
 
 
-def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int) -> None:
-    StepLoop(channel, loaded, capacity).run()
+def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, buckets: list[int]) -> None:
+    StepLoop(channel, loaded, capacity, buckets).run()

@@ -1,0 +1,150 @@
+"""`--compile`: the worker's fast path. After load: channels-last weights, fused QKV projections where
+diffusers offers them, and `torch.compile` of the UNet and the VAE decoder. The step engine calls the UNet
+with a varying number of rows (two per guided image), so it pads each call to a small set of *row
+buckets* (1, then twice 1, 2, 4, 8, … images up to the capacity) and drops the padding from the result:
+compiled graphs (and CUDA graphs) then see a handful of static shapes, each compiled once, at start-up,
+at the model's native size (another size compiles on its first use). Compiled kernels are cached on
+disk (`--compile-cache`), so a restart reuses them.
+
+Nothing here knows about pipes; the worker (muse.worker.main) calls it before saying Ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("muse.worker")
+
+
+def image_buckets(capacity: int) -> list[int]:
+    """1, 2, 4, … below the capacity, then the capacity itself."""
+    sizes, size = [], 1
+    while size < capacity:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max(1, capacity)]
+
+
+def row_buckets(capacity: int) -> list[int]:
+    """UNet batch sizes the step engine pads to: one unguided row, or two rows per guided image."""
+    return sorted({1} | {2 * n for n in image_buckets(capacity)})
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `rows`; `rows` itself beyond the largest (an oversized first Batch)."""
+    return next((b for b in buckets if b >= rows), rows)
+
+
+def use_compile_cache(directory: str) -> None:
+    """Inductor's on-disk caches, set before the first compile."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(directory).resolve())
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+
+
+def optimize(pipe: Any) -> None:
+    """Channels-last, fused QKV and compiled UNet and VAE decoder, in place. Outputs stay within float
+    rounding of eager (tests/test_fastpath.py)."""
+    import torch
+
+    unet, vae = pipe.unet, getattr(pipe, "vae", None)
+    unet.to(memory_format=torch.channels_last)
+    if hasattr(unet, "fuse_qkv_projections"):
+        try:
+            unet.fuse_qkv_projections()
+        except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
+            log.info("QKV projections not fused: %s", exc)
+    # Static shapes: one graph per bucket (CUDA graphs need them). Left dynamic, the second shape would
+    # make a batch-generic graph instead.
+    unet.compile(dynamic=False)
+    # One graph per bucket and image size: more than dynamo's default of 8 per function.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if vae is not None:
+        vae.to(memory_format=torch.channels_last)
+        vae.decoder.compile()
+
+
+@dataclass
+class Warmed:
+    """What warming the buckets found: those kept, the seconds and peak memory (bytes; CUDA only) each took."""
+
+    buckets: list[int]
+    seconds: dict[int, float] = field(default_factory=dict)
+    peak_bytes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> int:
+        """Images the worker can take at once within the kept buckets."""
+        return max(1, max(self.buckets, default=2) // 2)
+
+
+class Memory:
+    """A CUDA device's peak allocated memory since the last reset, and its total."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch, self.device = torch, device
+        self.total = torch.cuda.get_device_properties(device).total_memory
+
+    def reset(self) -> None:
+        self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return int(self.torch.cuda.max_memory_allocated(self.device))
+
+
+def warm_buckets(
+    engine: Any,
+    width: int,
+    height: int,
+    report: Callable[[int, int], None],
+    memory: Memory | None = None,
+    fraction: float = 0.9,
+) -> Warmed:
+    """Run one step at every row bucket, smallest first (at the native size), so each is compiled before the
+    first request; `report(done, total)` after each. With `memory` (CUDA), a bucket whose peak passes
+    `fraction` of the device's memory is dropped with every larger one, and the engine keeps the rest:
+    the worker never admits a batch it has not run."""
+    from muse.worker.engine import SlotRequest
+
+    warmed = Warmed(buckets=[])
+    total = len(engine.buckets)
+    for done, rows in enumerate(engine.buckets, start=1):
+        guided = rows > 1
+        images = rows // 2 if guided else 1
+        requests = [
+            SlotRequest(f"warm-{rows}/{i}", "warm up", "", i, 2, 7.5 if guided else 1.0, width, height)
+            for i in range(images)
+        ]
+        if memory is not None:
+            memory.reset()
+        start = time.perf_counter()
+        slots = engine.admit(requests)
+        try:
+            engine.step()
+            engine.decode(slots[:1])
+        finally:
+            engine.remove(r.slot_id for r in requests)
+        warmed.seconds[rows] = time.perf_counter() - start
+        if memory is not None:
+            warmed.peak_bytes[rows] = memory.peak()
+            if warmed.peak_bytes[rows] > fraction * memory.total:
+                log.warning(
+                    "a UNet batch of %d rows peaked at %.1f GiB, over --gpu-memory-fraction %.2f of %.1f GiB: "
+                    "this worker takes at most %d images at once",
+                    rows, warmed.peak_bytes[rows] / 2**30, fraction, memory.total / 2**30, warmed.capacity,
+                )  # fmt: skip
+                report(total, total)
+                break
+        warmed.buckets.append(rows)
+        log.info("compiled the UNet for %d rows in %.1f s (%d of %d)", rows, warmed.seconds[rows], done, total)
+        report(done, total)
+    engine.buckets = warmed.buckets
+    return warmed

@@ -158,6 +158,10 @@ class Steps:
     """A step worker's progress of every Batch that moved in one step: one pipe message per step."""
 
     progress: list[Progress]
+    # Since the worker started: UNet calls, and seconds between one call's end and the next one's start
+    # while images waited in the engine (admissions, decodes, pipe writes: time the device sat idle).
+    unet_calls: int = 0
+    gap_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 
-from muse.messages import Exited, Heartbeat, Progress, Result, Steps
+from muse.messages import Exited, Failure, Heartbeat, Progress, Result, Steps
 from muse.worker.actor import drained
 from muse.worker.channel import QueueChannel
 
@@ -50,6 +50,17 @@ def test_progress_leaves_once_the_interval_has_passed() -> None:
         channel.send(Steps([Progress("a", step, 25)]))
     # Steps 1-3 came within 0.1 s of the heartbeat; step 4 (0.12 s after it) carries them all.
     assert sent(channel) == [Heartbeat(busy=True), Steps([Progress("a", 4, 25)])]
+
+
+def test_the_step_counters_travel_with_coalesced_progress() -> None:
+    clock = Clock()
+    channel = QueueChannel(progress_every=0.1, clock=clock)
+    channel.send(Steps([Progress("a", 1, 25)], unet_calls=1, gap_s=0.0))
+    clock.now += 0.01
+    channel.send(Steps([Progress("a", 2, 25)], unet_calls=2, gap_s=0.003))  # held
+    channel.send(Failure("b", "boom"))
+    # Running totals: the held report's (the latest) go out.
+    assert sent(channel)[1:] == [Steps([Progress("a", 2, 25)], unet_calls=2, gap_s=0.003), Failure("b", "boom")]
 
 
 def test_zero_interval_sends_every_step() -> None:

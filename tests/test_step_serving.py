@@ -60,6 +60,9 @@ def test_requests_join_a_running_batch_and_each_gets_the_pipelines_pixels(
         long = wait_job(server, first, {"succeeded", "failed"})
         # Each joined the long request's running batch rather than waiting for it to end.
         assert metric(server, 'muse_admissions_total{into="running"}') >= len(others)
+        # The long request alone made 150 UNet calls; admitting the others (text encoding) took time between calls.
+        assert metric(server, "muse_unet_calls_total") >= LONG["steps"]
+        assert metric(server, "muse_step_gap_seconds_total") > 0
         assert all(r["result"]["batch_size"] > r["n"] for r in results), [r["result"]["batch_size"] for r in results]
     assert any("batching: step (StableDiffusionPipeline" in r.getMessage() for r in caplog.records)
     for body, result in zip(others, results, strict=True):

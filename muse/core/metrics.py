@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
@@ -47,11 +47,23 @@ class Metrics:
     def gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         Gauge(name, doc, registry=self.registry).set_function(read)
 
+    def counter_function(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (a running total), read at scrape time."""
+        self.registry.register(_TotalCollector(name, doc, read))
+
     def labelled_gauge(self, name: str, doc: str, label: str, read: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_DictCollector(name, doc, label, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TotalCollector:
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name, self.doc, self.read = name, doc, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.read())
 
 
 class _DictCollector:

@@ -286,3 +286,10 @@ class Muse:
         m.labelled_gauge("muse_workers", "Workers by state", "state", self.pool.counts)
         m.labelled_gauge("muse_workers_by_node", "Live workers by the node they run on", "node", self.pool.nodes)
         m.gauge("muse_slot_occupancy", "Images running / images the ready workers can run at once", self._occupancy)
+        m.counter_function("muse_unet_calls", "UNet calls made by step workers", lambda: self.pool.unet_calls)
+        m.counter_function(
+            "muse_step_gap_seconds",
+            "Seconds step workers spent between UNet calls while images waited (text encoding, decoding, "
+            "pipe writes): divided by muse_unet_calls_total, the device's idle time per step under load",
+            lambda: self.pool.step_gap_s,
+        )

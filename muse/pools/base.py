@@ -68,6 +68,9 @@ class BasePool:
         gpu_memory_fraction: float = 0.9,
     ) -> None:
         self.gpu_memory_fraction = gpu_memory_fraction
+        # Every step worker's UNet calls, and the seconds between them while images waited (idle device).
+        self.unet_calls = 0
+        self.step_gap_s = 0.0
         self.model = model
         self.progress_interval = progress_interval
         self.compile = compile
@@ -320,6 +323,13 @@ class BasePool:
 
     # ---- worker events ----------------------------------------------------------------------------
 
+    def _count_steps(self, worker: WorkerHandle, message: Steps) -> None:
+        """Add a step worker's UNet calls and the gaps between them since its last report to the pool's totals."""
+        if message.unet_calls >= worker.unet_calls:
+            self.unet_calls += message.unet_calls - worker.unet_calls
+            self.step_gap_s += max(0.0, message.gap_s - worker.gap_s)
+        worker.unet_calls, worker.gap_s = message.unet_calls, message.gap_s
+
     def _send(self, worker: WorkerHandle, message: object) -> None:
         worker.link.send(message)
 
@@ -330,6 +340,7 @@ class BasePool:
         if isinstance(message, Progress):
             self.listener.batch_progress(message)
         elif isinstance(message, Steps):
+            self._count_steps(worker, message)
             for progress in message.progress:
                 self.listener.batch_progress(progress)
         elif isinstance(message, Result | Failure):

@@ -68,6 +68,8 @@ class WorkerHandle:
     exited: asyncio.Future[int | None] | None = None
     pending: bool = False  # waiting for resources its host does not have yet (a Ray cluster)
     compiling: tuple[int, int] | None = None  # --compile: (shapes done, shapes) while it starts
+    unet_calls: int = 0  # the running totals its last Steps reported
+    gap_s: float = 0.0
 
     @property
     def pid(self) -> int | None:

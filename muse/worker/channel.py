@@ -33,18 +33,21 @@ class Channel:
         self.progress_every = progress_every
         self.clock = clock
         self._held: dict[str, Progress] = {}
+        self._counters = (0, 0.0)  # the latest Steps' unet_calls and gap_s: running totals, so the last wins
         self._last_sent = -progress_every
 
     def send(self, message: object) -> None:
         with self.lock:
             if isinstance(message, Progress | Steps):
+                if isinstance(message, Steps):
+                    self._counters = (message.unet_calls, message.gap_s)
                 for progress in message.progress if isinstance(message, Steps) else [message]:
                     self._held[progress.batch_id] = progress
                 if self.clock() - self._last_sent < self.progress_every:
                     return
                 message = None
             if self._held:
-                self._send(Steps(list(self._held.values())))
+                self._send(Steps(list(self._held.values()), *self._counters))
                 self._held = {}
             if message is not None:
                 self._send(message)

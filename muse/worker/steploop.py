@@ -79,6 +79,9 @@ class StepLoop:
         # One thread: PNGs leave in the order their Batches finished, and it never competes for more
         # than one core with the denoising.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="muse-png")
+        self.unet_calls = 0
+        self.gap_s = 0.0  # between UNet calls while slots waited: what keeps the device idle under load
+        self.last_call_end: float | None = None
 
     def run(self) -> None:
         try:
@@ -163,20 +166,28 @@ class StepLoop:
 
     def step(self) -> None:
         occupancy = len(self.engine.slots)
+        started = time.perf_counter()
+        if self.last_call_end is not None:
+            self.gap_s += started - self.last_call_end
         try:
             finished = self.engine.step()
         except Exception as exc:
+            self.last_call_end = None
             # One step serves every slot: none of them can go on.
             self.engine.remove(s.request.slot_id for s in list(self.engine.slots))
             for batch_id in list(self.jobs):
                 self.fail(batch_id, exc)
             return
+        self.unet_calls += 1
+        ended = time.perf_counter()
         for job in self.jobs.values():
             job.shared += occupancy
             job.steps_run += 1
         self.report_progress(finished)
         if finished:
             self.finish(finished)
+        # The gap counts only while the engine has work left; an engine that emptied waits for requests.
+        self.last_call_end = ended if self.engine.slots else None
 
     def report_progress(self, finished: list[Slot]) -> None:
         moved: list[Progress] = []
@@ -192,7 +203,7 @@ class StepLoop:
                 job.reported = done
                 moved.append(Progress(batch_id, done, steps))
         if moved:
-            self.channel.send(Steps(moved))
+            self.channel.send(Steps(moved, self.unet_calls, self.gap_s))
 
     def finish(self, slots: list[Slot]) -> None:
         try:

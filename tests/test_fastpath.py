@@ -26,36 +26,42 @@ def test_buckets_are_powers_of_two_up_to_the_capacity() -> None:
     assert bucket_for(20, row_buckets(8)) == 20  # an oversized first Batch runs unpadded
 
 
-def test_compiled_step_engine_matches_eager(tiny_model: str) -> None:
+def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_model: str) -> None:
     torch.set_num_threads(2)
-    requests = [
-        SlotRequest(f"r{i}/0", "a red circle", "", seed=i, steps=4, guidance_scale=3.0, width=64, height=64)
-        for i in range(2)
-    ]
 
-    def images(compiled: bool) -> list[np.ndarray]:
-        loaded = load_pipeline(tiny_model, "cpu")
-        # One bucket (two guided images, four rows: padded from 2 for the warm-up's single image):
-        # each compiled shape costs ~20 s here.
-        buckets = [4]
-        if compiled:
-            optimize(loaded.pipe)
-        engine = StepEngine(loaded, buckets)
-        if compiled:
-            reports: list[tuple[int, int]] = []
-            warm_buckets(engine, 64, 64, lambda done, total: reports.append((done, total)))
-            assert reports == [(k, len(buckets)) for k in range(1, len(buckets) + 1)]
-            assert not engine.slots, "warming leaves no slot behind"
-        engine.admit(requests)
+    def requests(size: int) -> list[SlotRequest]:
+        return [
+            SlotRequest(
+                f"r{size}-{i}/0", "a red circle", "", seed=i, steps=4, guidance_scale=3.0, width=size, height=size
+            )
+            for i in range(2)
+        ]
+
+    def run(engine: StepEngine, batch: list[SlotRequest]) -> list[np.ndarray]:
+        engine.admit(batch)
         finished: list[np.ndarray] = []
         while engine.slots:
             finished += [np.asarray(p, dtype=np.int16) for p in engine.decode(engine.step())]
         return finished
 
-    eager, compiled = images(False), images(True)
+    # One bucket (two guided images: four rows); each compiled shape costs ~20 s here.
+    eager_engine = StepEngine(load_pipeline(tiny_model, "cpu"), [4])
+    eager = run(eager_engine, requests(64))
+    loaded = load_pipeline(tiny_model, "cpu")
+    unet = optimize(loaded.pipe)
+    engine = StepEngine(loaded, [4], unet)
+    reports: list[tuple[int, int]] = []
+    warm_buckets(engine, 64, 64, lambda done, total: reports.append((done, total)))
+    assert reports == [(1, 1)] and not engine.slots, "warming reports each bucket and leaves no slot behind"
+    side = 64 // loaded.pipe.vae_scale_factor
+    warmed = {(4, loaded.pipe.unet.config.in_channels, side, side)}  # rows, latent channels, latent size
+    assert unet.shapes == warmed
+    compiled = run(engine, requests(64))
     assert len(compiled) == len(eager) == 2
     for a, b in zip(eager, compiled, strict=True):
         assert np.abs(a - b).max() <= TOLERANCE
+    # Another size is not compiled on the spot (that would stall every running image): it runs eager.
+    assert len(run(engine, requests(32))) == 2 and unet.shapes == warmed
 
 
 def test_readyz_says_how_far_a_compiling_worker_is() -> None:
@@ -76,6 +82,7 @@ class FakeEngine:
 
     def __init__(self, buckets: list[int]) -> None:
         self.buckets = buckets
+        self.compiled = None
         self.slots: list[SlotRequest] = []
         self.rows = 0
 

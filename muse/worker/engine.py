@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.fastpath import bucket_for
+from muse.worker.fastpath import CompiledUNet, bucket_for
 from muse.worker.pipeline import LoadedPipeline
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -89,11 +89,15 @@ class Slot:
 
 
 class StepEngine:
-    def __init__(self, loaded: LoadedPipeline, buckets: Sequence[int] = ()) -> None:
-        """`buckets`: UNet batch sizes to pad each call to (muse.worker.fastpath); none = no padding."""
+    def __init__(
+        self, loaded: LoadedPipeline, buckets: Sequence[int] = (), compiled: CompiledUNet | None = None
+    ) -> None:
+        """`buckets`: UNet batch sizes to pad each call to; `compiled`: the UNet's compiled twin, used for
+        the shapes it was warmed at (muse.worker.fastpath). Neither: plain eager calls."""
         assert supports(loaded.pipe), f"{type(loaded.pipe).__name__} runs whole calls, not steps"
         self.loaded = loaded
         self.buckets = sorted(buckets)
+        self.compiled = compiled
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
         self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
@@ -232,9 +236,8 @@ class StepEngine:
 
             sample, timestep, embeddings = pad(sample), pad(timestep), pad(embeddings)
             added = {key: pad(value) for key, value in added.items()} if added else added
-        noise = self.pipe.unet(
-            sample, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False
-        )[0]
+        unet = self.compiled or self.pipe.unet
+        noise = unet(sample, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False)[0]
         return noise[:rows]
 
     def remove(self, slot_ids: Iterable[str]) -> list[Slot]:

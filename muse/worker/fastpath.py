@@ -1,10 +1,12 @@
 """`--compile`: the worker's fast path. After load: channels-last weights, fused QKV projections where
-diffusers offers them, and `torch.compile` of the UNet and the VAE decoder. The step engine calls the UNet
+diffusers offers them, and `torch.compile` of the UNet with static shapes. The step engine calls the UNet
 with a varying number of rows (two per guided image), so it pads each call to a small set of *row
 buckets* (1, then twice 1, 2, 4, 8, … images up to the capacity) and drops the padding from the result:
-compiled graphs (and CUDA graphs) then see a handful of static shapes, each compiled once, at start-up,
-at the model's native size (another size compiles on its first use). Compiled kernels are cached on
-disk (`--compile-cache`), so a restart reuses them.
+the compiled UNet then sees a handful of shapes, each compiled once at start-up at the model's native
+size. Any other shape (another image size, a Batch bigger than the capacity) runs eager rather than
+stall the worker behind a compile. Compiled kernels are cached on disk (`--compile-cache`), so a
+restart reuses them. The VAE decoder stays eager: it runs once per image, not once per step, and its
+batch varies with how many images finish together.
 
 Nothing here knows about pipes; the worker (muse.worker.main) calls it before saying Ready.
 """
@@ -48,26 +50,46 @@ def use_compile_cache(directory: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
 
 
-def optimize(pipe: Any) -> None:
-    """Channels-last, fused QKV and compiled UNet and VAE decoder, in place. Outputs stay within float
-    rounding of eager (tests/test_fastpath.py)."""
-    import torch
+class CompiledUNet:
+    """The UNet, compiled for the shapes warmed at start-up (static: one graph each) and eager for any
+    other, so a request of an unusual size or batch never stalls the worker behind a compile (tens of
+    seconds on a GPU, minutes on a CPU) that could make its batch miss its deadline."""
 
-    unet, vae = pipe.unet, getattr(pipe, "vae", None)
-    unet.to(memory_format=torch.channels_last)
-    if hasattr(unet, "fuse_qkv_projections"):
-        try:
-            unet.fuse_qkv_projections()
-        except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
-            log.info("QKV projections not fused: %s", exc)
-    # Static shapes: one graph per bucket (CUDA graphs need them). Left dynamic, the second shape would
-    # make a batch-generic graph instead.
-    unet.compile(dynamic=False)
-    # One graph per bucket and image size: more than dynamo's default of 8 per function.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if vae is not None:
-        vae.to(memory_format=torch.channels_last)
-        vae.decoder.compile()
+    def __init__(self, unet: Any) -> None:
+        import torch
+
+        unet.to(memory_format=torch.channels_last)
+        if hasattr(unet, "fuse_qkv_projections"):
+            try:
+                unet.fuse_qkv_projections()
+            except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
+                log.info("QKV projections not fused: %s", exc)
+        # One graph per warmed shape: more than dynamo's default of 8 per function.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.eager = unet
+        self.compiled = torch.compile(unet, dynamic=False)
+        self.shapes: set[tuple[int, ...]] = set()
+        self.warming = False  # while True, every shape called is compiled and kept
+
+    def __call__(self, sample: Any, *args: Any, **kwargs: Any) -> Any:
+        shape = tuple(sample.shape)
+        if self.warming:
+            self.shapes.add(shape)
+        return (self.compiled if shape in self.shapes else self.eager)(sample, *args, **kwargs)
+
+
+def optimize(pipe: Any) -> CompiledUNet:
+    """Channels-last and fused QKV on the pipeline's UNet (in place), and its compiled twin. Compiled
+    outputs stay within float rounding of eager (tests/test_fastpath.py)."""
+    return CompiledUNet(pipe.unet)
+
+
+@dataclass
+class FastPath:
+    """What the step engine runs with under --compile."""
+
+    unet: CompiledUNet
+    buckets: list[int]
 
 
 @dataclass
@@ -126,12 +148,16 @@ def warm_buckets(
         if memory is not None:
             memory.reset()
         start = time.perf_counter()
+        if engine.compiled is not None:
+            engine.compiled.warming = True
         slots = engine.admit(requests)
         try:
             engine.step()
             engine.decode(slots[:1])
         finally:
             engine.remove(r.slot_id for r in requests)
+            if engine.compiled is not None:
+                engine.compiled.warming = False
         warmed.seconds[rows] = time.perf_counter() - start
         if memory is not None:
             warmed.peak_bytes[rows] = memory.peak()

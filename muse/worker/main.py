@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
@@ -35,6 +35,9 @@ from muse.messages import (
     Stop,
 )
 from muse.worker.channel import Channel, PipeChannel
+
+if TYPE_CHECKING:
+    from muse.worker.fastpath import FastPath
 
 log = logging.getLogger("muse.worker")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -105,28 +108,28 @@ def choose_batching(wanted: str, pipe: object) -> str:
     return Batching.REQUEST
 
 
-def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any) -> list[int]:
-    """--compile: the fast path (muse.worker.fastpath); returns the step engine's row buckets (none for
-    whole calls, whose batch sizes compile as they come)."""
-    from muse.worker.fastpath import optimize, row_buckets, use_compile_cache
+def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any, batching: str) -> FastPath | None:
+    """--compile (muse.worker.fastpath): the compiled UNet and the step engine's row buckets. Whole-call
+    workers stay eager: their batch sizes are not padded, and each new one would stall a compile."""
+    from muse.worker.fastpath import FastPath, optimize, row_buckets, use_compile_cache
 
+    if batching != Batching.STEP:
+        log.warning("--compile applies to step batching; this worker runs whole pipeline calls, eager")
+        return None
     if config.compile_cache:
         use_compile_cache(config.compile_cache)
-    optimize(loaded.pipe)
-    if choose_batching(config.batching, loaded.pipe) != Batching.STEP:
-        return []
-    buckets = row_buckets(config.capacity)
-    channel.send(Compiling(0, len(buckets)))
-    return buckets
+    fast = FastPath(optimize(loaded.pipe), row_buckets(config.capacity))
+    channel.send(Compiling(0, len(fast.buckets)))
+    return fast
 
 
-def warm(channel: Channel, config: WorkerConfig, loaded: Any, buckets: list[int]) -> tuple[list[int], int]:
+def warm(channel: Channel, config: WorkerConfig, loaded: Any, fast: FastPath) -> int:
     """Compile every bucket before Ready, saying how far; on CUDA, keep those within
-    --gpu-memory-fraction. Returns the buckets kept and the capacity they allow."""
+    --gpu-memory-fraction (in `fast.buckets`). Returns the capacity they allow."""
     from muse.worker.engine import StepEngine
     from muse.worker.fastpath import Memory, warm_buckets
 
-    engine = StepEngine(loaded, buckets)
+    engine = StepEngine(loaded, fast.buckets, fast.unet)
     memory = Memory(loaded.pipe.unet.device) if config.device.startswith("cuda") else None
     warmed = warm_buckets(
         engine,
@@ -136,9 +139,10 @@ def warm(channel: Channel, config: WorkerConfig, loaded: Any, buckets: list[int]
         memory,
         config.gpu_memory_fraction,
     )
+    fast.buckets = warmed.buckets
     if warmed.peak_bytes:
         log.info("peak GPU memory by UNet rows: %s", {k: f"{v / 2**30:.2f} GiB" for k, v in warmed.peak_bytes.items()})
-    return warmed.buckets, min(config.capacity, warmed.capacity)
+    return min(config.capacity, warmed.capacity)
 
 
 def quiet_libraries() -> None:
@@ -194,11 +198,9 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
         start = time.perf_counter()
         loaded = load_pipeline(config.model, config.device)
         batching = choose_batching(config.batching, loaded.pipe)
-        buckets = compile_pipeline(channel, config, loaded) if config.compile else []
+        fast = compile_pipeline(channel, config, loaded, batching) if config.compile else None
         warm_up(loaded)
-        capacity = config.capacity
-        if buckets:
-            buckets, capacity = warm(channel, config, loaded, buckets)
+        capacity = warm(channel, config, loaded, fast) if fast else config.capacity
         load_s = time.perf_counter() - start
     except BaseException as exc:
         reason = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
@@ -225,7 +227,7 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
     if batching == Batching.STEP:
         from muse.worker.steploop import run_steps
 
-        run_steps(channel, loaded, capacity, buckets)
+        run_steps(channel, loaded, capacity, fast)
         return 0
     while not channel.stop_requested:
         try:

@@ -22,6 +22,7 @@ from typing import Any
 from muse.messages import Batch, Failure, Interrupt, Progress, Result, Steps, Stop
 from muse.worker.channel import Channel
 from muse.worker.engine import Slot, SlotRequest, StepEngine
+from muse.worker.fastpath import FastPath
 from muse.worker.pipeline import LoadedPipeline, encode_png
 
 log = logging.getLogger("muse.worker")
@@ -70,9 +71,9 @@ def owner_of(slot: Slot) -> tuple[str, int]:
 
 
 class StepLoop:
-    def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int, buckets: list[int]) -> None:
+    def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None = None) -> None:
         self.channel = channel
-        self.engine = StepEngine(loaded, buckets)
+        self.engine = StepEngine(loaded, fast.buckets, fast.unet) if fast else StepEngine(loaded)
         self.capacity = max(1, capacity)
         self.pending: deque[Batch] = deque()
         self.jobs: dict[str, Job] = {}
@@ -238,5 +239,5 @@ class StepLoop:
         self.channel.send(Failure(batch_id, f"{type(exc).__name__}: {exc}"))
 
 
-def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, buckets: list[int]) -> None:
-    StepLoop(channel, loaded, capacity, buckets).run()
+def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None) -> None:
+    StepLoop(channel, loaded, capacity, fast).run()

@@ -1,0 +1,205 @@
+"""`--compile`'s gain: the direct pipeline eager and compiled, by batch, and Muse served with `--compile`.
+
+    python benchmarks/fast.py                      # a GPU: SD 1.5's architecture, 512 px, fp16 -> gpu_fast.json
+    python benchmarks/fast.py --device cpu --model embedded --size 64 --batches 1,8   # -> fast_cpu.json
+    python benchmarks/fast.py --tiny               # smoke test: tiny model, CPU, one batch size
+
+Direct: `run_batch` (one whole pipeline call) in a loop at each batch size, first eager, then on a second
+copy whose UNet is `muse.worker.fastpath.optimize`'s compiled one (channels-last, fused QKV,
+torch.compile; the compile happens in an untimed first call per shape). Served: `muse serve --compile`
+with one worker, batch cap = the largest batch, 2 x cap closed-loop clients; served ÷ compiled direct
+at that batch (target >= 0.97 on a GPU), and the worker's idle time between UNet calls under that load
+(muse_step_gap_seconds_total ÷ muse_unet_calls_total). Peak GPU memory per batch on CUDA. The direct
+runs and the server share one compile cache, so the server's start reuses what the direct run
+compiled. Writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, free_port, served_process, write_report
+from gpu import build_sd15, build_tiny
+from load import run_level
+
+from muse.config import EMBEDDED_MODEL
+
+
+def direct(model: str, device: str, batches: list[int], steps: int, size: int, reps: int, compiled: bool) -> dict:
+    import torch
+
+    from muse.messages import Batch, BatchKey, ImageSpec
+    from muse.worker.fastpath import optimize
+    from muse.worker.pipeline import load_pipeline, run_batch
+
+    loaded = load_pipeline(model, device)
+    if compiled:
+        # The whole-call pipeline uses the compiled UNet for every shape (each compiled on its first call).
+        loaded.pipe.unet = optimize(loaded.pipe).compiled
+    cuda = device.startswith("cuda")
+    rows: dict[str, Any] = {}
+    for batch in batches:
+        job = Batch(
+            "direct", [ImageSpec("a photo of a cat", "", i) for i in range(batch)], BatchKey(size, size, steps, 7.5)
+        )
+        start = time.perf_counter()
+        run_batch(loaded, job, lambda step: True)  # compiles this shape when compiled
+        first_s = time.perf_counter() - start
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(reps):
+            run_batch(loaded, job, lambda step: True)
+        if cuda:
+            torch.cuda.synchronize()
+        rate = batch * reps / (time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        rows[str(batch)] = {"images_per_s": rate, "first_call_s": first_s, "peak_gib": peak}
+        label = "compiled" if compiled else "eager"
+        print(f"direct {label:<8} batch {batch:>2}: {rate:.2f} img/s (first call {first_s:.1f} s)", flush=True)
+    del loaded
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def served(
+    model: str, device: str, batch: int, steps: int, size: int, duration: float, threads: int, cache: str
+) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", "--no-gallery",
+           "--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024",
+           "--compile", "--compile-cache", cache]  # fmt: skip
+    if device == "cpu":
+        cmd += ["--threads-per-worker", str(threads)]
+    body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
+    start = time.perf_counter()
+    with served_process(cmd, port, "/readyz", timeout=3600) as server:
+        ready_s = time.perf_counter() - start
+        asyncio.run(run_level(server.url, 2 * batch, min(duration, 5.0), body))  # fill the pipeline
+        before = httpx.get(server.url + "/metrics").text
+        row = asyncio.run(run_level(server.url, 2 * batch, duration, body))
+        after = httpx.get(server.url + "/metrics").text
+    calls = metric(after, "muse_unet_calls_total") - metric(before, "muse_unet_calls_total")
+    gaps = metric(after, "muse_step_gap_seconds_total") - metric(before, "muse_step_gap_seconds_total")
+    print(f"served --compile, cap {batch}: {row.throughput:.2f} img/s (ready after {ready_s:.0f} s)", flush=True)
+    return {
+        "images_per_s": row.throughput,
+        "p50_ms": row.p50_ms,
+        "ready_s": ready_s,
+        "errors": row.errors,
+        "idle_between_steps_ms": gaps / calls * 1000 if calls else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument(
+        "--model", default="sd15", help="sd15 (built at full size, random weights), embedded, or a path"
+    )
+    parser.add_argument("--batches", default="1,8,16")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=3, help="timed direct batches per batch size")
+    parser.add_argument("--duration", type=float, default=20.0, help="served closed-loop seconds")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny model on CPU, 2 steps, batch 2")
+    parser.add_argument("--out", default="", help="path without extension (default results/gpu_fast or fast_cpu)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.device, args.model, args.steps, args.size, args.reps, args.duration = "cpu", "tiny", 2, 64, 1, 4.0
+        args.batches = "2"
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
+    out = Path(args.out) if args.out else RESULTS / ("gpu_fast" if cuda else "fast_cpu")
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory(prefix="muse-fast-") as tmp:
+        model = args.model
+        if model in ("sd15", "tiny"):
+            model = str(Path(tmp) / "model")
+            build_sd15(Path(model), torch.float16 if cuda else torch.float32) if args.model == "sd15" else build_tiny(
+                Path(model)
+            )
+        elif model == "embedded":
+            model = EMBEDDED_MODEL
+        cache = str(Path(tmp) / "compile-cache")
+        from muse.worker.fastpath import use_compile_cache
+
+        use_compile_cache(cache)
+        eager = direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=False)
+        compiled = direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=True)
+        serve = served(model, args.device, max(batches), args.steps, args.size, args.duration, args.threads, cache)
+    largest = str(max(batches))
+    report = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "model": args.model,
+        "size": args.size,
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "eager": {b: r["images_per_s"] for b, r in eager.items()},
+        "compiled": {b: r["images_per_s"] for b, r in compiled.items()},
+        "compiled_over_eager": {b: compiled[b]["images_per_s"] / eager[b]["images_per_s"] for b in eager},
+        "served_over_direct": serve["images_per_s"] / compiled[largest]["images_per_s"],
+        "idle_between_steps_ms": serve["idle_between_steps_ms"],
+        "peak_gib": {b: r["peak_gib"] for b, r in compiled.items()},
+        "first_call_s": {b: r["first_call_s"] for b, r in compiled.items()},
+        "served": serve,
+    }
+    print(f"\n{device_name}, {args.model}, {args.size} px, {args.steps} steps")
+    print(f"{'batch':>6}{'eager img/s':>13}{'compiled img/s':>16}{'ratio':>8}")
+    for b in eager:
+        print(
+            f"{b:>6}{report['eager'][b]:>13.2f}{report['compiled'][b]:>16.2f}{report['compiled_over_eager'][b]:>8.2f}"
+        )
+    idle = report["idle_between_steps_ms"]
+    print(
+        f"served --compile ÷ compiled direct at batch {largest}: {report['served_over_direct']:.3f}; "
+        f"idle between UNet calls {'n/a' if idle is None else f'{idle:.1f} ms'}"
+    )
+    write_report(report, out, plot)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(report["eager"])
+    x = range(len(batches))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar([i - 0.2 for i in x], [report["eager"][b] for b in batches], 0.4, label="eager")
+    axis.bar([i + 0.2 for i in x], [report["compiled"][b] for b in batches], 0.4, label="compiled")
+    axis.set_xticks(list(x), [f"batch {b}" for b in batches])
+    axis.set_ylabel("images/s (direct)")
+    axis.set_title(f"--compile on {report['device']} ({report['model']}, {report['size']} px)", fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

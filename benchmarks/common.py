@@ -85,11 +85,11 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-def muse_server(*flags: str) -> Any:
-    """`muse serve` in a subprocess on a free loopback port."""
+def muse_server(*flags: str, timeout: float = 240.0) -> Any:
+    """`muse serve` in a subprocess on a free loopback port; `timeout`: seconds it may take to be ready."""
     port = free_port()
     cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", "--no-gallery"]
-    return served_process([*cmd, *flags], port, "/readyz")
+    return served_process([*cmd, *flags], port, "/readyz", timeout)
 
 
 def litserve_server(model: str, max_batch_size: int, batch_timeout: float, threads: int) -> Any:

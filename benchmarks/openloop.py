@@ -8,8 +8,8 @@ MLPerf Inference's "server" scenario, scaled to this machine. Rates are fraction
 batch-8 capacity, measured in the same run; rate by rate, the systems take turns on fresh servers, and
 each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step batching:
 requests join a running batch between denoising steps), `muse-request` (`--batching request`: whole
-pipeline calls) and LitServe running the same `run_batch`. Per rate: p50/p90/p99 latency, throughput,
-errors, and the mean images per batch the server reported (for step batching, the mean images each
+pipeline calls), LitServe running the same `run_batch`, and, when asked, `muse-compile` (step batching
+with `--compile`). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server reported (for step batching, the mean images each
 request shared its steps with: the occupancy). Also the highest rate whose p99 stays under 4 x the
 single-image latency (MLPerf's bound; with --mix, of a 50-step image).
 `--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7, and rates are fractions
@@ -26,6 +26,7 @@ import random
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ from muse.config import EMBEDDED_MODEL
 
 P99_BOUND = 4.0  # x the single-image latency
 MIX_MEAN_STEPS = 37.5  # half 25, half 50
-PATHS = {"muse": "/api/generate", "muse-request": "/api/generate", "litserve": "/predict"}
+PATHS = {
+    "muse": "/api/generate",
+    "muse-request": "/api/generate",
+    "muse-compile": "/api/generate",
+    "litserve": "/predict",
+}
 
 
 def body_for(index: int, rng: random.Random, steps: int, mix: bool, size: int | None = None) -> dict[str, Any]:
@@ -187,6 +193,18 @@ def main() -> None:
             *flags, "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms), "--batching", "request"
         ),
         "litserve": lambda: litserve_server(args.model, args.batch, args.max_wait_ms / 1000, threads),
+        # Step batching with --compile (minutes to start on a CPU: every bucket compiles first).
+        "muse-compile": lambda: muse_server(
+            *flags,
+            "--max-batch-size",
+            str(args.batch),
+            "--batching",
+            "step",
+            "--compile",
+            "--compile-cache",
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="muse-compile-")),
+            timeout=1800,
+        ),
     }
     report: dict[str, Any] = {
         "model": Path(args.model).name,

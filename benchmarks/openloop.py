@@ -4,14 +4,15 @@
                                   [--mix]
     python benchmarks/openloop.py --quick        # under 5 minutes
 
-MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct pipeline's
-batch-8 capacity, measured in the same run; rate by rate, the systems take turns on fresh servers, and
-each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step batching:
-requests join a running batch between denoising steps), `muse-request` (`--batching request`: whole
-pipeline calls), LitServe running the same `run_batch`, and, when asked, `muse-compile` (step batching
-with `--compile`). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per batch the server reported (for step batching, the mean images each
-request shared its steps with: the occupancy). Also the highest rate whose p99 stays under 4 x the
-single-image latency (MLPerf's bound; with --mix, of a 50-step image).
+MLPerf Inference's "server" scenario, scaled to this machine. Rates are fractions of the direct
+pipeline's batch-8 capacity, measured in the same run; rate by rate, the systems take turns on fresh
+servers, and each rate's turns are bracketed by direct runs (the machine drifts). Systems: `muse` (step
+batching: requests join a running batch between denoising steps), `muse-request` (`--batching request`:
+whole pipeline calls), LitServe running the same `run_batch`, and, when asked, `muse-compile` (step
+batching with `--compile`). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per
+batch the server reported (for step batching, the mean images each request shared its steps with: the
+occupancy). Also the highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound;
+with --mix, of a 50-step image).
 `--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7, and rates are fractions
 of the mix's capacity (at its mean 37.5 steps). LitServe's peer batches them anyway, with its first
 request's steps. Writes JSON and a latency-vs-rate plot. Loopback only; every window is bounded in time.

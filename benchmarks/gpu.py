@@ -45,7 +45,7 @@ def build_sd15(folder: Path, dtype: Any) -> None:
     # No hub: the tokenizer is Muse's own small BPE, padded to CLIP's 77 tokens; the text encoder
     # keeps CLIP's full 49,408-token embedding table, so its size and cost are real.
     tokenizer = build_tokenizer(dataclasses.replace(DEMO_SPEC, max_tokens=77))
-    pipe = StableDiffusionPipeline(
+    built: Any = StableDiffusionPipeline(  # Any: diffusers' stubs do not show the pipeline's `to`
         vae=AutoencoderKL.from_config(read("vae")),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
         tokenizer=tokenizer,
@@ -54,8 +54,8 @@ def build_sd15(folder: Path, dtype: Any) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(dtype=dtype)
-    save_pipeline(pipe, folder, {"guidance_scale": 7.5})
+    )
+    save_pipeline(built.to(dtype=dtype), folder, {"guidance_scale": 7.5})
 
 
 def build_tiny(folder: Path) -> None:

@@ -47,7 +47,7 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     if len(values) == 1:
         return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]  # type: ignore[index]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def check_loopback(url: str) -> None:

@@ -188,6 +188,7 @@ def main() -> None:
     capacity = directs[0] * args.steps / (MIX_MEAN_STEPS if args.mix else args.steps)
 
     flags = ["--model", args.model, "--devices", "cpu", "--threads-per-worker", str(threads)]
+    compile_cache = tempfile.TemporaryDirectory(prefix="muse-compile-")  # removed when the run ends
     servers = {
         "muse": lambda: muse_server(*flags, "--max-batch-size", str(args.batch), "--batching", "step"),
         "muse-request": lambda: muse_server(
@@ -203,7 +204,7 @@ def main() -> None:
             "step",
             "--compile",
             "--compile-cache",
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="muse-compile-")),
+            compile_cache.name,
             timeout=1800,
         ),
     }
@@ -220,6 +221,7 @@ def main() -> None:
     names = args.systems.split(",")
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(compile_cache)
         # Every system starts once and is paused (SIGSTOP) except during its own windows: they take turns
         # on the same cores, round by round in rotating order, so the machine's drift (tens of percent over
         # minutes here) falls on all of them alike, and an idle peer's polling takes nothing from the one

@@ -37,7 +37,7 @@ from load import run_level
 
 from muse.config import EMBEDDED_MODEL
 
-BODY = {"prompt": "a red circle on a blue background", "steps": 25}
+BODY: dict[str, Any] = {"prompt": "a red circle on a blue background", "steps": 25}
 # Ray advertises the machine's external address unless told otherwise; keep every connection on loopback.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
@@ -106,7 +106,7 @@ def main() -> None:
                     closed[name].append(row.throughput)
                 print(f"round {round_ + 1} {name:<5}: {closed[name][-1]:.2f} img/s", flush=True)
         memory = {name: rss_gib(served.process.pid) for name, served in servers.items()}
-    report = {
+    report: dict[str, Any] = {
         "model": Path(args.model).name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "closed_loop_img_s": closed,

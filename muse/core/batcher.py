@@ -249,12 +249,13 @@ class Batcher:
         if flight is None:
             return
         now = time.monotonic()
-        # A Ray actor's progress comes coalesced (several steps in one message): spread the time over them.
+        # Workers coalesce progress (muse.worker.channel): one report may cover several steps.
         moved = max(1, message.step - self._step_of(flight))
+        per_step = (now - flight.last_step_at) / moved
         for _ in range(moved):
-            self.speed.step_took((now - flight.last_step_at) / moved)
+            self.speed.step_took(per_step)
             for callback in self.on_step:
-                callback((now - flight.last_step_at) / moved)
+                callback(per_step)
         flight.last_step_at = now
         for t in flight.tickets:
             if not t.done:

@@ -3,12 +3,12 @@
 The worker engine (muse.worker.main, muse.worker.steploop) only sends messages and receives them,
 so the same engine runs behind either transport. The heartbeat thread and the main thread both send.
 
-Progress is coalesced: a step's progress waits (at most PROGRESS_EVERY_S after the last message) to travel
-with what follows, keeping each Batch's latest step; anything else (a Result, a Failure, a heartbeat)
-leaves at once, with the progress held before it. Every message costs the parent (and a Ray actor's
-own process) CPU taken from the steps on a busy machine: one per step added ~30 ms to a 500 ms CPU
-request through Ray. A held step is never stale for long: the step after it, or its Batch's Result,
-comes within one step.
+Progress is coalesced: a step's progress waits (at most `progress_every`, --progress-interval, after
+the last message) to travel with what follows, keeping each Batch's latest step; anything else (a
+Result, a Failure, a heartbeat) leaves at once, with the progress held before it. Every message costs
+the parent (and a Ray actor's own process) CPU taken from the steps on a busy machine: one per step
+added ~30 ms to a 500 ms CPU request through Ray. A held step is never stale for long: the step after
+it, or its Batch's Result, comes within one step.
 """
 
 from __future__ import annotations

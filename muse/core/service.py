@@ -56,10 +56,12 @@ class Muse:
             "log_level": settings.log_level,
             "batching": settings.batching,
             "max_batch_size": settings.max_batch_size,
-            "progress_interval": settings.progress_interval,
-            "compile": settings.compile,
-            "gpu_memory_fraction": settings.gpu_memory_fraction,
-            "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
+            "worker_options": {
+                "progress_interval": settings.progress_interval,
+                "compile": settings.compile,
+                "gpu_memory_fraction": settings.gpu_memory_fraction,
+                "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
+            },
         }
         self.pool: BasePool
         if settings.pool == "ray":

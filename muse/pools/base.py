@@ -17,7 +17,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
@@ -62,19 +63,15 @@ class BasePool:
         log_level: str = "info",
         batching: str = "auto",
         max_batch_size: int = 8,
-        progress_interval: float = 0.1,
-        compile: bool = False,
-        compile_cache: str = "",
-        gpu_memory_fraction: float = 0.9,
+        worker_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.gpu_memory_fraction = gpu_memory_fraction
+        """`worker_options`: more WorkerConfig fields every worker gets as they are (progress_interval,
+        compile, compile_cache, gpu_memory_fraction)."""
+        self.worker_options = dict(worker_options or {})
         # Every step worker's UNet calls, and the seconds between them while images waited (idle device).
         self.unet_calls = 0
         self.step_gap_s = 0.0
         self.model = model
-        self.progress_interval = progress_interval
-        self.compile = compile
-        self.compile_cache = compile_cache
         self.wanted_batching = batching
         self.max_batch_size = max_batch_size
         self.slots = [Slot(d) for d in devices]
@@ -263,10 +260,7 @@ class BasePool:
             parent_pid=os.getpid(),
             batching=self.wanted_batching,
             capacity=self.max_batch_size,
-            progress_interval=self.progress_interval,
-            compile=self.compile,
-            compile_cache=self.compile_cache,
-            gpu_memory_fraction=self.gpu_memory_fraction,
+            **self.worker_options,
         )
         handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device)
         handle.exited = asyncio.get_running_loop().create_future()
@@ -325,9 +319,9 @@ class BasePool:
 
     def _count_steps(self, worker: WorkerHandle, message: Steps) -> None:
         """Add a step worker's UNet calls and the gaps between them since its last report to the pool's totals."""
-        if message.unet_calls >= worker.unet_calls:
-            self.unet_calls += message.unet_calls - worker.unet_calls
-            self.step_gap_s += max(0.0, message.gap_s - worker.gap_s)
+        # Running totals of one worker process (a respawn gets a fresh handle): the deltas are never negative.
+        self.unet_calls += message.unet_calls - worker.unet_calls
+        self.step_gap_s += message.gap_s - worker.gap_s
         worker.unet_calls, worker.gap_s = message.unet_calls, message.gap_s
 
     def _send(self, worker: WorkerHandle, message: object) -> None:

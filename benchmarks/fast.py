@@ -30,49 +30,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, free_port, served_process, write_report
-from gpu import build_sd15, build_tiny
+from gpu import build_sd15, build_tiny, direct
 from load import run_level
 
 from muse.config import EMBEDDED_MODEL
-
-
-def direct(model: str, device: str, batches: list[int], steps: int, size: int, reps: int, compiled: bool) -> dict:
-    import torch
-
-    from muse.messages import Batch, BatchKey, ImageSpec
-    from muse.worker.fastpath import optimize
-    from muse.worker.pipeline import load_pipeline, run_batch
-
-    loaded = load_pipeline(model, device)
-    if compiled:
-        # The whole-call pipeline uses the compiled UNet for every shape (each compiled on its first call).
-        loaded.pipe.unet = optimize(loaded.pipe).compiled
-    cuda = device.startswith("cuda")
-    rows: dict[str, Any] = {}
-    for batch in batches:
-        job = Batch(
-            "direct", [ImageSpec("a photo of a cat", "", i) for i in range(batch)], BatchKey(size, size, steps, 7.5)
-        )
-        start = time.perf_counter()
-        run_batch(loaded, job, lambda step: True)  # compiles this shape when compiled
-        first_s = time.perf_counter() - start
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(reps):
-            run_batch(loaded, job, lambda step: True)
-        if cuda:
-            torch.cuda.synchronize()
-        rate = batch * reps / (time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        rows[str(batch)] = {"images_per_s": rate, "first_call_s": first_s, "peak_gib": peak}
-        label = "compiled" if compiled else "eager"
-        print(f"direct {label:<8} batch {batch:>2}: {rate:.2f} img/s (first call {first_s:.1f} s)", flush=True)
-    del loaded
-    if cuda:
-        torch.cuda.empty_cache()
-    return rows
 
 
 def metric(text: str, name: str) -> float:
@@ -148,8 +109,11 @@ def main() -> None:
         from muse.worker.fastpath import use_compile_cache
 
         use_compile_cache(cache)
-        eager = direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=False)
-        compiled = direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=True)
+        eager = {str(b): r for b, r in direct(model, args.device, batches, args.steps, args.size, args.reps).items()}
+        compiled = {
+            str(b): r
+            for b, r in direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=True).items()
+        }
         serve = served(model, args.device, max(batches), args.steps, args.size, args.duration, args.threads, cache)
     largest = str(max(batches))
     report = {

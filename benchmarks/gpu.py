@@ -64,18 +64,27 @@ def build_tiny(folder: Path) -> None:
     save_pipeline(build_pipeline(TINY_SPEC), folder, {"guidance_scale": 7.5})
 
 
-def direct(model: str, device: str, batches: list[int], steps: int, size: int, reps: int) -> dict[int, Any]:
+def direct(
+    model: str, device: str, batches: list[int], steps: int, size: int, reps: int, compiled: bool = False
+) -> dict[int, Any]:
+    """Images/s of whole pipeline calls by batch size (and peak GPU memory). `compiled`: through
+    `muse.worker.fastpath`'s compiled UNet, each shape compiled in its untimed first call."""
     import torch
 
     from muse.messages import Batch, BatchKey, ImageSpec
+    from muse.worker.fastpath import optimize
     from muse.worker.pipeline import load_pipeline, run_batch
 
     loaded = load_pipeline(model, device)
+    if compiled:
+        loaded.pipe.unet = optimize(loaded.pipe).compiled
     results = {}
     for batch in batches:
         images = [ImageSpec("a photo of a cat", "", i) for i in range(batch)]
         job = Batch("direct", images, BatchKey(size, size, steps, 7.5))
-        run_batch(loaded, job, lambda step: True)  # warm-up at this shape
+        start = time.perf_counter()
+        run_batch(loaded, job, lambda step: True)  # warm-up at this shape (its compile, when compiled)
+        first_s = time.perf_counter() - start
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -86,8 +95,9 @@ def direct(model: str, device: str, batches: list[int], steps: int, size: int, r
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        results[batch] = {"images_per_s": batch * reps / elapsed, "peak_gib": memory}
-        print(f"direct batch {batch:>2}: {results[batch]['images_per_s']:.2f} img/s", flush=True)
+        results[batch] = {"images_per_s": batch * reps / elapsed, "peak_gib": memory, "first_call_s": first_s}
+        label = "compiled " if compiled else ""
+        print(f"direct {label}batch {batch:>2}: {results[batch]['images_per_s']:.2f} img/s", flush=True)
     del loaded
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

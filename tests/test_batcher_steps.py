@@ -191,27 +191,27 @@ async def test_a_dead_step_worker_loses_every_request_on_it_and_each_is_retried(
     assert a.attempts == 2 and b.attempts == 2
 
 
-async def test_progress_reaches_each_request_and_the_step_time_is_measured() -> None:
+def dispatched_ago(steps: int, seconds: float) -> tuple[Batcher, Ticket, str, list[float]]:
+    """One request of `steps` steps, dispatched `seconds` ago to a step worker; the step times reported."""
     pool = FakeStepPool(capacity=4)
     batcher = make(pool)
-    steps: list[float] = []
-    batcher.on_step.append(steps.append)
-    a = batcher.submit(req("a", steps=4))
+    times: list[float] = []
+    batcher.on_step.append(times.append)
+    ticket = batcher.submit(req("a", steps=steps))
     batch_id = next(iter(pool.workers[0].batches))
-    batcher.inflight[batch_id].last_step_at -= 0.01  # dispatched 10 ms ago
+    batcher.inflight[batch_id].last_step_at -= seconds
+    return batcher, ticket, batch_id, times
+
+
+async def test_progress_reaches_each_request_and_the_step_time_is_measured() -> None:
+    batcher, a, batch_id, steps = dispatched_ago(4, 0.01)
     batcher.batch_progress(Progress(batch_id, 1, 4))
     assert a.step == 1 and len(steps) == 1 and steps[0] >= 0.01
     assert batcher.eta(a) == pytest.approx(3 * batcher.speed.step_seconds)
 
 
 async def test_coalesced_progress_spreads_its_time_over_the_steps_it_covers() -> None:
-    pool = FakeStepPool(capacity=4)
-    batcher = make(pool)
-    steps: list[float] = []
-    batcher.on_step.append(steps.append)
-    a = batcher.submit(req("a", steps=10))
-    batch_id = next(iter(pool.workers[0].batches))
-    batcher.inflight[batch_id].last_step_at -= 0.4  # one report for steps 1-4, 400 ms after dispatch
+    batcher, a, batch_id, steps = dispatched_ago(10, 0.4)  # one report for steps 1-4, 400 ms after dispatch
     batcher.batch_progress(Progress(batch_id, 4, 10))
     assert a.step == 4 and steps == pytest.approx([0.1] * 4, abs=0.01)
     assert batcher.speed.step_seconds == pytest.approx(0.1, abs=0.01)

@@ -129,6 +129,11 @@ def test_padding_to_a_bucket_leaves_every_image_unchanged(loaded: LoadedPipeline
     from muse.worker.fastpath import row_buckets
 
     requests = [request(f"g{i}", loaded, seed=i) for i in range(3)] + [request("u", loaded, guidance_scale=1.0)]
-    padded = StepEngine(loaded, row_buckets(8))
-    assert run(padded, {0: requests}).keys() == {r.slot_id for r in requests}
-    assert_same(run(StepEngine(loaded, row_buckets(8)), {0: requests}), loaded, requests)
+    rows: list[int] = []
+    hook = loaded.pipe.unet.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    try:
+        images = run(StepEngine(loaded, row_buckets(8)), {0: requests})
+    finally:
+        hook.remove()
+    assert set(rows) == {8}, f"every UNet call padded to the 8-row bucket, not {sorted(set(rows))}"
+    assert_same(images, loaded, requests)

@@ -1,12 +1,14 @@
 """`--compile`'s gain: the direct pipeline eager and compiled, by batch, and Muse served with `--compile`.
 
     python benchmarks/fast.py                      # a GPU: SD 1.5's architecture, 512 px, fp16 -> gpu_fast.json
+    python benchmarks/gpu.py --fast                # the same
     python benchmarks/fast.py --device cpu --model embedded --size 64 --batches 1,8   # -> fast_cpu.json
     python benchmarks/fast.py --tiny               # smoke test: tiny model, CPU, one batch size
 
 Direct: `run_batch` (one whole pipeline call) in a loop at each batch size, first eager, then on a second
 copy whose UNet is `muse.worker.fastpath.optimize`'s compiled one (channels-last, fused QKV,
-torch.compile; the compile happens in an untimed first call per shape). Served: `muse serve --compile`
+torch.compile) and whose VAE decoder is compiled too (each compile happens in an untimed first call per
+shape). Served: `muse serve --compile`
 with one worker, batch cap = the largest batch, 2 x cap closed-loop clients; served ÷ compiled direct
 at that batch (target >= 0.97 on a GPU), and the worker's idle time between UNet calls under that load
 (muse_step_gap_seconds_total ÷ muse_unet_calls_total). Peak GPU memory per batch on CUDA. The direct

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py [--device cuda:0] [--batches 1,2,4,8,16] [--steps 25] [--size 512] [--openloop 0.8]
     python benchmarks/gpu.py --tiny          # CPU smoke test in seconds (CI-sized model)
+    python benchmarks/gpu.py --fast          # eager vs --compile instead: benchmarks/fast.py -> gpu_fast.json
 
 Builds the UNet, VAE and CLIP text encoder from the configs in benchmarks/sd15/ (timings do not
 depend on weight values), saves the pipeline, then measures images/s by batch size for the direct
@@ -76,8 +77,9 @@ def direct(
     from muse.worker.pipeline import load_pipeline, run_batch
 
     loaded = load_pipeline(model, device)
-    if compiled:
+    if compiled:  # what `muse serve --compile` compiles: the UNet and the VAE decoder
         loaded.pipe.unet = optimize(loaded.pipe).compiled
+        loaded.pipe.vae.decoder = torch.compile(loaded.pipe.vae.decoder, dynamic=False)
     results = {}
     for batch in batches:
         images = [ImageSpec("a photo of a cat", "", i) for i in range(batch)]
@@ -143,7 +145,14 @@ def open_loop_runs(
 
 
 def main() -> None:
+    if "--fast" in sys.argv[1:]:
+        sys.argv.remove("--fast")
+        from fast import main as fast_main
+
+        fast_main()  # its own flags (see benchmarks/fast.py --help)
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="run benchmarks/fast.py (eager vs --compile) instead")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--steps", type=int, default=25)

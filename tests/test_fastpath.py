@@ -7,9 +7,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from muse.worker.engine import SlotRequest, StepEngine
-from muse.worker.fastpath import bucket_for, image_buckets, optimize, row_buckets, warm_buckets
+from muse.worker.fastpath import bucket_for, compile_decoder, image_buckets, optimize, row_buckets, warm_buckets
 from muse.worker.pipeline import load_pipeline
 
 # Compiled fp32 on CPU against eager: rounding only (measured 0 of 255 on the embedded model).
@@ -44,24 +45,31 @@ def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_mode
             finished += [np.asarray(p, dtype=np.int16) for p in engine.decode(engine.step())]
         return finished
 
-    # One bucket (two guided images: four rows); each compiled shape costs ~20 s here.
+    # One bucket (two guided images: four rows) and the decoder's one shape; each compiled shape costs
+    # ~15-20 s here.
     eager_engine = StepEngine(load_pipeline(tiny_model, "cpu"), [4])
     eager = run(eager_engine, requests(64))
     loaded = load_pipeline(tiny_model, "cpu")
-    unet = optimize(loaded.pipe)
-    engine = StepEngine(loaded, [4], unet)
+    unet, decoder = optimize(loaded.pipe), compile_decoder(loaded.pipe)
+    assert decoder is not None
+    engine = StepEngine(loaded, [4], unet, decoder)
     reports: list[tuple[int, int]] = []
+    graphs = counters["stats"]["unique_graphs"]
     warm_buckets(engine, 64, 64, lambda done, total: reports.append((done, total)))
     assert reports == [(1, 1)] and not engine.slots, "warming reports each bucket and leaves no slot behind"
+    assert counters["stats"]["unique_graphs"] - graphs >= 2, "dynamo captured the UNet and the decoder"
     side = 64 // loaded.pipe.vae_scale_factor
-    warmed = {(4, loaded.pipe.unet.config.in_channels, side, side)}  # rows, latent channels, latent size
-    assert unet.shapes == warmed
+    latents = loaded.pipe.unet.config.in_channels
+    warmed = {(4, latents, side, side)}  # rows, latent channels, latent size
+    assert unet.shapes == warmed and decoder.shapes == {(1, latents, side, side)}
     compiled = run(engine, requests(64))
     assert len(compiled) == len(eager) == 2
     for a, b in zip(eager, compiled, strict=True):
         assert np.abs(a - b).max() <= TOLERANCE
     # Another size is not compiled on the spot (that would stall every running image): it runs eager.
-    assert len(run(engine, requests(32))) == 2 and unet.shapes == warmed
+    graphs = counters["stats"]["unique_graphs"]
+    assert len(run(engine, requests(32))) == 2 and unet.shapes == warmed and len(decoder.shapes) == 1
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_readyz_says_how_far_a_compiling_worker_is() -> None:
@@ -82,7 +90,7 @@ class FakeEngine:
 
     def __init__(self, buckets: list[int]) -> None:
         self.buckets = buckets
-        self.compiled = None
+        self.compiled = self.decoder = None
         self.slots: list[SlotRequest] = []
         self.rows = 0
 

@@ -5,7 +5,9 @@ scheduler instance and timestep index, and its own generator. One `step()` runs 
 active slot (rows at different timesteps share the call: the UNet takes one timestep per row), applies
 classifier-free guidance per slot, then each slot's scheduler step. Slots of the same latent shape share
 steps whatever their steps, guidance, sampler or prompts; a slot whose timesteps are done leaves, and
-its VAE decode is batched with the others finishing on the same step.
+its VAE decode is batched with the others finishing on the same step. A decode returns once the images
+are on their way to the host (`Decoded`): the copy and the conversion to PIL images wait on another thread,
+so the next step need not.
 
 Built from the loaded pipeline's own parts (`encode_prompt`, `prepare_latents`'s noise, the scheduler
 classes, `unet`, `vae`, `image_processor`), so a slot gives the pixels `pipe(...)` gives for the same
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.fastpath import CompiledUNet, bucket_for
+from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.pipeline import LoadedPipeline
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -88,16 +90,51 @@ class Slot:
         return (self.index * self.request.steps) // total if total else 0, self.request.steps
 
 
+@dataclass(eq=False)
+class Decoded:
+    """Decoded images on their way to the host: `(n, H, W, C)` float32 in [0, 1], as the pipeline's
+    image processor would turn them into PIL images. On a GPU the copy lands in pinned host memory
+    without blocking the device's queue, and `picture` waits for it (`copied`)."""
+
+    images: torch.Tensor
+    processor: Any
+    copied: Any = None  # a CUDA event recorded after the copy
+
+    @classmethod
+    def start(cls, image: torch.Tensor, processor: Any) -> Decoded:
+        """`image`: the processor's denormalised `(n, C, H, W)` tensor, on the device."""
+        image = image.permute(0, 2, 3, 1).float()
+        if not image.is_cuda:
+            return cls(image, processor)
+        host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
+        host.copy_(image, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, processor, copied)
+
+    def picture(self, index: int) -> Any:
+        """The `index`th image as a PIL image, as `pipe(...)` returns it (numpy only: safe off the step thread)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.processor.numpy_to_pil(self.images.numpy()[index : index + 1])[0]
+
+
 class StepEngine:
     def __init__(
-        self, loaded: LoadedPipeline, buckets: Sequence[int] = (), compiled: CompiledUNet | None = None
+        self,
+        loaded: LoadedPipeline,
+        buckets: Sequence[int] = (),
+        compiled: CompiledUNet | None = None,
+        decoder: ShapeCompiled | None = None,
     ) -> None:
         """`buckets`: UNet batch sizes to pad each call to; `compiled`: the UNet's compiled twin, used for
-        the shapes it was warmed at (muse.worker.fastpath). Neither: plain eager calls."""
+        the shapes it was warmed at; `decoder`: the VAE decode's, which then decodes images one by one
+        (muse.worker.fastpath). None of them: plain eager calls."""
         assert supports(loaded.pipe), f"{type(loaded.pipe).__name__} runs whole calls, not steps"
         self.loaded = loaded
         self.buckets = sorted(buckets)
         self.compiled = compiled
+        self.decoder = decoder
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
         self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
@@ -249,21 +286,34 @@ class StepEngine:
 
     # ---- leaving --------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def decode(self, slots: list[Slot]) -> list[Any]:
         """PIL images of finished slots, decoded together, as `pipe(...)` would return them."""
         if not slots:
             return []
-        pipe = self.pipe
-        latents = torch.cat([s.latents for s in slots])
-        if self.xl:
-            return self._decode_xl(latents)
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-        return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize))
+        decoded = self.decode_start(slots)
+        return [decoded.picture(i) for i in range(len(slots))]
 
-    def _decode_xl(self, latents: torch.Tensor) -> list[Any]:
+    @torch.inference_mode()
+    def decode_start(self, slots: list[Slot]) -> Decoded:
+        """Decode finished slots together on the device (and run the safety checker), and start their
+        copy to the host; `Decoded.picture` finishes the job on any thread."""
+        latents = torch.cat([s.latents for s in slots])
+        pipe = self.pipe
+        if self.xl:
+            image = self._decode_xl(latents)
+        else:
+            image = self._vae_decode(latents / pipe.vae.config.scaling_factor)
+            image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+            denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+        return Decoded.start(image, pipe.image_processor)
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            return self.pipe.vae.decode(latents, return_dict=False)[0]
+        return torch.cat([self.decoder(z) for z in latents.split(1)])  # the compiled decoder's one shape
+
+    def _decode_xl(self, latents: torch.Tensor) -> torch.Tensor:
         """As StableDiffusionXLPipeline decodes: the VAE upcast in fp16 when it asks, its latent statistics
         when it has them, the watermark when one is installed."""
         pipe, vae = self.pipe, self.pipe.vae
@@ -278,12 +328,12 @@ class StepEngine:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        image = self._vae_decode(latents)
         if upcast:
             vae.to(dtype=torch.float16)
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
-        return list(pipe.image_processor.postprocess(image, output_type="pil"))
+        return pipe.image_processor.postprocess(image, output_type="pt")
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:

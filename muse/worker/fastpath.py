@@ -1,12 +1,12 @@
 """`--compile`: the worker's fast path. After load: channels-last weights, fused QKV projections where
-diffusers offers them, and `torch.compile` of the UNet with static shapes. The step engine calls the UNet
-with a varying number of rows (two per guided image), so it pads each call to a small set of *row
-buckets* (1, then twice 1, 2, 4, 8, … images up to the capacity) and drops the padding from the result:
-the compiled UNet then sees a handful of shapes, each compiled once at start-up at the model's native
-size. Any other shape (another image size, a Batch bigger than the capacity) runs eager rather than
-stall the worker behind a compile. Compiled kernels are cached on disk (`--compile-cache`), so a
-restart reuses them. The VAE decoder stays eager: it runs once per image, not once per step, and its
-batch varies with how many images finish together.
+diffusers offers them, and `torch.compile` of the UNet and the VAE decoder with static shapes. The step
+engine calls the UNet with a varying number of rows (two per guided image), so it pads each call to a
+small set of *row buckets* (1, then twice 1, 2, 4, 8, … images up to the capacity) and drops the padding
+from the result: the compiled UNet then sees a handful of shapes, each compiled once at start-up at the
+model's native size. The decoder sees one shape: finished images are decoded one by one (a VAE decode is
+near-linear in its batch, so little is lost). Any other shape (another image size, a Batch bigger than
+the capacity) runs eager rather than stall the worker behind a compile. Compiled kernels are cached on
+disk (`--compile-cache`), so a restart reuses them.
 
 Nothing here knows about pipes; the worker (muse.worker.main) calls it before saying Ready.
 """
@@ -50,24 +50,19 @@ def use_compile_cache(directory: str) -> None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
 
 
-class CompiledUNet:
-    """The UNet, compiled for the shapes warmed at start-up (static: one graph each) and eager for any
-    other, so a request of an unusual size or batch never stalls the worker behind a compile (tens of
-    seconds on a GPU, minutes on a CPU) that could make its batch miss its deadline."""
+class ShapeCompiled:
+    """A function's compiled twin for the shapes warmed at start-up (static: one graph each), and the
+    function itself, eager, for any other: a request of an unusual size or batch never stalls the worker
+    behind a compile (tens of seconds on a GPU, minutes on a CPU) that could make its batch miss its
+    deadline. Shapes are those of the first argument."""
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, eager: Callable[..., Any]) -> None:
         import torch
 
-        unet.to(memory_format=torch.channels_last)
-        if hasattr(unet, "fuse_qkv_projections"):
-            try:
-                unet.fuse_qkv_projections()
-            except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
-                log.info("QKV projections not fused: %s", exc)
         # One graph per warmed shape: more than dynamo's default of 8 per function.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.eager = unet
-        self.compiled = torch.compile(unet, dynamic=False)
+        self.eager = eager
+        self.compiled = torch.compile(eager, dynamic=False)
         self.shapes: set[tuple[int, ...]] = set()
         self.warming = False  # while True, every shape called is compiled and kept
 
@@ -78,10 +73,40 @@ class CompiledUNet:
         return (self.compiled if shape in self.shapes else self.eager)(sample, *args, **kwargs)
 
 
+class CompiledUNet(ShapeCompiled):
+    """The UNet in channels-last with fused QKV projections, compiled for the warmed row buckets."""
+
+    def __init__(self, unet: Any) -> None:
+        import torch
+
+        unet.to(memory_format=torch.channels_last)
+        if hasattr(unet, "fuse_qkv_projections"):
+            try:
+                unet.fuse_qkv_projections()
+            except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
+                log.info("QKV projections not fused: %s", exc)
+        super().__init__(unet)
+
+
 def optimize(pipe: Any) -> CompiledUNet:
     """Channels-last and fused QKV on the pipeline's UNet (in place), and its compiled twin. Compiled
     outputs stay within float rounding of eager (tests/test_fastpath.py)."""
     return CompiledUNet(pipe.unet)
+
+
+def compile_decoder(pipe: Any) -> ShapeCompiled | None:
+    """The VAE's decode (scaled latents → image tensor), compiled; None where the pipeline casts its VAE
+    to float32 around each decode (SDXL's fp16 VAE): a graph compiled for one dtype would recompile."""
+    import torch
+
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return None
+
+    def decode(latents: Any) -> Any:
+        return vae.decode(latents, return_dict=False)[0]
+
+    return ShapeCompiled(decode)
 
 
 @dataclass
@@ -90,6 +115,7 @@ class FastPath:
 
     unet: CompiledUNet
     buckets: list[int]
+    decoder: ShapeCompiled | None = None
 
 
 @dataclass
@@ -148,16 +174,17 @@ def warm_buckets(
         if memory is not None:
             memory.reset()
         start = time.perf_counter()
-        if engine.compiled is not None:
-            engine.compiled.warming = True
+        compiled = [c for c in (engine.compiled, engine.decoder) if c is not None]
+        for c in compiled:
+            c.warming = True
         slots = engine.admit(requests)
         try:
             engine.step()
-            engine.decode(slots[:1])
+            engine.decode(slots[:1])  # the decoder's one shape, with the first (smallest) bucket
         finally:
             engine.remove(r.slot_id for r in requests)
-            if engine.compiled is not None:
-                engine.compiled.warming = False
+            for c in compiled:
+                c.warming = False
         warmed.seconds[rows] = time.perf_counter() - start
         if memory is not None:
             warmed.peak_bytes[rows] = memory.peak()

@@ -109,16 +109,17 @@ def choose_batching(wanted: str, pipe: object) -> str:
 
 
 def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any, batching: str) -> FastPath | None:
-    """--compile (muse.worker.fastpath): the compiled UNet and the step engine's row buckets. Whole-call
-    workers stay eager: their batch sizes are not padded, and each new one would stall a compile."""
-    from muse.worker.fastpath import FastPath, optimize, row_buckets, use_compile_cache
+    """--compile (muse.worker.fastpath): the compiled UNet and VAE decoder, and the step engine's row
+    buckets. Whole-call workers stay eager: their batch sizes are not padded, and each new one would
+    stall a compile."""
+    from muse.worker.fastpath import FastPath, compile_decoder, optimize, row_buckets, use_compile_cache
 
     if batching != Batching.STEP:
         log.warning("--compile applies to step batching; this worker runs whole pipeline calls, eager")
         return None
     if config.compile_cache:
         use_compile_cache(config.compile_cache)
-    fast = FastPath(optimize(loaded.pipe), row_buckets(config.capacity))
+    fast = FastPath(optimize(loaded.pipe), row_buckets(config.capacity), compile_decoder(loaded.pipe))
     channel.send(Compiling(0, len(fast.buckets)))
     return fast
 
@@ -129,7 +130,7 @@ def warm(channel: Channel, config: WorkerConfig, loaded: Any, fast: FastPath) ->
     from muse.worker.engine import StepEngine
     from muse.worker.fastpath import Memory, warm_buckets
 
-    engine = StepEngine(loaded, fast.buckets, fast.unet)
+    engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder)
     memory = Memory(loaded.pipe.unet.device) if config.device.startswith("cuda") else None
     warmed = warm_buckets(
         engine,

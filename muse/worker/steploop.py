@@ -4,8 +4,9 @@ running batch between denoising steps.
 Each pass reads every waiting message (blocking only while there is nothing to run), admits waiting
 Batches of the running latent shape up to `capacity` images (their prompts encoded together), runs one
 step over every slot, reports each Batch's progress, and decodes the slots that finished (together).
-PNG encoding and the pipe write of a finished Batch happen on a small thread, so the next step does
-not wait for them. An Interrupt frees its Batch's slots at the next boundary.
+The copy of decoded images to the host, their conversion to PIL images, PNG encoding and the pipe
+write of a finished Batch happen on a small thread, so the next step does not wait for them. An
+Interrupt frees its Batch's slots at the next boundary.
 
 Runs on the worker's main thread, where the pipeline was loaded (see muse.worker.main).
 """
@@ -17,11 +18,10 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from muse.messages import Batch, Failure, Interrupt, Progress, Result, Steps, Stop
 from muse.worker.channel import Channel
-from muse.worker.engine import Slot, SlotRequest, StepEngine
+from muse.worker.engine import Decoded, Slot, SlotRequest, StepEngine
 from muse.worker.fastpath import FastPath
 from muse.worker.pipeline import LoadedPipeline, encode_png
 
@@ -34,7 +34,7 @@ class Job:
 
     batch: Batch
     started: float = field(default_factory=time.perf_counter)
-    pictures: list[Any] = field(default_factory=list)
+    pictures: list[tuple[Decoded, int] | None] = field(default_factory=list)  # each image: its decode and row
     reported: int = 0  # the last step sent as Progress
     shared: int = 0  # images in the UNet calls it took part in, summed
     steps_run: int = 0
@@ -73,7 +73,7 @@ def owner_of(slot: Slot) -> tuple[str, int]:
 class StepLoop:
     def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None = None) -> None:
         self.channel = channel
-        self.engine = StepEngine(loaded, fast.buckets, fast.unet) if fast else StepEngine(loaded)
+        self.engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder) if fast else StepEngine(loaded)
         self.capacity = max(1, capacity)
         self.pending: deque[Batch] = deque()
         self.jobs: dict[str, Job] = {}
@@ -208,16 +208,16 @@ class StepLoop:
 
     def finish(self, slots: list[Slot]) -> None:
         try:
-            pictures = self.engine.decode(slots)
+            decoded = self.engine.decode_start(slots)
         except Exception as exc:
             for batch_id in {owner_of(s)[0] for s in slots}:
                 self.fail(batch_id, exc)
             return
-        for slot, picture in zip(slots, pictures, strict=True):
+        for row, slot in enumerate(slots):
             batch_id, index = owner_of(slot)
             job = self.jobs.get(batch_id)
             if job is not None:
-                job.pictures[index] = picture
+                job.pictures[index] = (decoded, row)
         for batch_id in {owner_of(s)[0] for s in slots}:
             job = self.jobs.get(batch_id)
             if job is not None and job.decoded:
@@ -226,7 +226,7 @@ class StepLoop:
 
     def deliver(self, job: Job) -> None:
         try:
-            pngs = [encode_png(p) for p in job.pictures]
+            pngs = [encode_png(decoded.picture(row)) for decoded, row in filter(None, job.pictures)]
             elapsed_ms = (time.perf_counter() - job.started) * 1000
             occupancy = job.shared / job.steps_run if job.steps_run else float(len(pngs))
             self.channel.send(Result(job.batch.batch_id, pngs, elapsed_ms, occupancy))

@@ -2,8 +2,9 @@
 running batch between denoising steps.
 
 Each pass reads every waiting message (blocking only while there is nothing to run), admits waiting
-Batches of the running latent shape up to `capacity` images (their prompts encoded together), runs one
-step over every slot, reports each Batch's progress, and decodes the slots that finished (together).
+Batches of the running latent shape up to `capacity` images (their prompts encoded together; while
+slots run, no more than one UNet call's worth of text encoding per boundary), runs one step over every
+slot, reports each Batch's progress, and decodes the slots that finished (together).
 The copy of decoded images to the host, their conversion to PIL images, PNG encoding and the pipe
 write of a finished Batch happen on a small thread, so the next step does not wait for them. An
 Interrupt frees its Batch's slots at the next boundary.
@@ -81,6 +82,9 @@ class StepLoop:
         # than one core with the denoising.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="muse-png")
         self.unet_calls = 0
+        # Running averages: seconds per UNet call and per admitted image (its text encoding and noise).
+        self.step_s = 0.0
+        self.admit_s = 0.0
         self.gap_s = 0.0  # between UNet calls while slots waited: what keeps the device idle under load
         self.last_call_end: float | None = None
 
@@ -130,23 +134,28 @@ class StepLoop:
             return
         first = self.pending[0].key
         shape = self.engine.shape or (first.width, first.height)
-        free = self.capacity - len(self.engine.slots)
+        room = self.capacity - len(self.engine.slots)
+        budget = self.encoding_budget() if self.engine.slots else room
         joining: list[Batch] = []
         for batch in list(self.pending):
             if (batch.key.width, batch.key.height) != shape:
                 continue  # waits until the running shape drains (the parent does not send it before)
             n = len(batch.images)
-            # An empty engine takes a Batch bigger than its capacity, or it could never run.
-            if n > free and (self.engine.slots or joining):
+            # An empty engine takes a Batch bigger than its capacity, or it could never run; a running
+            # one takes the first Batch that fits, however long its prompts take to encode.
+            if n > (min(room, budget) if joining else room) and (self.engine.slots or joining):
                 break
             joining.append(batch)
             self.pending.remove(batch)
-            free -= n
+            room -= n
+            budget -= n
         if not joining:
             return
         started = time.perf_counter()  # a request's compute time counts its text encoding too
         try:
-            self.engine.admit([r for b in joining for r in slot_requests(b)])
+            requests = [r for b in joining for r in slot_requests(b)]
+            self.engine.admit(requests)
+            self.admit_s = average(self.admit_s, (time.perf_counter() - started) / len(requests))
         except Exception as exc:
             if len(joining) == 1:
                 self.fail(joining[0].batch_id, exc)
@@ -162,6 +171,12 @@ class StepLoop:
             return
         for batch in joining:
             self.jobs[batch.batch_id] = Job(batch, started)
+
+    def encoding_budget(self) -> int:
+        """Images whose admission takes no longer than one UNet call: every running image waits for it."""
+        if not self.step_s or not self.admit_s:
+            return self.capacity
+        return max(1, int(self.step_s / self.admit_s))
 
     # ---- stepping ---------------------------------------------------------------------------------
 
@@ -181,6 +196,7 @@ class StepLoop:
             return
         self.unet_calls += 1
         ended = time.perf_counter()
+        self.step_s = average(self.step_s, ended - started)
         for job in self.jobs.values():
             job.shared += occupancy
             job.steps_run += 1
@@ -237,6 +253,11 @@ class StepLoop:
         self.jobs.pop(batch_id, None)
         log.error("batch %s failed", batch_id, exc_info=exc)
         self.channel.send(Failure(batch_id, f"{type(exc).__name__}: {exc}"))
+
+
+def average(mean: float, sample: float, weight: float = 0.2) -> float:
+    """An exponential moving average that starts at its first sample."""
+    return sample if not mean else mean + weight * (sample - mean)
 
 
 def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None) -> None:

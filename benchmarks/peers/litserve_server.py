@@ -12,7 +12,7 @@ import argparse
 import base64
 from typing import Any
 
-import litserve as ls
+import litserve as ls  # type: ignore[import-untyped]
 
 
 class DiffusionAPI(ls.LitAPI):
@@ -32,23 +32,37 @@ class DiffusionAPI(ls.LitAPI):
 
     # No annotation on `request`: LitServe builds its FastAPI route from it, and a dict type would
     # become a required query parameter.
-    def decode_request(self, request):  # type: ignore[no-untyped-def]
+    def decode_request(self, request):
         return request
 
-    def predict(self, batch: Any) -> list[dict[str, Any]]:
+    def predict(self, batch: Any) -> Any:
+        """LitServe's batch, run as one pipeline call per distinct (steps, guidance): a diffusers call
+        takes one of each, so requests that differ cannot share it (as in Muse's `--batching request`)."""
         from muse.messages import Batch, BatchKey, ImageSpec
         from muse.worker.pipeline import run_batch
 
         items = batch if isinstance(batch, list) else [batch]
         seeds = [int(item.get("seed", i)) for i, item in enumerate(items)]
-        first = items[0]
-        job = Batch(
-            "litserve",
-            [ImageSpec(item["prompt"], "", seed) for item, seed in zip(items, seeds, strict=True)],
-            BatchKey(self.loaded.width, self.loaded.height, int(first.get("steps", 25)), self.loaded.guidance_scale),
-        )
-        pngs = run_batch(self.loaded, job, lambda step: True) or []
-        outputs = [{"png": png, "seed": seed, "batch_size": len(items)} for png, seed in zip(pngs, seeds, strict=True)]
+        keys = [
+            (int(item.get("steps", 25)), float(item.get("guidance_scale", self.loaded.guidance_scale)))
+            for item in items
+        ]
+        groups: dict[tuple[int, float], list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        pngs: list[bytes] = [b""] * len(items)
+        for (steps, guidance), members in groups.items():
+            job = Batch(
+                "litserve",
+                [ImageSpec(items[i]["prompt"], "", seeds[i]) for i in members],
+                BatchKey(self.loaded.width, self.loaded.height, steps, guidance),
+            )
+            for i, png in zip(members, run_batch(self.loaded, job, lambda step: True) or [], strict=True):
+                pngs[i] = png
+        outputs: list[dict[str, Any]] = [
+            {"png": png, "seed": seed, "batch_size": len(groups[key])}
+            for png, seed, key in zip(pngs, seeds, keys, strict=True)
+        ]
         return outputs if isinstance(batch, list) else outputs[0]
 
     def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:

@@ -75,9 +75,9 @@ class Settings:
     )
     compile: bool = _opt(
         False,
-        "Compile each step worker's UNet (torch.compile, channels-last, fused QKV): its calls are padded to a "
-        "few batch sizes, each compiled before the worker is ready (minutes on a CPU; /readyz says how far); "
-        "other shapes run eager. Off by default.",
+        "Compile each step worker's UNet (torch.compile, channels-last, fused QKV) and VAE decoder: UNet calls "
+        "are padded to a few batch sizes, each compiled before the worker is ready (minutes on a CPU; /readyz "
+        "says how far); other shapes run eager. Off by default.",
     )
     compile_cache: str = _opt(
         "", "Folder for compiled kernels, kept across restarts (default <data-dir>/compile-cache)."

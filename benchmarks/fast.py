@@ -44,12 +44,12 @@ def metric(text: str, name: str) -> float:
 
 
 def served(
-    model: str, device: str, batch: int, steps: int, size: int, duration: float, threads: int, cache: str
+    model: str, device: str, batch: int, steps: int, size: int, duration: float, threads: int, cache: str, mode: str
 ) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", "--no-gallery",
            "--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024",
-           "--compile", "--compile-cache", cache]  # fmt: skip
+           "--compile", "--compile-cache", cache, "--compile-mode", mode]  # fmt: skip
     if device == "cpu":
         cmd += ["--threads-per-worker", str(threads)]
     body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
@@ -84,6 +84,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed direct batches per batch size")
     parser.add_argument("--duration", type=float, default=20.0, help="served closed-loop seconds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument(
+        "--mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode, for the compiled direct runs and the server (--compile-mode)",
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny model on CPU, 2 steps, batch 2")
     parser.add_argument("--out", default="", help="path without extension (default results/gpu_fast or fast_cpu)")
     args = parser.parse_args()
@@ -114,14 +120,19 @@ def main() -> None:
         eager = {str(b): r for b, r in direct(model, args.device, batches, args.steps, args.size, args.reps).items()}
         compiled = {
             str(b): r
-            for b, r in direct(model, args.device, batches, args.steps, args.size, args.reps, compiled=True).items()
+            for b, r in direct(
+                model, args.device, batches, args.steps, args.size, args.reps, compiled=True, mode=args.mode
+            ).items()
         }
-        serve = served(model, args.device, max(batches), args.steps, args.size, args.duration, args.threads, cache)
+        serve = served(
+            model, args.device, max(batches), args.steps, args.size, args.duration, args.threads, cache, args.mode
+        )
     largest = str(max(batches))
     report = {
         "device": device_name,
         "torch": torch.__version__,
         "model": args.model,
+        "compile_mode": args.mode,
         "size": args.size,
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%d %H:%M"),

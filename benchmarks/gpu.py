@@ -66,10 +66,18 @@ def build_tiny(folder: Path) -> None:
 
 
 def direct(
-    model: str, device: str, batches: list[int], steps: int, size: int, reps: int, compiled: bool = False
+    model: str,
+    device: str,
+    batches: list[int],
+    steps: int,
+    size: int,
+    reps: int,
+    compiled: bool = False,
+    mode: str = "default",
 ) -> dict[int, Any]:
     """Images/s of whole pipeline calls by batch size (and peak GPU memory). `compiled`: through
-    `muse.worker.fastpath`'s compiled UNet, each shape compiled in its untimed first call."""
+    `muse.worker.fastpath`'s compiled UNet, each shape compiled in its untimed first call; `mode`:
+    torch.compile's."""
     import torch
 
     from muse.messages import Batch, BatchKey, ImageSpec
@@ -78,8 +86,8 @@ def direct(
 
     loaded = load_pipeline(model, device)
     if compiled:  # what `muse serve --compile` compiles: the UNet and the VAE decoder
-        loaded.pipe.unet = optimize(loaded.pipe).compiled
-        loaded.pipe.vae.decoder = torch.compile(loaded.pipe.vae.decoder, dynamic=False)
+        loaded.pipe.unet = optimize(loaded.pipe, mode).compiled
+        loaded.pipe.vae.decoder = torch.compile(loaded.pipe.vae.decoder, dynamic=False, mode=mode)
     results = {}
     for batch in batches:
         images = [ImageSpec("a photo of a cat", "", i) for i in range(batch)]

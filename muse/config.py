@@ -79,6 +79,12 @@ class Settings:
         "are padded to a few batch sizes, each compiled before the worker is ready (minutes on a CPU; /readyz "
         "says how far); other shapes run eager. Off by default.",
     )
+    compile_mode: str = _opt(
+        "default",
+        "With --compile: torch.compile's mode. reduce-overhead adds CUDA graphs (the padded batch sizes keep "
+        "their shapes static); the max-autotune modes search kernels longer at start-up.",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
     compile_cache: str = _opt(
         "", "Folder for compiled kernels, kept across restarts (default <data-dir>/compile-cache)."
     )

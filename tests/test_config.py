@@ -80,3 +80,16 @@ def test_allowed_hosts_default_to_the_bound_names_and_the_public_url(
 ) -> None:
     settings = Settings(host=host, allowed_hosts=allowed, public_url=public_url)
     assert settings.host_names() == names
+
+
+def test_compile_options_reach_every_worker_and_a_bad_mode_is_refused(tmp_path: Path) -> None:
+    from muse.core.service import Muse
+    from muse.worker.main import WorkerConfig
+
+    env = {"MUSE_COMPILE": "true", "MUSE_COMPILE_MODE": "reduce-overhead", "MUSE_DATA_DIR": str(tmp_path)}
+    options = Muse(Settings.from_env(env)).pool.worker_options
+    config = WorkerConfig(worker_id=1, model="m", device="cpu", threads=1, heartbeat_interval=1.0, **options)
+    assert (config.compile, config.compile_mode) == (True, "reduce-overhead")
+    assert config.compile_cache == str(tmp_path / "compile-cache")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--compile-mode", "fastest"])

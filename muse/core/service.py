@@ -59,6 +59,7 @@ class Muse:
             "worker_options": {
                 "progress_interval": settings.progress_interval,
                 "compile": settings.compile,
+                "compile_mode": settings.compile_mode,
                 "gpu_memory_fraction": settings.gpu_memory_fraction,
                 "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
             },

@@ -56,13 +56,16 @@ class ShapeCompiled:
     behind a compile (tens of seconds on a GPU, minutes on a CPU) that could make its batch miss its
     deadline. Shapes are those of the first argument."""
 
-    def __init__(self, eager: Callable[..., Any]) -> None:
+    def __init__(self, eager: Callable[..., Any], mode: str = "default") -> None:
+        """`mode`: torch.compile's (--compile-mode). Under CUDA graphs (reduce-overhead) the next replay
+        overwrites a call's outputs, and samplers keep past predictions: outputs are copied then."""
         import torch
 
         # One graph per warmed shape: more than dynamo's default of 8 per function.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.eager = eager
-        self.compiled = torch.compile(eager, dynamic=False)
+        self.compiled = torch.compile(eager, dynamic=False, mode=mode)
+        self.copy_outputs = mode == "reduce-overhead"
         self.shapes: set[tuple[int, ...]] = set()
         self.warming = False  # while True, every shape called is compiled and kept
 
@@ -70,13 +73,20 @@ class ShapeCompiled:
         shape = tuple(sample.shape)
         if self.warming:
             self.shapes.add(shape)
-        return (self.compiled if shape in self.shapes else self.eager)(sample, *args, **kwargs)
+        if shape not in self.shapes:
+            return self.eager(sample, *args, **kwargs)
+        out = self.compiled(sample, *args, **kwargs)
+        if self.copy_outputs:
+            from torch.utils._pytree import tree_map
+
+            out = tree_map(lambda x: x.clone() if hasattr(x, "clone") else x, out)
+        return out
 
 
 class CompiledUNet(ShapeCompiled):
     """The UNet in channels-last with fused QKV projections, compiled for the warmed row buckets."""
 
-    def __init__(self, unet: Any) -> None:
+    def __init__(self, unet: Any, mode: str = "default") -> None:
         import torch
 
         unet.to(memory_format=torch.channels_last)
@@ -85,16 +95,16 @@ class CompiledUNet(ShapeCompiled):
                 unet.fuse_qkv_projections()
             except ValueError as exc:  # e.g. added KV projections: diffusers declines, eager attention stays
                 log.info("QKV projections not fused: %s", exc)
-        super().__init__(unet)
+        super().__init__(unet, mode)
 
 
-def optimize(pipe: Any) -> CompiledUNet:
+def optimize(pipe: Any, mode: str = "default") -> CompiledUNet:
     """Channels-last and fused QKV on the pipeline's UNet (in place), and its compiled twin. Compiled
     outputs stay within float rounding of eager (tests/test_fastpath.py)."""
-    return CompiledUNet(pipe.unet)
+    return CompiledUNet(pipe.unet, mode)
 
 
-def compile_decoder(pipe: Any) -> ShapeCompiled | None:
+def compile_decoder(pipe: Any, mode: str = "default") -> ShapeCompiled | None:
     """The VAE's decode (scaled latents → image tensor), compiled; None where the pipeline casts its VAE
     to float32 around each decode (SDXL's fp16 VAE): a graph compiled for one dtype would recompile."""
     import torch
@@ -106,7 +116,7 @@ def compile_decoder(pipe: Any) -> ShapeCompiled | None:
     def decode(latents: Any) -> Any:
         return vae.decode(latents, return_dict=False)[0]
 
-    return ShapeCompiled(decode)
+    return ShapeCompiled(decode, mode)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class WorkerConfig:
     capacity: int = 8  # images a step worker runs at once (--max-batch-size)
     progress_interval: float = 0.1  # --progress-interval
     compile: bool = False  # --compile (muse.worker.fastpath)
+    compile_mode: str = "default"  # --compile-mode
     compile_cache: str = ""  # --compile-cache
     gpu_memory_fraction: float = 0.9  # --gpu-memory-fraction
 
@@ -119,7 +120,8 @@ def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any, batchi
         return None
     if config.compile_cache:
         use_compile_cache(config.compile_cache)
-    fast = FastPath(optimize(loaded.pipe), row_buckets(config.capacity), compile_decoder(loaded.pipe))
+    mode = config.compile_mode
+    fast = FastPath(optimize(loaded.pipe, mode), row_buckets(config.capacity), compile_decoder(loaded.pipe, mode))
     channel.send(Compiling(0, len(fast.buckets)))
     return fast
 

@@ -106,6 +106,7 @@ class Decoded:
         image = image.permute(0, 2, 3, 1).float()
         if not image.is_cuda:
             return cls(image, processor)
+        image = image.contiguous()  # one plain device-to-host copy, not a strided one
         host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
         host.copy_(image, non_blocking=True)
         copied = torch.cuda.Event()

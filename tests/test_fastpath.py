@@ -3,6 +3,7 @@ on CPU (inductor), and a compiling worker that says so on /readyz before it serv
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
@@ -67,6 +68,10 @@ def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_mode
     assert len(compiled) == len(eager) == 2
     for a, b in zip(eager, compiled, strict=True):
         assert np.abs(a - b).max() <= TOLERANCE
+    # Another sampler (Euler's float timesteps, DDIM's are integers) runs on the same graphs.
+    graphs = counters["stats"]["unique_graphs"]
+    euler = [dataclasses.replace(r, scheduler="Euler") for r in requests(64)]
+    assert len(run(engine, euler)) == 2 and counters["stats"]["unique_graphs"] == graphs
     # Another size is not compiled on the spot (that would stall every running image): it runs eager.
     graphs = counters["stats"]["unique_graphs"]
     assert len(run(engine, requests(32))) == 2 and unet.shapes == warmed and len(decoder.shapes) == 1

@@ -105,12 +105,13 @@ class Decoded:
         """`image`: the processor's denormalised `(n, C, H, W)` tensor, on the device."""
         image = image.permute(0, 2, 3, 1).float()
         if not image.is_cuda:
-            return cls(image, processor)
+            return cls(image.cpu(), processor)  # a CPU tensor as it is; MPS copies here
         image = image.contiguous()  # one plain device-to-host copy, not a strided one
         host = torch.empty(image.shape, dtype=image.dtype, pin_memory=True)
         host.copy_(image, non_blocking=True)
+        # On the stream of the image's own card: the worker's card need not be the current device.
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(image.device))
         return cls(host, processor, copied)
 
     def picture(self, index: int) -> Any:
@@ -239,7 +240,9 @@ class StepEngine:
             times.extend([t] * rows.shape[0])
             embeddings.append(slot.embeddings)
         sample = torch.cat(inputs)
-        timestep = torch.stack([torch.as_tensor(t, device=sample.device) for t in times])
+        # float32 whatever the samplers: integer (DDIM, PNDM, DPM++) and float (Euler) timesteps would each
+        # need their own compiled graph, and the UNet's time embedding casts them to float anyway.
+        timestep = torch.stack([torch.as_tensor(t, device=sample.device, dtype=torch.float32) for t in times])
         added = None
         if self.xl:
             added = {key: torch.cat([s.added[key] for s in active]) for key in ("text_embeds", "time_ids")}

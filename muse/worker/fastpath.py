@@ -57,15 +57,16 @@ class ShapeCompiled:
     deadline. Shapes are those of the first argument."""
 
     def __init__(self, eager: Callable[..., Any], mode: str = "default") -> None:
-        """`mode`: torch.compile's (--compile-mode). Under CUDA graphs (reduce-overhead) the next replay
-        overwrites a call's outputs, and samplers keep past predictions: outputs are copied then."""
+        """`mode`: torch.compile's (--compile-mode). Under CUDA graphs (reduce-overhead, max-autotune) the
+        next replay overwrites a call's outputs, and samplers keep past predictions: outputs are copied."""
         import torch
+        from torch._inductor import list_mode_options
 
         # One graph per warmed shape: more than dynamo's default of 8 per function.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.eager = eager
         self.compiled = torch.compile(eager, dynamic=False, mode=mode)
-        self.copy_outputs = mode == "reduce-overhead"
+        self.copy_outputs = bool(list_mode_options(mode).get("triton.cudagraphs"))
         self.shapes: set[tuple[int, ...]] = set()
         self.warming = False  # while True, every shape called is compiled and kept
 
@@ -106,11 +107,13 @@ def optimize(pipe: Any, mode: str = "default") -> CompiledUNet:
 
 def compile_decoder(pipe: Any, mode: str = "default") -> ShapeCompiled | None:
     """The VAE's decode (scaled latents → image tensor), compiled; None where the pipeline casts its VAE
-    to float32 around each decode (SDXL's fp16 VAE): a graph compiled for one dtype would recompile."""
+    to float32 around each decode (SDXL with an fp16 VAE that asks for it; SD 1.x/2.x never does): a
+    graph compiled for one dtype would recompile."""
     import torch
 
     vae = pipe.vae
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+    upcasts = type(pipe).__name__ == "StableDiffusionXLPipeline" and getattr(vae.config, "force_upcast", False)
+    if upcasts and vae.dtype == torch.float16:
         return None
 
     def decode(latents: Any) -> Any:

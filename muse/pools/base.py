@@ -65,8 +65,8 @@ class BasePool:
         max_batch_size: int = 8,
         worker_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """`worker_options`: more WorkerConfig fields every worker gets as they are (progress_interval,
-        compile, compile_cache, gpu_memory_fraction)."""
+        """`worker_options`: more WorkerConfig fields every worker gets as they are (--progress-interval
+        and the --compile options)."""
         self.worker_options = dict(worker_options or {})
         # Every step worker's UNet calls, and the seconds between them while images waited (idle device).
         self.unet_calls = 0

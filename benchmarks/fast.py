@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, free_port, served_process, write_report
+from common import RESULTS, muse_server, write_report
 from gpu import build_sd15, build_tiny, direct
 from load import run_level
 
@@ -46,15 +46,13 @@ def metric(text: str, name: str) -> float:
 def served(
     model: str, device: str, batch: int, steps: int, size: int, duration: float, threads: int, cache: str, mode: str
 ) -> dict:
-    port = free_port()
-    cmd = [sys.executable, "-m", "muse", "serve", "--port", str(port), "--log-level", "warning", "--no-gallery",
-           "--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024",
-           "--compile", "--compile-cache", cache, "--compile-mode", mode]  # fmt: skip
+    flags = ["--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024",
+             "--compile", "--compile-cache", cache, "--compile-mode", mode]  # fmt: skip
     if device == "cpu":
-        cmd += ["--threads-per-worker", str(threads)]
+        flags += ["--threads-per-worker", str(threads)]
     body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
     start = time.perf_counter()
-    with served_process(cmd, port, "/readyz", timeout=3600) as server:
+    with muse_server(*flags, timeout=3600) as server:
         ready_s = time.perf_counter() - start
         asyncio.run(run_level(server.url, 2 * batch, min(duration, 5.0), body))  # fill the pipeline
         before = httpx.get(server.url + "/metrics").text

@@ -19,20 +19,20 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from muse.api import a1111, a1111_state, native, openai, openapi
-from muse.api.auth import ApiKeyAuth, KeyRing, load_keys
-from muse.api.common import error_response
-from muse.api.csrf import CsrfCheck
-from muse.api.middleware import BodyLimit, SecurityHeaders
-from muse.api.sessions import Sessions
 from muse.config import Settings
 from muse.core.ratelimit import RateLimiter
 from muse.core.service import Muse
 from muse.errors import MethodNotAllowed, MuseError, NotFound
+from muse.http.auth import ApiKeyAuth, KeyRing, load_keys
+from muse.http.common import error_response
+from muse.http.csrf import CsrfCheck
+from muse.http.middleware import BodyLimit, SecurityHeaders
+from muse.http.sessions import Sessions
 from muse.links import LinkSigner, load_secret
 from muse.slack.bot import start_slack
 from muse.storage import Gallery
 from muse.web import login, pages, stream
-from muse.web.assets import STATIC_DIR
+from muse.web.assets import PAGE_CSP, STATIC_DIR
 from muse.web.login import LOGIN_ATTEMPTS_PER_MINUTE
 
 log = logging.getLogger("muse.app")
@@ -97,7 +97,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     middleware = [
         # Other Host headers (a DNS-rebinding page) get 400 before anything else runs.
         Middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names(), www_redirect=False),
-        Middleware(SecurityHeaders),
+        Middleware(SecurityHeaders, page_csp=PAGE_CSP),
         Middleware(BodyLimit),
     ]
     if origins:

@@ -204,7 +204,7 @@ def test_csp_allows_exactly_the_inline_htmx_fallback() -> None:
     import re
     from pathlib import Path
 
-    from muse.api.middleware import FALLBACK_SCRIPT_HASH
+    from muse.web.assets import FALLBACK_SCRIPT_HASH
 
     base = (Path(__file__).parent.parent / "templates" / "base.html").read_text()
     inline = re.findall(r"<script>(.*?)</script>", base)

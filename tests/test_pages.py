@@ -89,7 +89,7 @@ def test_studio_page_has_the_form_pinned_htmx_and_csrf_header(server: LiveServer
     assert f'<script src="{HTMX_CDN}" integrity="{HTMX_INTEGRITY}" crossorigin="anonymous">' in page
     assert "window.htmx || document.write('<script src=\"/static/htmx.min.js\"><\\/script>')" in page
     assert f'<script src="{SSE_CDN}" integrity="{SSE_INTEGRITY}" crossorigin="anonymous">' in page
-    # The double-submit CSRF token from muse.api.auth rides on every HTMX request.
+    # The double-submit CSRF token from muse.http.auth rides on every HTMX request.
     token = response.cookies["muse_csrf"]
     assert f"""<body hx-headers='{{"X-CSRF-Token": "{token}"}}'>""" in page
     # Labelled controls: every input the form shows has a <label for=…>.

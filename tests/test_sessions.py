@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from muse.api.sessions import Sessions
+from muse.http.sessions import Sessions
 from tests.serving import LiveServer, live_server
 from tests.serving import settings as muse_settings
 

@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from muse import infotext
-from muse.api.common import client_of, service, wait_unless_disconnected
 from muse.errors import InvalidRequest
+from muse.http.common import client_of, service, wait_unless_disconnected
 from muse.schema import MAX_SEED, Dialect, GenerateBody, parse_json, validate
 
 UNSAFE_IN_HEADER = re.compile(r'[^\x20-\x7e]|["\\]')

@@ -22,11 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api.auth import viewer_of
-from muse.api.common import client_of, service
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import Cancelled
+from muse.http.auth import viewer_of
+from muse.http.common import client_of, service
 from muse.schedulers import SCHEDULERS
 
 

@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from muse.api.auth import viewer_of
-from muse.api.common import client_of, service, sse, wait_unless_disconnected
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
+from muse.http.auth import viewer_of
+from muse.http.common import client_of, service, sse, wait_unless_disconnected
 from muse.messages import GenerateResult
 from muse.schema import GenerateBody, parse_json, validate
 

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from muse.api.common import client_of, error_response, service, wait_unless_disconnected
 from muse.errors import InvalidRequest, MuseError, NotFound
+from muse.http.common import client_of, error_response, service, wait_unless_disconnected
 from muse.links import LinkSigner
 from muse.schema import MAX_PROMPT, MAX_SEED, Dialect, GenerateBody, Prompt, parse_json, validate
 

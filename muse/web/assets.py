@@ -25,3 +25,14 @@ HTMX_INTEGRITY = "sha384-2OatzQy1H+Zd/IIrjr1TcuDGqLXeHhbooAyJY1KdQMKnr4LZ22k31GB
 SSE_VERSION = "2.2.4"
 SSE_CDN = f"https://cdn.jsdelivr.net/npm/htmx-ext-sse@{SSE_VERSION}/dist/sse.min.js"
 SSE_INTEGRITY = "sha384-A986SAtodyH8eg8x8irJnYUk7i9inVQqYigD6qZ9evobksGNIXfeFvDwLSHcp31N"
+
+# htmx and its SSE extension come from pinned CDN URLs (allowed exactly, not the whole CDN host), with local
+# fallbacks loaded by one inline script (allowed by its hash, which changes if templates/base.html changes
+# that line); nothing else is external.
+# Inline styles stay allowed: the progress bar's width and htmx's indicator styles use them.
+FALLBACK_SCRIPT_HASH = "sha256-5Joqi1Z3yu96NnhrDJTvuMK0GvTiBVc2Ld3n+ayqVJw="
+PAGE_CSP = (
+    b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    b"script-src 'self' " + HTMX_CDN.encode() + b" " + SSE_CDN.encode() + b" '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
+    b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+)

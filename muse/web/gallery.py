@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from muse.api.auth import viewer_of
 from muse.errors import Forbidden, NotFound
+from muse.http.auth import viewer_of
 from muse.links import LinkSigner
 from muse.storage import Gallery, GalleryImage
 from muse.web.forms import FormValues

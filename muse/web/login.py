@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from muse.api.auth import KeyRing, fingerprint
-from muse.api.csrf import CSRF_HEADER, cookie_header, token_matches
-from muse.api.sessions import SESSION_COOKIE, Sessions
 from muse.core.ratelimit import RateLimiter
 from muse.errors import RateLimited
+from muse.http.auth import KeyRing, fingerprint
+from muse.http.csrf import CSRF_HEADER, cookie_header, token_matches
+from muse.http.sessions import SESSION_COOKIE, Sessions
 
 LOGIN_ATTEMPTS_PER_MINUTE = 10
 

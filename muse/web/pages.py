@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from muse.api.auth import viewer_of
-from muse.api.common import client_of
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from muse.http.auth import viewer_of
+from muse.http.common import client_of
 from muse.web import gallery as gallery_pages
 from muse.web.forms import FormValues, problem
 from muse.web.render import (
@@ -120,7 +120,7 @@ async def create_job(request: Request) -> Response:
     form = await read_form(request)
     muse = service(request)
     try:
-        # Charged against --rate-limit like the JSON API (the identity comes from muse.api.auth).
+        # Charged against --rate-limit like the JSON API (the identity comes from muse.http.auth).
         ticket = muse.submit(form.to_request(muse.model), keep=True, client=client_of(request))
     except MuseError as error:
         return problem_response(request, error, form)

@@ -15,9 +15,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from muse.api.auth import viewer_of
-from muse.api.common import service
 from muse.errors import MuseError
+from muse.http.auth import viewer_of
+from muse.http.common import service
 from muse.schedulers import SCHEDULERS
 from muse.storage import Gallery
 from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, SSE_CDN, SSE_INTEGRITY, TEMPLATES_DIR

@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from muse.api.auth import viewer_of
-from muse.api.common import sse
 from muse.core.service import Muse
 from muse.core.tickets import Ticket
+from muse.http.auth import viewer_of
+from muse.http.common import sse
 from muse.web.pages import job_view
 from muse.web.render import friendly, render_text, service
 

@@ -1,8 +1,9 @@
 """API keys for every route that generates, lists or reads images.
 
-- Clients send `Authorization: Bearer <key>`; browsers log in once (muse.web.login) and keep a session
-  id (muse.api.sessions) in an HttpOnly, SameSite=Strict cookie. Which of the two authenticated a request is recorded in
-  `request.state.authenticated_by` ("bearer" or "cookie"), for the CSRF check that runs after this.
+- Clients send `Authorization: Bearer <key>`; browsers log in once (muse.web.login) and keep a
+  session id (muse.http.sessions) in an HttpOnly, SameSite=Strict cookie. Which of the two
+  authenticated a request is recorded in `request.state.authenticated_by`
+  ("bearer" or "cookie"), for the CSRF check that runs after this.
 - Keys are compared in constant time (every key, every time) and never logged.
 - Every request gets `request.state.identity`: the key's fingerprint, or the client address when
   no keys are configured, for rate limiting.
@@ -20,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from muse.api.common import error_response
-from muse.api.sessions import SESSION_COOKIE, Sessions
 from muse.core.tickets import EVERYONE, Viewer
 from muse.errors import Unauthorized
+from muse.http.common import error_response
+from muse.http.sessions import SESSION_COOKIE, Sessions
 
 OPEN_PREFIXES = ("/healthz", "/readyz", "/static/", "/login", "/logout", "/openapi.json", "/favicon.ico")
 # A stored image's file, fetched with a signed link (muse.links) instead of a key.

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from muse.api.common import error_response
 from muse.errors import PayloadTooLarge
-from muse.web.assets import HTMX_CDN, SSE_CDN
+from muse.http.common import error_response
 
 MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; nothing we accept comes close
 
@@ -15,16 +14,6 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"same-origin"),
 ]
-# htmx and its SSE extension come from pinned CDN URLs (allowed exactly, not the whole CDN host), with local
-# fallbacks loaded by one inline script (allowed by its hash, which changes if templates/base.html changes
-# that line); nothing else is external.
-# Inline styles stay allowed: the progress bar's width and htmx's indicator styles use them.
-FALLBACK_SCRIPT_HASH = "sha256-5Joqi1Z3yu96NnhrDJTvuMK0GvTiBVc2Ld3n+ayqVJw="
-PAGE_CSP = (
-    b"default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-    b"script-src 'self' " + HTMX_CDN.encode() + b" " + SSE_CDN.encode() + b" '" + FALLBACK_SCRIPT_HASH.encode() + b"'; "
-    b"connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
-)
 
 
 class TooLarge(PayloadTooLarge):
@@ -75,8 +64,11 @@ class BodyLimit:
 
 
 class SecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
+    """Security headers on every response; `page_csp` (the web side's policy) on HTML ones."""
+
+    def __init__(self, app: ASGIApp, page_csp: bytes = b"default-src 'none'; frame-ancestors 'none'") -> None:
         self.app = app
+        self.page_csp = page_csp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +81,7 @@ class SecurityHeaders:
                 headers.extend(SECURITY_HEADERS)
                 content_type = dict(headers).get(b"content-type", b"")
                 if content_type.startswith(b"text/html"):
-                    headers.append((b"content-security-policy", PAGE_CSP))
+                    headers.append((b"content-security-policy", self.page_csp))
                 message = dict(message) | {"headers": headers}
             await send(message)
 

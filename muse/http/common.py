@@ -32,7 +32,7 @@ def service(request: Request) -> Muse:
 
 
 def client_of(request: Request) -> str | None:
-    """Who to charge against --rate-limit (set by muse.api.auth for every request)."""
+    """Who to charge against --rate-limit (set by muse.http.auth for every request)."""
     identity: str | None = getattr(request.state, "identity", None)
     return identity
 

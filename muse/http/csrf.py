@@ -6,7 +6,7 @@
   or fetch on someone's laptop (or a DNS-rebinding page) does not.
 - Every request gets a token (the `muse_csrf` cookie, set when missing) in `request.state.csrf_token`;
   the pages render it into `hx-headers` and into a hidden form field. A state-changing request that
-  was authenticated by the key cookie (muse.api.auth runs first and says so) must also send the same
+  was authenticated by the key cookie (muse.http.auth runs first and says so) must also send the same
   token back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript, as the
   `csrf_token` field (the body is read and replayed to the route).
 """
@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from muse.api.common import error_response
 from muse.errors import Forbidden
+from muse.http.common import error_response
 
 CSRF_COOKIE = "muse_csrf"
 CSRF_HEADER = "x-csrf-token"

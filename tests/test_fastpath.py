@@ -11,8 +11,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from muse.worker.engine import SlotRequest, StepEngine
-from muse.worker.fastpath import bucket_for, compile_decoder, image_buckets, optimize, row_buckets, warm_buckets
+from muse.worker.fastpath import bucket_for, compile_decoder, image_buckets, optimize, row_buckets
 from muse.worker.pipeline import load_pipeline
+from muse.worker.warmup import warm_buckets
 
 # Compiled fp32 on CPU against eager: rounding only (measured at most 1 of 255 on the embedded model, UNet and
 # decoder compiled).
@@ -133,11 +134,11 @@ class FakeMemory:
 def test_a_bucket_over_the_memory_fraction_is_dropped_with_every_larger_one() -> None:
     engine = FakeEngine(row_buckets(8))  # 1, 2, 4, 8, 16 rows
     reports: list[tuple[int, int]] = []
-    warmed = warm_buckets(engine, 64, 64, lambda *r: reports.append(r), FakeMemory(engine, 10), 0.9)  # type: ignore[arg-type]
+    warmed = warm_buckets(engine, 64, 64, lambda *r: reports.append(r), FakeMemory(engine, 10), 0.9)
     # 16 rows peak at 16 GiB > 9 GiB: the worker keeps 1-8 rows and takes at most 4 images at once.
     assert warmed.buckets == engine.buckets == [1, 2, 4, 8]
     assert warmed.capacity == 4
     assert warmed.peak_bytes == {rows: rows * 2**30 for rows in (1, 2, 4, 8, 16)}
     assert reports[-1] == (5, 5) and not engine.slots
     roomy = FakeEngine(row_buckets(8))
-    assert warm_buckets(roomy, 64, 64, lambda *r: None, FakeMemory(roomy, 20), 0.9).capacity == 8  # type: ignore[arg-type]
+    assert warm_buckets(roomy, 64, 64, lambda *r: None, FakeMemory(roomy, 20), 0.9).capacity == 8

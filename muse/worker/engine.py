@@ -15,7 +15,7 @@ parameters and seed, whether it runs alone, joins mid-way, or shares steps with 
 `StableDiffusionPipeline` (SD 1.x/2.x) and `StableDiffusionXLPipeline` (whose UNet also takes the pooled
 text embeddings and size conditioning per row); other pipelines run whole calls (muse.worker.pipeline).
 
-Nothing here knows about pipes or asyncio; the worker's loop (muse.worker.main) drives it.
+Nothing here knows about pipes or asyncio; the step worker's loop (muse.worker.steploop) drives it.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def warm(channel: Channel, config: WorkerConfig, loaded: Any, fast: FastPath) ->
     """Compile every bucket before Ready, saying how far; on CUDA, keep those within
     --gpu-memory-fraction (in `fast.buckets`). Returns the capacity they allow."""
     from muse.worker.engine import StepEngine
-    from muse.worker.fastpath import Memory, warm_buckets
+    from muse.worker.warmup import Memory, warm_buckets
 
     engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder)
     memory = Memory(loaded.pipe.unet.device) if config.device.startswith("cuda") else None

@@ -2,12 +2,12 @@
 
 Pipe protocol (parent ⇄ worker), all pickled dataclasses:
     worker → parent:  Ready (with its batching mode and capacity) | BootFailure (then exit BOOT_FAILURE_EXIT)
-                      | Heartbeat | Progress* (or Steps) then exactly one Result or Failure per Batch
+                      | Heartbeat | Progress* (or Steps) then exactly one Result or Failure per Assignment
                       | (a Ray actor only) Placed first, Exited last
-    parent → worker:  Batch | Interrupt | Stop
-A "request" worker (whole pipeline calls) gets a Batch only while idle. A "step" worker gets one Batch
+    parent → worker:  Assignment | Interrupt | Stop
+A "request" worker (whole pipeline calls) gets an Assignment only while idle. A "step" worker gets one Assignment
 per request whenever it has free slots for it (its images join the running ones at the next step
-boundary), all of one latent shape at a time; several of its Batches run at once, each answered alone.
+boundary), all of one latent shape at a time; several of its Assignments run at once, each answered alone.
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """One pipeline call's worth of images: they share the key; prompts and seeds vary per image."""
+class Assignment:
+    """Images a worker is given to make, sharing the key (prompts and seeds vary per image): on a request
+    worker, one whole pipeline call's batch of one or more requests; on a step worker, one request's images,
+    which join whatever that worker already runs."""
 
-    batch_id: str
+    assignment_id: str
     images: list[ImageSpec]
     key: BatchKey
 
@@ -101,7 +103,7 @@ class Batch:
 class Interrupt:
     """Stop the running batch at the next step boundary (all its requests are gone)."""
 
-    batch_id: str
+    assignment_id: str
 
 
 @dataclass(frozen=True)
@@ -143,19 +145,19 @@ class BootFailure:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    busy: bool
+    """The worker process is alive (its Assignments' progress is judged by Progress, not by this)."""
 
 
 @dataclass(frozen=True)
 class Progress:
-    batch_id: str
+    assignment_id: str
     step: int
     steps: int
 
 
 @dataclass(frozen=True)
 class Steps:
-    """A step worker's progress of every Batch that moved in one step: one pipe message per step."""
+    """A step worker's progress of every Assignment that moved in one step: one pipe message per step."""
 
     progress: list[Progress]
     # Since the worker started: UNet calls, and seconds between one call's end and the next one's start
@@ -166,17 +168,17 @@ class Steps:
 
 @dataclass(frozen=True)
 class Result:
-    batch_id: str
+    assignment_id: str
     pngs: list[bytes] = field(repr=False)
     compute_ms: float
-    # Mean images per UNet call while it ran: a step worker shares steps with other Batches, so its
-    # cost per image is compute time / occupancy, not / its own images. 0 = just this Batch's images.
+    # Mean images per UNet call while it ran: a step worker shares steps with other Assignments, so its
+    # cost per image is compute time / occupancy, not / its own images. 0 = just this Assignment's images.
     occupancy: float = 0.0
 
 
 @dataclass(frozen=True)
 class Failure:
-    batch_id: str
+    assignment_id: str
     message: str
     interrupted: bool = False
 

@@ -10,7 +10,7 @@ import pytest
 from muse.core.batcher import Batcher
 from muse.core.tickets import TicketState
 from muse.errors import Cancelled, Overloaded, ShuttingDown, TimedOut, WorkerDied
-from muse.messages import Batch, Failure, GenerateRequest, Progress, Result
+from muse.messages import Assignment, Failure, GenerateRequest, Progress, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -22,8 +22,8 @@ class FakePool:
 
     def __init__(self, workers: int = 1) -> None:
         self.idle: list[int] = list(range(workers))
-        self.running: dict[int, Batch] = {}
-        self.dispatched: list[Batch] = []
+        self.running: dict[int, Assignment] = {}
+        self.dispatched: list[Assignment] = []
         self.interrupted: list[str] = []
         self.killed: list[str] = []
 
@@ -33,33 +33,33 @@ class FakePool:
     def open_workers(self) -> list[Any]:
         raise AssertionError("only step workers are placed by room")
 
-    def dispatch(self, worker: Any, batch: Batch) -> int:
+    def dispatch(self, worker: Any, batch: Assignment) -> int:
         self.idle.remove(worker)
         self.running[worker] = batch
         self.dispatched.append(batch)
         return len(batch.images)
 
-    def interrupt(self, batch_id: str) -> None:
-        self.interrupted.append(batch_id)
+    def interrupt(self, assignment_id: str) -> None:
+        self.interrupted.append(assignment_id)
 
-    def kill_batch(self, batch_id: str) -> None:
-        self.killed.append(batch_id)
+    def kill_assignment(self, assignment_id: str) -> None:
+        self.killed.append(assignment_id)
 
     def busy_count(self) -> int:
         return len(self.running)
 
-    def finish(self, batcher: Batcher, worker: int = 0) -> Batch:
+    def finish(self, batcher: Batcher, worker: int = 0) -> Assignment:
         batch = self.running.pop(worker)
         self.idle.append(worker)
         pngs = [f"png-{spec.prompt}-{spec.seed}".encode() for spec in batch.images]
-        batcher.batch_finished(Result(batch.batch_id, pngs, compute_ms=100.0))
-        batcher.worker_idle()
+        batcher.assignment_finished(Result(batch.assignment_id, pngs, compute_ms=100.0))
+        batcher.room_freed()
         return batch
 
-    def die(self, batcher: Batcher, worker: int = 0) -> Batch:
+    def die(self, batcher: Batcher, worker: int = 0) -> Assignment:
         batch = self.running.pop(worker)
         self.idle.append(worker)
-        batcher.batch_lost(batch, "worker died")
+        batcher.assignment_lost(batch, "worker died")
         return batch
 
 
@@ -188,8 +188,8 @@ async def test_running_batch_is_interrupted_only_when_all_its_requests_are_gone(
     batcher.cancel(a)
     assert pool.interrupted == []
     batcher.cancel(b)
-    assert pool.interrupted == [batch.batch_id]
-    batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
+    assert pool.interrupted == [batch.assignment_id]
+    batcher.assignment_finished(Failure(batch.assignment_id, "interrupted", interrupted=True))
     assert a.state is TicketState.CANCELLED and b.state is TicketState.CANCELLED
 
 
@@ -206,9 +206,9 @@ async def test_idle_is_signalled_when_a_batch_of_gone_requests_comes_back(ending
     batch = pool.running.pop(0)
     pool.idle.append(0)
     if ending == "interrupted":
-        batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
+        batcher.assignment_finished(Failure(batch.assignment_id, "interrupted", interrupted=True))
     else:
-        batcher.batch_finished(Result(batch.batch_id, [b"png"], compute_ms=1.0))
+        batcher.assignment_finished(Result(batch.assignment_id, [b"png"], compute_ms=1.0))
     assert idle == [True]
 
 
@@ -217,10 +217,10 @@ async def test_a_lost_batch_never_looks_idle_while_part_of_it_is_retried() -> No
     batcher = make(pool, max_retries=1)
     old = batcher.submit(req("old"))
     first = pool.running.pop(0)  # the worker dies and is not back yet
-    batcher.batch_lost(first, "worker died")
+    batcher.assignment_lost(first, "worker died")
     new = batcher.submit(req("new"))
     pool.idle.append(0)
-    batcher.worker_idle()
+    batcher.room_freed()
     assert [s.prompt for s in pool.running[0].images] == ["old", "new"]
     idle: list[bool] = []
     batcher.on_idle.append(lambda: idle.append(True))
@@ -298,7 +298,7 @@ async def test_positions_and_progress_events() -> None:
     assert batch.images[0].prompt == "a"
     b_batch = pool.running[0]
     for step in (1, 2):
-        batcher.batch_progress(Progress(b_batch.batch_id, step, 2))
+        batcher.assignment_progress(Progress(b_batch.assignment_id, step, 2))
     pool.finish(batcher)
     assert events == [
         ("queued", 0),
@@ -407,8 +407,8 @@ async def test_an_abandoned_batch_that_does_not_stop_within_the_grace_is_killed_
     ticket = batcher.submit(req("huge"))
     batch = pool.dispatched[0]
     batcher.cancel(ticket)  # its deadline passed, say: the only request of the batch is gone
-    assert pool.interrupted == [batch.batch_id] and pool.killed == []
-    await asyncio.wait_for(_until(lambda: pool.killed == [batch.batch_id]), 1.0)
+    assert pool.interrupted == [batch.assignment_id] and pool.killed == []
+    await asyncio.wait_for(_until(lambda: pool.killed == [batch.assignment_id]), 1.0)
     pool.die(batcher)  # the kill reads as a lost batch
     assert len(pool.dispatched) == 1, "nobody waits for it: it must not be retried"
     assert batcher.idle
@@ -420,10 +420,10 @@ async def test_an_abandoned_batch_that_stops_in_time_is_not_killed() -> None:
     ticket = batcher.submit(req("stops"))
     batch = pool.running.pop(0)
     batcher.cancel(ticket)
-    kill = batcher.inflight[batch.batch_id].kill_timer
+    kill = batcher.inflight[batch.assignment_id].kill_timer
     assert kill is not None and not kill.cancelled(), "the kill is armed once every request is gone"
     pool.idle.append(0)
-    batcher.batch_finished(Failure(batch.batch_id, "interrupted", interrupted=True))
+    batcher.assignment_finished(Failure(batch.assignment_id, "interrupted", interrupted=True))
     follower = batcher.submit(req("next"))
     assert kill.cancelled(), "the batch came back in time: its kill is called off"
     assert pool.killed == [] and follower.state is TicketState.RUNNING

@@ -11,7 +11,7 @@ import pytest
 from muse.core.batcher import Batcher
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import Cancelled
-from muse.messages import Batch, GenerateRequest, Progress, Result
+from muse.messages import Assignment, GenerateRequest, Progress, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -20,16 +20,16 @@ pytestmark = pytest.mark.anyio
 class FakeStepWorker:
     id: int
     capacity: int
-    batches: dict[str, Batch] = field(default_factory=dict)
+    assignments: dict[str, Assignment] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
     def images(self) -> int:
-        return sum(len(b.images) for b in self.batches.values())
+        return sum(len(b.images) for b in self.assignments.values())
 
     @property
     def shape(self) -> tuple[int, int] | None:
-        for b in self.batches.values():
+        for b in self.assignments.values():
             return b.key.width, b.key.height
         return None
 
@@ -48,38 +48,42 @@ class FakeStepPool:
     def idle_worker(self) -> Any | None:
         raise AssertionError("step workers are placed by room, not by idleness")
 
-    def dispatch(self, worker: FakeStepWorker, batch: Batch) -> int:
-        worker.batches[batch.batch_id] = batch
+    def dispatch(self, worker: FakeStepWorker, batch: Assignment) -> int:
+        worker.assignments[batch.assignment_id] = batch
         return worker.images
 
-    def interrupt(self, batch_id: str) -> None:
-        self.interrupted.append(batch_id)
+    def interrupt(self, assignment_id: str) -> None:
+        self.interrupted.append(assignment_id)
 
-    def kill_batch(self, batch_id: str) -> None:
-        self.killed.append(batch_id)
+    def kill_assignment(self, assignment_id: str) -> None:
+        self.killed.append(assignment_id)
 
     def busy_count(self) -> int:
-        return sum(1 for w in self.workers if w.batches)
+        return sum(1 for w in self.workers if w.assignments)
 
     def running(self, worker: int = 0) -> list[str]:
         """Prompts running on a worker, in admission order."""
-        return [spec.prompt for b in self.workers[worker].batches.values() for spec in b.images]
+        return [spec.prompt for b in self.workers[worker].assignments.values() for spec in b.images]
 
     def owner(self, ticket: Ticket) -> FakeStepWorker:
-        return next(w for w in self.workers for b in w.batches.values() if b.images[0].prompt == ticket.request.prompt)
+        return next(
+            w for w in self.workers for b in w.assignments.values() if b.images[0].prompt == ticket.request.prompt
+        )
 
     def finish(self, batcher: Batcher, ticket: Ticket) -> None:
         worker = self.owner(ticket)
-        batch_id = next(i for i, b in worker.batches.items() if b.images[0].prompt == ticket.request.prompt)
-        batch = worker.batches.pop(batch_id)
-        batcher.batch_finished(Result(batch_id, [b"png"] * len(batch.images), compute_ms=100.0, occupancy=2.0))
-        batcher.worker_idle()
+        assignment_id = next(i for i, b in worker.assignments.items() if b.images[0].prompt == ticket.request.prompt)
+        batch = worker.assignments.pop(assignment_id)
+        batcher.assignment_finished(
+            Result(assignment_id, [b"png"] * len(batch.images), compute_ms=100.0, occupancy=2.0)
+        )
+        batcher.room_freed()
 
     def die(self, batcher: Batcher, worker: int = 0) -> None:
-        lost = list(self.workers[worker].batches.values())
-        self.workers[worker].batches.clear()
+        lost = list(self.workers[worker].assignments.values())
+        self.workers[worker].assignments.clear()
         for batch in lost:
-            batcher.batch_lost(batch, "worker died")
+            batcher.assignment_lost(batch, "worker died")
 
 
 def req(prompt: str, *, n: int = 1, steps: int = 4, width: int = 64, **kw: Any) -> GenerateRequest:
@@ -173,7 +177,7 @@ async def test_cancelling_one_running_request_interrupts_only_its_own_images() -
     batcher = make(pool)
     a, b = batcher.submit(req("a")), batcher.submit(req("b"))
     batcher.cancel(a)
-    batch_a = next(i for i, x in pool.workers[0].batches.items() if x.images[0].prompt == "a")
+    batch_a = next(i for i, x in pool.workers[0].assignments.items() if x.images[0].prompt == "a")
     assert pool.interrupted == [batch_a]
     assert b.state is TicketState.RUNNING
     with pytest.raises(Cancelled):
@@ -186,7 +190,7 @@ async def test_a_dead_step_worker_loses_every_request_on_it_and_each_is_retried(
     a, b = batcher.submit(req("a")), batcher.submit(req("b"))
     pool.die(batcher)
     # Back in their old order, then placed again on the (respawned) worker.
-    batcher.worker_idle()
+    batcher.room_freed()
     assert pool.running() == ["a", "b"]
     assert a.attempts == 2 and b.attempts == 2
 
@@ -198,21 +202,21 @@ def dispatched_ago(steps: int, seconds: float) -> tuple[Batcher, Ticket, str, li
     times: list[float] = []
     batcher.on_step.append(times.append)
     ticket = batcher.submit(req("a", steps=steps))
-    batch_id = next(iter(pool.workers[0].batches))
-    batcher.inflight[batch_id].last_step_at -= seconds
-    return batcher, ticket, batch_id, times
+    assignment_id = next(iter(pool.workers[0].assignments))
+    batcher.inflight[assignment_id].last_step_at -= seconds
+    return batcher, ticket, assignment_id, times
 
 
 async def test_progress_reaches_each_request_and_the_step_time_is_measured() -> None:
-    batcher, a, batch_id, steps = dispatched_ago(4, 0.01)
-    batcher.batch_progress(Progress(batch_id, 1, 4))
+    batcher, a, assignment_id, steps = dispatched_ago(4, 0.01)
+    batcher.assignment_progress(Progress(assignment_id, 1, 4))
     assert a.step == 1 and len(steps) == 1 and steps[0] >= 0.01
     assert batcher.eta(a) == pytest.approx(3 * batcher.speed.step_seconds)
 
 
 async def test_coalesced_progress_spreads_its_time_over_the_steps_it_covers() -> None:
-    batcher, a, batch_id, steps = dispatched_ago(10, 0.4)  # one report for steps 1-4, 400 ms after dispatch
-    batcher.batch_progress(Progress(batch_id, 4, 10))
+    batcher, a, assignment_id, steps = dispatched_ago(10, 0.4)  # one report for steps 1-4, 400 ms after dispatch
+    batcher.assignment_progress(Progress(assignment_id, 4, 10))
     assert a.step == 4 and steps == pytest.approx([0.1] * 4, abs=0.01)
     assert batcher.speed.step_seconds == pytest.approx(0.1, abs=0.01)
 

@@ -37,19 +37,19 @@ def test_progress_within_the_interval_is_held_and_leaves_with_the_next_message()
     assert sent(channel) == []
     result = Result("a", [b"png"], compute_ms=1.0)
     channel.send(result)
-    # Each Batch's latest step, before the result.
+    # Each Assignment's latest step, before the result.
     assert sent(channel) == [Steps([Progress("a", 3, 25), Progress("b", 1, 10)]), result]
 
 
 def test_progress_leaves_once_the_interval_has_passed() -> None:
     clock = Clock()
     channel = QueueChannel(progress_every=0.1, clock=clock)
-    channel.send(Heartbeat(busy=True))
+    channel.send(Heartbeat())
     for step in range(1, 5):
         clock.now += 0.03
         channel.send(Steps([Progress("a", step, 25)]))
     # Steps 1-3 came within 0.1 s of the heartbeat; step 4 (0.12 s after it) carries them all.
-    assert sent(channel) == [Heartbeat(busy=True), Steps([Progress("a", 4, 25)])]
+    assert sent(channel) == [Heartbeat(), Steps([Progress("a", 4, 25)])]
 
 
 def test_the_step_counters_travel_with_coalesced_progress() -> None:
@@ -73,7 +73,7 @@ def test_zero_interval_sends_every_step() -> None:
 def test_the_actor_stream_carries_everything_waiting_in_one_item() -> None:
     outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
     result = Result("a", [], compute_ms=1.0)
-    for message in [Steps([Progress("a", 3, 3)]), result, Exited(0), Heartbeat(busy=False)]:
+    for message in [Steps([Progress("a", 3, 3)]), result, Exited(0), Heartbeat()]:
         outbox.put(message)
     # The stream ends at Exited: nothing after it is read.
     assert list(drained(outbox)) == [[Steps([Progress("a", 3, 3)]), result, Exited(0)]]

@@ -27,7 +27,7 @@ def test_buckets_are_powers_of_two_up_to_the_capacity() -> None:
     assert image_buckets(0) == [1]
     assert row_buckets(8) == [1, 2, 4, 8, 16]  # one unguided row, or two per guided image
     assert [bucket_for(rows, row_buckets(8)) for rows in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    assert bucket_for(20, row_buckets(8)) == 20  # an oversized first Batch runs unpadded
+    assert bucket_for(20, row_buckets(8)) == 20  # an oversized first Assignment runs unpadded
 
 
 def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_model: str) -> None:

@@ -76,7 +76,7 @@ def test_actors_on_both_nodes_serve_the_plain_pipelines_pixels(
         # Each request takes the idle actor with the most free slots: one each.
         jobs = [submit_job(server, body) for body in bodies]
         results = [wait_job(server, job, {"succeeded", "failed"}) for job in jobs]
-        assert all(server.read(lambda m, w=w: w.batches_done) >= 1 for w in workers)
+        assert all(server.read(lambda m, w=w: w.assignments_done) >= 1 for w in workers)
         text = httpx.get(server.url + "/metrics").text
         assert text.count("muse_workers_by_node{") == 2, text
     for body, result in zip(bodies, results, strict=True):

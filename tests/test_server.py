@@ -68,7 +68,7 @@ def test_sixteen_concurrent_requests_batch_and_use_both_workers(server: LiveServ
         lambda: server.read(lambda m: [w.state for w in m.pool.workers]) == [WorkerState.IDLE] * 2,
         what="both workers idle",
     )
-    done_before = server.read(lambda m: [w.batches_done for w in m.pool.workers])
+    done_before = server.read(lambda m: [w.assignments_done for w in m.pool.workers])
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -83,7 +83,7 @@ def test_sixteen_concurrent_requests_batch_and_use_both_workers(server: LiveServ
     assert [r.status_code for r in responses] == [200] * 16
     assert [r.json()["images"][0]["seed"] for r in responses] == list(range(16))
     assert max(r.json()["batch_size"] for r in responses) > 1
-    done_after = server.read(lambda m: [w.batches_done for w in m.pool.workers])
+    done_after = server.read(lambda m: [w.assignments_done for w in m.pool.workers])
     assert all(after > before for before, after in zip(done_before, done_after, strict=True)), (
         f"both workers should have run batches: {done_before} -> {done_after}"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from muse.messages import Batch, BatchKey, ImageSpec
+from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.worker.pipeline import load_pipeline
 from muse.worker.steploop import StepLoop
 
@@ -23,10 +23,11 @@ class Recorder:
         self.sent.append(message)
 
 
-def batches(images: list[int]) -> list[Batch]:
+def batches(images: list[int]) -> list[Assignment]:
     key = BatchKey(64, 64, 4, 3.0)
     return [
-        Batch(f"b{i}", [ImageSpec("a red circle", "", seed) for seed in range(n)], key) for i, n in enumerate(images)
+        Assignment(f"b{i}", [ImageSpec("a red circle", "", seed) for seed in range(n)], key)
+        for i, n in enumerate(images)
     ]
 
 
@@ -43,8 +44,8 @@ def test_a_running_batch_admits_one_unet_call_of_text_encoding_per_boundary(tiny
         loop.pending.extend(waiting)
         loop.step_s, loop.admit_s = 0.010, 0.004
         loop.admit()
-        assert [b.batch_id for b in loop.pending] == ["b3", "b4"] and len(loop.engine.slots) == 3
-        # Costlier still: one Batch per boundary, even one of two images.
+        assert [b.assignment_id for b in loop.pending] == ["b3", "b4"] and len(loop.engine.slots) == 3
+        # Costlier still: one Assignment per boundary, even one of two images.
         loop.step_s, loop.admit_s = 0.010, 0.008
         loop.admit()
         loop.step_s, loop.admit_s = 0.010, 0.008
@@ -60,6 +61,6 @@ def test_an_idle_engine_takes_every_waiting_batch_that_fits(tiny_model: str) -> 
         loop.step_s, loop.admit_s = 0.010, 1.0  # no running image waits for the encoding
         loop.pending.extend(batches([1, 2, 1, 1]))
         loop.admit()
-        assert len(loop.engine.slots) == 4 and [b.batch_id for b in loop.pending] == ["b3"]
+        assert len(loop.engine.slots) == 4 and [b.assignment_id for b in loop.pending] == ["b3"]
     finally:
         loop.encoder.shutdown()

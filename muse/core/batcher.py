@@ -4,7 +4,7 @@ Policy (pure; tested against a fake pool in milliseconds):
 - a ticket (muse.core.tickets) is made with its future *before* the request is queued;
 - the queue is in fair order between owners (muse.core.fairqueue: start-time fair queuing in images);
 - step workers (the pool says which kind it has): the request at the head of the queue goes, as its
-  own Batch, to a worker running its latent shape (width, height) with free slots for its n images, or
+  own Assignment, to a worker running its latent shape (width, height) with free slots for its n images, or
   to an idle one, the moment there is one; it joins the running images at the next step boundary. A
   worker runs one shape at a time: a head request of another shape waits until a worker drains, and
   the requests behind it wait too (oldest first). No holds: nothing is gained by waiting for company
@@ -45,7 +45,7 @@ from muse.errors import (
     TimedOut,
     WorkerDied,
 )
-from muse.messages import Batch, Batching, Failure, GenerateRequest, GenerateResult, ImageSpec, Progress, Result
+from muse.messages import Assignment, Batching, Failure, GenerateRequest, GenerateResult, ImageSpec, Progress, Result
 
 log = logging.getLogger("muse.core.batcher")
 # After a batch finishes, its clients' next requests may be held at most this many max_waits.
@@ -72,15 +72,15 @@ class WorkerPool(Protocol):
     def batching(self) -> str: ...
     def idle_worker(self) -> Any | None: ...
     def open_workers(self) -> Sequence[StepWorker]: ...
-    def dispatch(self, worker: Any, batch: Batch) -> int: ...
-    def interrupt(self, batch_id: str) -> None: ...
-    def kill_batch(self, batch_id: str) -> None: ...
+    def dispatch(self, worker: Any, batch: Assignment) -> int: ...
+    def interrupt(self, assignment_id: str) -> None: ...
+    def kill_assignment(self, assignment_id: str) -> None: ...
     def busy_count(self) -> int: ...
 
 
 @dataclass(eq=False)
 class InFlight:
-    batch: Batch
+    batch: Assignment
     tickets: list[Ticket]
     last_step_at: float
     kill_timer: asyncio.TimerHandle | None = None  # set once every request of it is gone
@@ -182,11 +182,11 @@ class Batcher:
     def _abandon(self, flight: InFlight) -> None:
         """Every request of a running batch is gone: ask its worker to stop at the next step, and kill it
         if it has not within the grace (one step can last minutes, and the worker is wanted elsewhere)."""
-        batch_id = flight.batch.batch_id
-        log.info("interrupting batch %s: all its requests are gone", batch_id)
-        self.pool.interrupt(batch_id)
+        assignment_id = flight.batch.assignment_id
+        log.info("interrupting batch %s: all its requests are gone", assignment_id)
+        self.pool.interrupt(assignment_id)
         grace = self.interrupt_grace + 2 * self.speed.step_seconds
-        flight.kill_timer = asyncio.get_running_loop().call_later(grace, self.pool.kill_batch, batch_id)
+        flight.kill_timer = asyncio.get_running_loop().call_later(grace, self.pool.kill_assignment, assignment_id)
 
     def close(self) -> None:
         """Accept nothing new; what is queued or running carries on."""
@@ -241,11 +241,11 @@ class Batcher:
 
     # ---- pool callbacks ---------------------------------------------------------------------------
 
-    def worker_idle(self) -> None:
+    def room_freed(self) -> None:
         self._pump()
 
-    def batch_progress(self, message: Progress) -> None:
-        flight = self.inflight.get(message.batch_id)
+    def assignment_progress(self, message: Progress) -> None:
+        flight = self.inflight.get(message.assignment_id)
         if flight is None:
             return
         now = time.monotonic()
@@ -262,8 +262,8 @@ class Batcher:
                 t.step = message.step
                 t.emit("progress")
 
-    def batch_finished(self, message: Result | Failure) -> None:
-        flight = self.inflight.pop(message.batch_id, None)
+    def assignment_finished(self, message: Result | Failure) -> None:
+        flight = self.inflight.pop(message.assignment_id, None)
         if flight is None:
             return
         flight.close()
@@ -295,8 +295,8 @@ class Batcher:
             if not t.done:
                 self._end(t, TicketState.SUCCEEDED, result=result)
 
-    def batch_lost(self, batch: Batch, reason: str) -> None:
-        flight = self.inflight.pop(batch.batch_id, None)
+    def assignment_lost(self, batch: Assignment, reason: str) -> None:
+        flight = self.inflight.pop(batch.assignment_id, None)
         if flight is None:
             return
         flight.close()
@@ -314,7 +314,7 @@ class Batcher:
         if retry:
             for callback in self.on_retry:
                 callback()
-            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.batch_id)
+            log.warning("%s: retrying %d request(s) of batch %s", reason, len(retry), flight.batch.assignment_id)
             for t in retry:
                 t.state, t.step, t.started = TicketState.QUEUED, 0, None
             self.queue.put_back(retry)
@@ -409,15 +409,15 @@ class Batcher:
 
     def _dispatch(self, worker: Any, tickets: list[Ticket]) -> None:
         images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
-        batch = Batch(secrets.token_hex(6), images, tickets[0].request.key)
+        batch = Assignment(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
-        self.inflight[batch.batch_id] = InFlight(batch, tickets, now)
+        self.inflight[batch.assignment_id] = InFlight(batch, tickets, now)
         for t in tickets:
             t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0
             t.attempts += 1
             t.emit("running")
         running = self.pool.dispatch(worker, batch)
-        if batch.batch_id in self.inflight:  # not lost on the way (a broken pipe is noticed at once)
+        if batch.assignment_id in self.inflight:  # not lost on the way (a broken pipe is noticed at once)
             for t in tickets:
                 t.batch_size = running
         for callback in self.on_batch:

@@ -18,14 +18,16 @@ class Metrics:
         r = self.registry
         self.requests = Counter("muse_requests", "Requests by outcome", ["outcome"], registry=r)
         self.images = Counter("muse_images_generated", "Images generated", registry=r)
-        self.interrupted = Counter("muse_batches_interrupted", "Batches stopped early: every request gone", registry=r)
-        self.retries = Counter("muse_batches_retried", "Batches retried after their worker died", registry=r)
+        self.interrupted = Counter(
+            "muse_batches_interrupted", "Assignments stopped early: every request gone", registry=r
+        )
+        self.retries = Counter("muse_batches_retried", "Assignments retried after their worker died", registry=r)
         self.batch_size = Histogram(
             "muse_batch_size", "Images a worker runs once it took a batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.admissions = Counter(
             "muse_admissions",
-            "Batches handed to a worker: into=running joined images already running (step batching), "
+            "Assignments handed to a worker: into=running joined images already running (step batching), "
             "into=idle started on an idle worker",
             ["into"],
             registry=r,

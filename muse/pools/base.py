@@ -2,7 +2,7 @@
 
 The autoscaler only sets `target`; `reconcile()` makes it so, like gunicorn's `manage_workers`: undrain
 or spawn the missing, drain the surplus (a busy worker is never killed for scaling: it finishes its
-batches, then stops). A step worker (see muse.messages) runs several Batches at once, of one latent
+batches, then stops). A step worker (see muse.messages) runs several Assignments at once, of one latent
 shape, up to the capacity it reported; a request worker runs one at a time. The pool supervises itself
 on its own timer (`supervise`: kill the hung, then reconcile), whatever the autoscaler does.
 Subclasses say how a worker is started and reached (`_launch`): local subprocesses over pipes
@@ -22,7 +22,7 @@ from typing import Any
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
-    Batch,
+    Assignment,
     Batching,
     BootFailure,
     Compiling,
@@ -116,7 +116,7 @@ class BasePool:
         return min(idle, key=lambda w: w.last_seen, default=None)
 
     def open_workers(self) -> list[WorkerHandle]:
-        """Workers that may take a Batch now (the batcher picks one with room for it)."""
+        """Workers that may take an Assignment now (the batcher picks one with room for it)."""
         return [w for w in self.workers if w.open]
 
     @property
@@ -278,14 +278,14 @@ class BasePool:
 
     # ---- work -------------------------------------------------------------------------------------
 
-    def dispatch(self, worker: WorkerHandle, batch: Batch) -> int:
-        """Send a Batch; returns the images the worker now runs (more than the Batch's: it joined others)."""
+    def dispatch(self, worker: WorkerHandle, batch: Assignment) -> int:
+        """Send an Assignment; returns the images the worker now runs (more than the Assignment's: it joined others)."""
         assert worker.open
-        if not worker.batches:
-            # A worker that joins Batches into running ones is judged hung from its last step, not from here.
+        if not worker.assignments:
+            # A worker that joins Assignments into running ones is judged hung from its last step, not from here.
             worker.last_step = time.monotonic()
         worker.state = WorkerState.BUSY
-        worker.batches[batch.batch_id] = batch
+        worker.assignments[batch.assignment_id] = batch
         worker.last_seen = time.monotonic()
         running = worker.images
         try:
@@ -294,19 +294,19 @@ class BasePool:
             self._on_death(worker, f"worker {worker.id} pipe broke")
         return running
 
-    def interrupt(self, batch_id: str) -> None:
+    def interrupt(self, assignment_id: str) -> None:
         for w in self.workers:
-            if batch_id in w.batches:
+            if assignment_id in w.assignments:
                 # A broken pipe means it is dying; the reader handles its death.
                 with contextlib.suppress(OSError):
-                    self._send(w, Interrupt(batch_id))
+                    self._send(w, Interrupt(assignment_id))
 
-    def kill_batch(self, batch_id: str) -> None:
+    def kill_assignment(self, assignment_id: str) -> None:
         """Kill the worker running this batch: every request of it is gone and it did not stop in time
         (one step can last minutes). A replacement starts at once."""
         for w in self.workers:
-            if batch_id in w.batches:
-                log.warning("worker %d did not stop abandoned batch %s: killing it", w.id, batch_id)
+            if assignment_id in w.assignments:
+                log.warning("worker %d did not stop abandoned batch %s: killing it", w.id, assignment_id)
                 self._kill(w)
                 self._on_death(w, f"worker {w.id} killed: its batch was abandoned")
 
@@ -332,22 +332,22 @@ class BasePool:
         if isinstance(message, Progress | Steps | Result | Failure):
             worker.last_step = worker.last_seen
         if isinstance(message, Progress):
-            self.listener.batch_progress(message)
+            self.listener.assignment_progress(message)
         elif isinstance(message, Steps):
             self._count_steps(worker, message)
             for progress in message.progress:
-                self.listener.batch_progress(progress)
+                self.listener.assignment_progress(progress)
         elif isinstance(message, Result | Failure):
-            if worker.batches.pop(message.batch_id, None) is None:
+            if worker.assignments.pop(message.assignment_id, None) is None:
                 return
-            worker.batches_done += 1
-            if not worker.batches:
+            worker.assignments_done += 1
+            if not worker.assignments:
                 worker.state = WorkerState.IDLE
-            self.listener.batch_finished(message)
+            self.listener.assignment_finished(message)
             if worker.state is WorkerState.IDLE:
                 self._after_idle(worker)
             elif not worker.draining:
-                self.listener.worker_idle()  # slots freed: waiting requests of its shape may join
+                self.listener.room_freed()  # slots freed: waiting requests of its shape may join
         elif isinstance(message, Ready):
             log.info("worker %d ready on %s in %.1f s", worker.id, worker.device, message.load_s)
             worker.info = message
@@ -369,7 +369,7 @@ class BasePool:
         if worker.draining:
             self._stop(worker)
         else:
-            self.listener.worker_idle()
+            self.listener.room_freed()
 
     def _stop(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STOPPING
@@ -387,11 +387,11 @@ class BasePool:
         expected = worker.state is WorkerState.STOPPING
         worker.state = WorkerState.DEAD
         worker.link.close()
-        batches, worker.batches = list(worker.batches.values()), {}
+        lost, worker.assignments = list(worker.assignments.values()), {}
         if not expected:
             log.warning("%s", reason)
-        for batch in batches:
-            self.listener.batch_lost(batch, reason)
+        for assignment in lost:
+            self.listener.assignment_lost(assignment, reason)
         if not expected and not worker.killed and not self._closed:
             slot = self.slots[worker.slot]
             slot.crashes += 1

@@ -1,4 +1,4 @@
-"""A worker as the pool sees it: its link (a subprocess's pipe, a Ray actor), its state, its Batches."""
+"""A worker as the pool sees it: its link (a subprocess's pipe, a Ray actor), its state, its Assignments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from muse.messages import Batch, Batching, Failure, Progress, Ready, Result
+from muse.messages import Assignment, Batching, Failure, Progress, Ready, Result
 
 
 def describe_batching(ready: Ready) -> str:
@@ -42,10 +42,10 @@ class Link(Protocol):
 
 
 class PoolListener(Protocol):
-    def worker_idle(self) -> None: ...
-    def batch_progress(self, message: Progress) -> None: ...
-    def batch_finished(self, message: Result | Failure) -> None: ...
-    def batch_lost(self, batch: Batch, reason: str) -> None: ...
+    def room_freed(self) -> None: ...
+    def assignment_progress(self, message: Progress) -> None: ...
+    def assignment_finished(self, message: Result | Failure) -> None: ...
+    def assignment_lost(self, batch: Assignment, reason: str) -> None: ...
 
 
 @dataclass(eq=False)
@@ -55,7 +55,7 @@ class WorkerHandle:
     device: str
     link: Link = field(init=False)  # set by the pool right after it makes the handle
     state: WorkerState = WorkerState.STARTING
-    batches: dict[str, Batch] = field(default_factory=dict)  # running on it, by id
+    assignments: dict[str, Assignment] = field(default_factory=dict)  # running on it, by id
     draining: bool = False
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -64,7 +64,7 @@ class WorkerHandle:
     last_step: float = field(default_factory=time.monotonic)
     killed: bool = False  # on purpose (hung, or its batch abandoned): not a crash to back off from
     info: Ready | None = None
-    batches_done: int = 0
+    assignments_done: int = 0
     exited: asyncio.Future[int | None] | None = None
     pending: bool = False  # waiting for resources its host does not have yet (a Ray cluster)
     compiling: tuple[int, int] | None = None  # --compile: (shapes done, shapes) while it starts
@@ -81,12 +81,12 @@ class WorkerHandle:
 
     @property
     def images(self) -> int:
-        return sum(len(b.images) for b in self.batches.values())
+        return sum(len(b.images) for b in self.assignments.values())
 
     @property
     def shape(self) -> tuple[int, int] | None:
-        """(width, height) of the Batches running on it; a step worker runs one shape at a time."""
-        for batch in self.batches.values():
+        """(width, height) of the Assignments running on it; a step worker runs one shape at a time."""
+        for batch in self.assignments.values():
             return batch.key.width, batch.key.height
         return None
 

@@ -3,7 +3,7 @@
 The actor hosts the same engine as a local subprocess (muse.worker.actor). Messages to it are actor
 calls; what it says comes back on one streaming call per actor, read in the event loop (`async for` over
 its object refs), so progress arrives as it is made and an idle pool costs nothing. An actor that dies
-(killed, out of memory, its node lost) ends its stream with an error: its Batches are retried
+(killed, out of memory, its node lost) ends its stream with an error: its Assignments are retried
 elsewhere like a dead subprocess's, and the pool converges back on `target`. An actor Ray has not
 placed within PENDING_AFTER_S counts as pending (the cluster lacks the resources it asked for: the
 cue for Ray's own autoscaler, e.g. KubeRay, to add a node).

@@ -14,7 +14,6 @@ Ray is imported by the pool (muse.pools.ray), which wraps this class with `ray.r
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 
 from muse.messages import Exited, Placed
 from muse.worker.channel import QueueChannel
-from muse.worker.main import WorkerConfig, quiet_libraries, serve
+from muse.worker.main import WorkerConfig, serve, setup_logging
 
 
 def node_address() -> str:
@@ -34,11 +33,7 @@ def node_address() -> str:
 
 class WorkerActor:
     def __init__(self, config: WorkerConfig) -> None:
-        logging.basicConfig(
-            level=config.log_level.upper(),
-            format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
-        )
-        quiet_libraries()
+        setup_logging(config)
         self.channel = QueueChannel(progress_every=config.progress_interval)
         self.channel.send(Placed(node_address(), os.getpid()))
         self.thread = threading.Thread(target=self._run, args=(config,), name="muse-worker", daemon=True)

@@ -4,11 +4,11 @@ The worker engine (muse.worker.main, muse.worker.steploop) only sends messages a
 so the same engine runs behind either transport. The heartbeat thread and the main thread both send.
 
 Progress is coalesced: a step's progress waits (at most `progress_every`, --progress-interval, after
-the last message) to travel with what follows, keeping each Batch's latest step; anything else (a
+the last message) to travel with what follows, keeping each Assignment's latest step; anything else (a
 Result, a Failure, a heartbeat) leaves at once, with the progress held before it. Every message costs
 the parent (and a Ray actor's own process) CPU taken from the steps on a busy machine: one per step
 added ~30 ms to a 500 ms CPU request through Ray. A held step is never stale for long: the step after
-it, or its Batch's Result, comes within one step.
+it, or its Assignment's Result, comes within one step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ PROGRESS_EVERY_S = 0.1
 class Channel:
     def __init__(self, progress_every: float = PROGRESS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
-        self.busy = False
         self.stop_requested = False
         self.progress_every = progress_every
         self.clock = clock
@@ -42,7 +41,7 @@ class Channel:
                 if isinstance(message, Steps):
                     self._counters = (message.unet_calls, message.gap_s)
                 for progress in message.progress if isinstance(message, Steps) else [message]:
-                    self._held[progress.batch_id] = progress
+                    self._held[progress.assignment_id] = progress
                 if self.clock() - self._last_sent < self.progress_every:
                     return
                 message = None
@@ -60,11 +59,11 @@ class Channel:
             messages.append(self._recv())
         return messages
 
-    def drain_control(self, batch_id: str) -> bool:
+    def drain_control(self, assignment_id: str) -> bool:
         """Read control messages that arrived mid-batch; True when this batch must stop."""
         interrupted = False
         for message in self.receive(block=False):
-            if isinstance(message, Interrupt) and message.batch_id == batch_id:
+            if isinstance(message, Interrupt) and message.assignment_id == assignment_id:
                 interrupted = True
             elif isinstance(message, Stop):
                 self.stop_requested = True

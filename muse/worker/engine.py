@@ -49,7 +49,8 @@ def supports(pipe: Any) -> bool:
 
 @dataclass(frozen=True)
 class SlotRequest:
-    """One image to make: what the parent sends for it."""
+    """One image to make: what the parent sends for it. `slot_id` is unique among the engine's slots; `owner`
+    and `index` say whose image it is (an Assignment's id, the image's place in it), for the loop above."""
 
     slot_id: str
     prompt: str
@@ -60,6 +61,8 @@ class SlotRequest:
     width: int
     height: int
     scheduler: str = ""  # "" = the model's own
+    owner: str = ""
+    index: int = 0
 
 
 @dataclass(eq=False)

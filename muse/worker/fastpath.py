@@ -4,7 +4,7 @@ engine calls the UNet with a varying number of rows (two per guided image), so i
 small set of *row buckets* (1, then twice 1, 2, 4, 8, … images up to the capacity) and drops the padding
 from the result: the compiled UNet then sees a handful of shapes, each compiled once at start-up at the
 model's native size. The decoder sees one shape: finished images are decoded one by one (a VAE decode is
-near-linear in its batch, so little is lost). Any other shape (another image size, a Batch bigger than
+near-linear in its batch, so little is lost). Any other shape (another image size, an Assignment bigger than
 the capacity) runs eager rather than stall the worker behind a compile. Compiled kernels are cached on
 disk (`--compile-cache`), so a restart reuses them.
 
@@ -38,7 +38,7 @@ def row_buckets(capacity: int) -> list[int]:
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds `rows`; `rows` itself beyond the largest (an oversized first Batch)."""
+    """The smallest bucket that holds `rows`; `rows` itself beyond the largest (an oversized first Assignment)."""
     return next((b for b in buckets if b >= rows), rows)
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from muse.messages import (
     BOOT_FAILURE_EXIT,
-    Batch,
+    Assignment,
     Batching,
     BootFailure,
     Compiling,
@@ -65,32 +65,29 @@ def heartbeat(channel: Channel, interval: float) -> None:
     while True:
         time.sleep(interval)
         try:
-            channel.send(Heartbeat(busy=channel.busy))
+            channel.send(Heartbeat())
         except (OSError, ValueError):
             return  # the pipe is closed: the process is exiting
 
 
-def serve_batch(channel: Channel, loaded: object, batch: Batch) -> None:
+def serve_batch(channel: Channel, loaded: object, batch: Assignment) -> None:
     from muse.worker.pipeline import run_batch
 
     def on_step(step: int) -> bool:
-        channel.send(Progress(batch.batch_id, step, batch.key.steps))
-        return not channel.drain_control(batch.batch_id)
+        channel.send(Progress(batch.assignment_id, step, batch.key.steps))
+        return not channel.drain_control(batch.assignment_id)
 
     start = time.perf_counter()
-    channel.busy = True
     try:
         pngs = run_batch(loaded, batch, on_step)  # type: ignore[arg-type]
     except Exception as exc:
-        log.exception("batch %s failed", batch.batch_id)
-        channel.send(Failure(batch.batch_id, f"{type(exc).__name__}: {exc}"))
+        log.exception("batch %s failed", batch.assignment_id)
+        channel.send(Failure(batch.assignment_id, f"{type(exc).__name__}: {exc}"))
         return
-    finally:
-        channel.busy = False
     if pngs is None:
-        channel.send(Failure(batch.batch_id, "interrupted", interrupted=True))
+        channel.send(Failure(batch.assignment_id, "interrupted", interrupted=True))
     else:
-        channel.send(Result(batch.batch_id, pngs, (time.perf_counter() - start) * 1000))
+        channel.send(Result(batch.assignment_id, pngs, (time.perf_counter() - start) * 1000))
 
 
 def choose_batching(wanted: str, pipe: object) -> str:
@@ -148,6 +145,15 @@ def warm(channel: Channel, config: WorkerConfig, loaded: Any, fast: FastPath) ->
     return min(config.capacity, warmed.capacity)
 
 
+def setup_logging(config: WorkerConfig) -> None:
+    """A worker's log lines name it and its process, in whatever process hosts it (subprocess or actor)."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    quiet_libraries()
+
+
 def quiet_libraries() -> None:
     """Library chatter (progress bars, optional-dependency hints) would flood the server log per worker."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -179,11 +185,7 @@ def main(conn: Connection, config: WorkerConfig) -> None:
     # whole process group, must not kill a batch the parent is draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format=f"%(asctime)s worker-{config.worker_id}[{os.getpid()}] %(levelname)s %(message)s",
-    )
-    quiet_libraries()
+    setup_logging(config)
     sys.exit(serve(PipeChannel(conn, progress_every=config.progress_interval), config))
 
 
@@ -238,7 +240,7 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
         except (EOFError, OSError):
             return 0  # the parent is gone
         for received in messages:
-            if isinstance(received, Batch):
+            if isinstance(received, Assignment):
                 serve_batch(channel, loaded, received)
             elif isinstance(received, Stop):
                 channel.stop_requested = True

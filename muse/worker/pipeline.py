@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from muse.messages import Batch, BatchKey, ImageSpec
+from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.model_info import FALLBACK_GUIDANCE, read_defaults
 from muse.schedulers import SCHEDULERS
 
@@ -70,10 +70,10 @@ def load_pipeline(model: str, device: str) -> LoadedPipeline:
 def warm_up(loaded: LoadedPipeline) -> None:
     """One tiny call so the first real request does not pay for lazy initialisation."""
     key = BatchKey(loaded.width, loaded.height, 1, loaded.guidance_scale)
-    run_batch(loaded, Batch("warm-up", [ImageSpec("warm up", "", 0)], key), lambda step: True)
+    run_batch(loaded, Assignment("warm-up", [ImageSpec("warm up", "", 0)], key), lambda step: True)
 
 
-def run_batch(loaded: LoadedPipeline, batch: Batch, on_step: Callable[[int], bool]) -> list[bytes] | None:
+def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int], bool]) -> list[bytes] | None:
     """Run one batch; `on_step(step)` is called after each denoising step and returns False to stop.
 
     Returns PNG bytes per image, or None when interrupted.

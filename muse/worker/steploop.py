@@ -1,13 +1,13 @@
-"""A step worker's loop: Batches from the parent become slots of the step engine, joining and leaving the
+"""A step worker's loop: Assignments from the parent become slots of the step engine, joining and leaving the
 running batch between denoising steps.
 
 Each pass reads every waiting message (blocking only while there is nothing to run), admits waiting
-Batches of the running latent shape up to `capacity` images (their prompts encoded together; while
+Assignments of the running latent shape up to `capacity` images (their prompts encoded together; while
 slots run, no more than one UNet call's worth of text encoding per boundary), runs one step over every
-slot, reports each Batch's progress, and decodes the slots that finished (together).
+slot, reports each Assignment's progress, and decodes the slots that finished (together).
 The copy of decoded images to the host, their conversion to PIL images, PNG encoding and the pipe
-write of a finished Batch happen on a small thread, so the next step does not wait for them. An
-Interrupt frees its Batch's slots at the next boundary.
+write of a finished Assignment happen on a small thread, so the next step does not wait for them. An
+Interrupt frees its Assignment's slots at the next boundary.
 
 Runs on the worker's main thread, where the pipeline was loaded (see muse.worker.main).
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from muse.messages import Batch, Failure, Interrupt, Progress, Result, Steps, Stop
+from muse.messages import Assignment, Failure, Interrupt, Progress, Result, Steps, Stop
 from muse.worker.channel import Channel
 from muse.worker.engine import Decoded, Slot, SlotRequest, StepEngine
 from muse.worker.fastpath import FastPath
@@ -32,10 +32,10 @@ log = logging.getLogger("muse.worker")
 
 
 @dataclass(eq=False)
-class Job:
-    """One Batch (one request's images) while its slots run."""
+class Running:
+    """One Assignment (one request's images) while its slots run."""
 
-    batch: Batch
+    work: Assignment
     started: float = field(default_factory=time.perf_counter)
     pictures: list[tuple[Decoded, int] | None] = field(default_factory=list)  # each image: its decode and row
     reported: int = 0  # the last step sent as Progress
@@ -43,18 +43,18 @@ class Job:
     steps_run: int = 0
 
     def __post_init__(self) -> None:
-        self.pictures = [None] * len(self.batch.images)
+        self.pictures = [None] * len(self.work.images)
 
     @property
     def decoded(self) -> bool:
         return all(p is not None for p in self.pictures)
 
 
-def slot_requests(batch: Batch) -> list[SlotRequest]:
-    key = batch.key
+def slot_requests(work: Assignment) -> list[SlotRequest]:
+    key = work.key
     return [
         SlotRequest(
-            f"{batch.batch_id}/{i}",
+            f"{work.assignment_id}/{i}",
             spec.prompt,
             spec.negative_prompt,
             spec.seed,
@@ -63,14 +63,15 @@ def slot_requests(batch: Batch) -> list[SlotRequest]:
             key.width,
             key.height,
             key.scheduler,
+            owner=work.assignment_id,
+            index=i,
         )
-        for i, spec in enumerate(batch.images)
+        for i, spec in enumerate(work.images)
     ]
 
 
 def owner_of(slot: Slot) -> tuple[str, int]:
-    batch_id, index = slot.request.slot_id.rsplit("/", 1)
-    return batch_id, int(index)
+    return slot.request.owner, slot.request.index
 
 
 class StepLoop:
@@ -78,9 +79,9 @@ class StepLoop:
         self.channel = channel
         self.engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder) if fast else StepEngine(loaded)
         self.capacity = max(1, capacity)
-        self.pending: deque[Batch] = deque()
-        self.jobs: dict[str, Job] = {}
-        # One thread: PNGs leave in the order their Batches finished, and it never competes for more
+        self.pending: deque[Assignment] = deque()
+        self.running: dict[str, Running] = {}
+        # One thread: PNGs leave in the order their Assignments finished, and it never competes for more
         # than one core with the denoising.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="muse-png")
         self.unet_calls = 0
@@ -107,52 +108,51 @@ class StepLoop:
                 for message in messages:
                     self.handle(message)
                 self.admit()
-                self.channel.busy = bool(self.engine.slots)
                 if self.engine.slots:
                     self.step()
         finally:
             self.encoder.shutdown(wait=True)
 
     def handle(self, message: object) -> None:
-        if isinstance(message, Batch):
+        if isinstance(message, Assignment):
             self.pending.append(message)
         elif isinstance(message, Interrupt):
-            self.interrupt(message.batch_id)
+            self.interrupt(message.assignment_id)
         elif isinstance(message, Stop):
             self.channel.stop_requested = True  # finish what runs, take nothing new, then exit
 
-    def interrupt(self, batch_id: str) -> None:
-        waiting = [b for b in self.pending if b.batch_id == batch_id]
-        job = self.jobs.pop(batch_id, None)
-        if not waiting and job is None:
+    def interrupt(self, assignment_id: str) -> None:
+        waiting = [b for b in self.pending if b.assignment_id == assignment_id]
+        run = self.running.pop(assignment_id, None)
+        if not waiting and run is None:
             return  # already finished: its Result is on the way
-        for batch in waiting:
-            self.pending.remove(batch)
-        if job is not None:
-            self.engine.remove(r.slot_id for r in slot_requests(job.batch))
-        self.channel.send(Failure(batch_id, "interrupted", interrupted=True))
+        for work in waiting:
+            self.pending.remove(work)
+        if run is not None:
+            self.engine.remove(r.slot_id for r in slot_requests(run.work))
+        self.channel.send(Failure(assignment_id, "interrupted", interrupted=True))
 
     # ---- joining ----------------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Waiting Batches of the running shape join, oldest first, while their images fit."""
+        """Waiting Assignments of the running shape join, oldest first, while their images fit."""
         if not self.pending:
             return
         first = self.pending[0].key
         shape = self.engine.shape or (first.width, first.height)
         room = self.capacity - len(self.engine.slots)
         budget = self.encoding_budget() if self.engine.slots else room
-        joining: list[Batch] = []
-        for batch in list(self.pending):
-            if (batch.key.width, batch.key.height) != shape:
+        joining: list[Assignment] = []
+        for work in list(self.pending):
+            if (work.key.width, work.key.height) != shape:
                 continue  # waits until the running shape drains (the parent does not send it before)
-            n = len(batch.images)
-            # An empty engine takes a Batch bigger than its capacity, or it could never run; a running
-            # one takes the first Batch that fits, however long its prompts take to encode.
+            n = len(work.images)
+            # An empty engine takes an Assignment bigger than its capacity, or it could never run; a running
+            # one takes the first Assignment that fits, however long its prompts take to encode.
             if n > (min(room, budget) if joining else room) and (self.engine.slots or joining):
                 break
-            joining.append(batch)
-            self.pending.remove(batch)
+            joining.append(work)
+            self.pending.remove(work)
             room -= n
             budget -= n
         if not joining:
@@ -164,19 +164,19 @@ class StepLoop:
             self.admit_s = average(self.admit_s, (time.perf_counter() - started) / len(requests))
         except Exception as exc:
             if len(joining) == 1:
-                self.fail(joining[0].batch_id, exc)
+                self.fail(joining[0].assignment_id, exc)
                 return
-            # Find the Batch at fault: each one alone.
-            for batch in joining:
+            # Find the Assignment at fault: each one alone.
+            for work in joining:
                 try:
-                    self.engine.admit(slot_requests(batch))
+                    self.engine.admit(slot_requests(work))
                 except Exception as alone:
-                    self.fail(batch.batch_id, alone)
+                    self.fail(work.assignment_id, alone)
                     continue
-                self.jobs[batch.batch_id] = Job(batch, started)
+                self.running[work.assignment_id] = Running(work, started)
             return
-        for batch in joining:
-            self.jobs[batch.batch_id] = Job(batch, started)
+        for work in joining:
+            self.running[work.assignment_id] = Running(work, started)
 
     def encoding_budget(self) -> int:
         """Images whose admission takes no longer than one UNet call: every running image waits for it."""
@@ -199,15 +199,15 @@ class StepLoop:
             self.last_call_end = None
             # One step serves every slot: none of them can go on.
             self.engine.remove(s.request.slot_id for s in list(self.engine.slots))
-            for batch_id in list(self.jobs):
-                self.fail(batch_id, exc)
+            for assignment_id in list(self.running):
+                self.fail(assignment_id, exc)
             return
         self.unet_calls += 1
         ended = time.perf_counter()
         self.step_s = average(self.step_s, ended - started)
-        for job in self.jobs.values():
-            job.shared += occupancy
-            job.steps_run += 1
+        for run in self.running.values():
+            run.shared += occupancy
+            run.steps_run += 1
         self.report_progress(finished)
         if finished:
             self.finish(finished)
@@ -218,15 +218,15 @@ class StepLoop:
         moved: list[Progress] = []
         seen: set[str] = set()
         for slot in [*finished, *self.engine.slots]:
-            batch_id, _ = owner_of(slot)
-            job = self.jobs.get(batch_id)
-            if job is None or batch_id in seen:
+            assignment_id, _ = owner_of(slot)
+            run = self.running.get(assignment_id)
+            if run is None or assignment_id in seen:
                 continue
-            seen.add(batch_id)
+            seen.add(assignment_id)
             done, steps = slot.progress
-            if done != job.reported:
-                job.reported = done
-                moved.append(Progress(batch_id, done, steps))
+            if done != run.reported:
+                run.reported = done
+                moved.append(Progress(assignment_id, done, steps))
         if moved:
             self.channel.send(Steps(moved, self.unet_calls, self.gap_s))
 
@@ -234,33 +234,33 @@ class StepLoop:
         try:
             decoded = self.engine.decode_start(slots)
         except Exception as exc:
-            for batch_id in {owner_of(s)[0] for s in slots}:
-                self.fail(batch_id, exc)
+            for assignment_id in {owner_of(s)[0] for s in slots}:
+                self.fail(assignment_id, exc)
             return
         for row, slot in enumerate(slots):
-            batch_id, index = owner_of(slot)
-            job = self.jobs.get(batch_id)
-            if job is not None:
-                job.pictures[index] = (decoded, row)
-        for batch_id in {owner_of(s)[0] for s in slots}:
-            job = self.jobs.get(batch_id)
-            if job is not None and job.decoded:
-                del self.jobs[batch_id]
-                self.encoder.submit(self.deliver, job)
+            assignment_id, index = owner_of(slot)
+            run = self.running.get(assignment_id)
+            if run is not None:
+                run.pictures[index] = (decoded, row)
+        for assignment_id in {owner_of(s)[0] for s in slots}:
+            run = self.running.get(assignment_id)
+            if run is not None and run.decoded:
+                del self.running[assignment_id]
+                self.encoder.submit(self.deliver, run)
 
-    def deliver(self, job: Job) -> None:
+    def deliver(self, run: Running) -> None:
         try:
-            pngs = [encode_png(decoded.picture(row)) for decoded, row in filter(None, job.pictures)]
-            elapsed_ms = (time.perf_counter() - job.started) * 1000
-            occupancy = job.shared / job.steps_run if job.steps_run else float(len(pngs))
-            self.channel.send(Result(job.batch.batch_id, pngs, elapsed_ms, occupancy))
+            pngs = [encode_png(decoded.picture(row)) for decoded, row in filter(None, run.pictures)]
+            elapsed_ms = (time.perf_counter() - run.started) * 1000
+            occupancy = run.shared / run.steps_run if run.steps_run else float(len(pngs))
+            self.channel.send(Result(run.work.assignment_id, pngs, elapsed_ms, occupancy))
         except Exception as exc:
-            self.fail(job.batch.batch_id, exc)
+            self.fail(run.work.assignment_id, exc)
 
-    def fail(self, batch_id: str, exc: BaseException) -> None:
-        self.jobs.pop(batch_id, None)
-        log.error("batch %s failed", batch_id, exc_info=exc)
-        self.channel.send(Failure(batch_id, f"{type(exc).__name__}: {exc}"))
+    def fail(self, assignment_id: str, exc: BaseException) -> None:
+        self.running.pop(assignment_id, None)
+        log.error("assignment %s failed", assignment_id, exc_info=exc)
+        self.channel.send(Failure(assignment_id, f"{type(exc).__name__}: {exc}"))
 
 
 def average(mean: float, sample: float, weight: float = 0.2) -> float:

@@ -29,6 +29,7 @@ from muse.http.csrf import CsrfCheck
 from muse.http.middleware import BodyLimit, SecurityHeaders
 from muse.http.sessions import Sessions
 from muse.links import LinkSigner, load_secret
+from muse.pools.factory import build_pool, devices_of, worker_range
 from muse.slack.bot import start_slack
 from muse.storage import Gallery
 from muse.web import login, pages, stream
@@ -62,7 +63,9 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     gallery = None if settings.no_gallery else Gallery(Path(settings.data_dir))
-    service = muse or Muse(settings, gallery=gallery)
+    service = muse or Muse(
+        settings, build_pool(settings), workers=worker_range(settings, len(devices_of(settings))), gallery=gallery
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

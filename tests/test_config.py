@@ -83,11 +83,11 @@ def test_allowed_hosts_default_to_the_bound_names_and_the_public_url(
 
 
 def test_compile_options_reach_every_worker_and_a_bad_mode_is_refused(tmp_path: Path) -> None:
-    from muse.core.service import Muse
+    from muse.pools.factory import build_pool
     from muse.worker.main import WorkerConfig
 
     env = {"MUSE_COMPILE": "true", "MUSE_COMPILE_MODE": "reduce-overhead", "MUSE_DATA_DIR": str(tmp_path)}
-    options = Muse(Settings.from_env(env)).pool.worker_options
+    options = build_pool(Settings.from_env(env)).worker_options
     config = WorkerConfig(worker_id=1, model="m", device="cpu", threads=1, heartbeat_interval=1.0, **options)
     assert (config.compile, config.compile_mode) == (True, "reduce-overhead")
     assert config.compile_cache == str(tmp_path / "compile-cache")

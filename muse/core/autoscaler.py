@@ -13,17 +13,11 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Protocol
 
+from muse.core.pool import Scalable
 from muse.periodic import every
 
 log = logging.getLogger("muse.core.autoscaler")
-
-
-class Scalable(Protocol):
-    target: int
-
-    def reconcile(self) -> None: ...
 
 
 class Autoscaler:

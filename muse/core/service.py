@@ -11,20 +11,18 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from muse.config import EMBEDDED_MODEL, Settings
 from muse.core.autoscaler import Autoscaler
 from muse.core.batcher import Batcher
 from muse.core.metrics import Metrics
+from muse.core.pool import ServedPool
 from muse.core.ratelimit import RateLimiter
 from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
 from muse.errors import InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
-from muse.pools.base import BasePool
-from muse.pools.local import Pool
 
 log = logging.getLogger("muse.core.service")
 # Unfinished jobs are bounded by --max-queue and the workers; ended ones wait out --job-ttl up to this many.
@@ -38,41 +36,19 @@ class Gallery(Protocol):
 
 
 class Muse:
-    def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
+    def __init__(
+        self, settings: Settings, pool: ServedPool, *, workers: tuple[int, int], gallery: Gallery | None = None
+    ) -> None:
+        """`pool`: built by the composition root (muse.pools.factory); `workers`: the autoscaler's (min, max)."""
         self.settings = settings
         self.gallery = gallery
-        self.devices = settings.device_list() if settings.pool == "local" else self._ray_devices(settings)
+        self.pool = pool
         self._model = inspect(settings.model, EMBEDDED_MODEL)
         self.jobs: dict[str, Ticket] = {}
         self.metrics = Metrics()
         self.limiter = RateLimiter(settings.rate_limit)
         self.draining = False
-        max_workers = min(settings.max_workers or len(self.devices), len(self.devices))
-        min_workers = max_workers if settings.min_workers < 0 else min(settings.min_workers, max_workers)
-        common: dict[str, Any] = {
-            "model": settings.model,
-            "devices": self.devices,
-            "worker_timeout": settings.worker_timeout,
-            "log_level": settings.log_level,
-            "batching": settings.batching,
-            "max_batch_size": settings.max_batch_size,
-            "worker_options": {
-                "progress_interval": settings.progress_interval,
-                "compile": settings.compile,
-                "compile_mode": settings.compile_mode,
-                "gpu_memory_fraction": settings.gpu_memory_fraction,
-                "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
-            },
-        }
-        self.pool: BasePool
-        if settings.pool == "ray":
-            from muse.pools.ray import RayPool
-
-            cpus = float(settings.threads_per_worker or 1)
-            self.pool = RayPool(address=settings.ray_address, cpus_per_worker=cpus, **common)
-        else:
-            self.pool = Pool(threads_per_worker=settings.threads_per_worker, **common)
-        self.pool.target = min_workers
+        min_workers, max_workers = workers
         self.batcher = Batcher(
             self.pool,
             model=self._model.name,
@@ -108,13 +84,6 @@ class Muse:
         self.batcher.on_retry.append(self.metrics.retries.inc)
         self._register_gauges()
 
-    @staticmethod
-    def _ray_devices(settings: Settings) -> list[str]:
-        """Ray workers: --devices names their kinds (cycled), --max-workers how many (default: one per entry)."""
-        kinds = ["auto"] if settings.devices.strip() == "auto" else settings.device_list()
-        count = settings.max_workers or len(kinds)
-        return [kinds[i % len(kinds)] for i in range(count)]
-
     @property
     def model(self) -> ModelInfo:
         """The served model; once a worker has loaded it, its own report of size and guidance wins.
@@ -137,12 +106,11 @@ class Muse:
 
     async def start(self) -> None:
         log.info(
-            "model %s (%s), native %dx%d; devices %s; workers %d..%d",
+            "model %s (%s), native %dx%d; workers %d..%d",
             self.model.name,
             self.settings.model,
             self.model.width,
             self.model.height,
-            ",".join(self.devices),
             self.autoscaler.min_workers,
             self.autoscaler.max_workers,
         )
@@ -190,7 +158,7 @@ class Muse:
         `client` (an API key's fingerprint or an address) is charged the request's cost against --rate-limit.
         `owner` (default: the client) owns the job and its images, and is the tenant the queue is fair to.
         """
-        if self.pool.usable_slots == 0:
+        if self.pool.usable_devices == 0:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
         if client is not None:
             cost = self.model.cost(request.width, request.height, request.steps, request.n)
@@ -278,7 +246,7 @@ class Muse:
             loop.call_later(self.settings.job_ttl, self.jobs.pop, ticket.id, None)
 
     def _occupancy(self) -> float:
-        running, capacity = self.pool.slot_use()
+        running, capacity = self.pool.image_use()
         return running / capacity if capacity else 0.0
 
     def _register_gauges(self) -> None:

@@ -23,20 +23,14 @@ from typing import Any
 from muse.messages import (
     BOOT_FAILURE_EXIT,
     Assignment,
-    Batching,
-    BootFailure,
-    Compiling,
-    Failure,
-    Heartbeat,
     Interrupt,
-    Progress,
     Ready,
-    Result,
-    Steps,
     Stop,
 )
 from muse.periodic import every
-from muse.pools.handles import Link, PoolListener, Slot, WorkerHandle, WorkerState, describe_batching
+from muse.pools.handles import Link, PoolListener, Seat, WorkerHandle, WorkerState
+from muse.pools.inbox import WorkerMessages
+from muse.pools.views import PoolViews
 from muse.worker.main import WorkerConfig
 
 log = logging.getLogger("muse.pools")
@@ -50,7 +44,7 @@ def default_threads(devices: Sequence[str]) -> int:
     return max(1, (os.cpu_count() or 1) // cpu_workers)
 
 
-class BasePool:
+class BasePool(PoolViews, WorkerMessages):
     """Convergence, supervision and message handling, whatever hosts the workers (see `_launch`)."""
 
     def __init__(
@@ -74,7 +68,7 @@ class BasePool:
         self.model = model
         self.wanted_batching = batching
         self.max_batch_size = max_batch_size
-        self.slots = [Slot(d) for d in devices]
+        self.seats = [Seat(d) for d in devices]
         self._listener: PoolListener | None = None
         self.worker_timeout = worker_timeout
         # Often enough to catch a hung worker soon after --worker-timeout, rarely enough to cost nothing.
@@ -82,7 +76,7 @@ class BasePool:
         self._supervisor: asyncio.Task[None] | None = None
         self.log_level = log_level
         self.threads = threads_per_worker or default_threads(devices)
-        self.target = len(self.slots)
+        self.target = len(self.seats)
         self.info: Ready | None = None  # what the first ready worker said about the model
         self._ids = itertools.count(1)
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -101,81 +95,6 @@ class BasePool:
     def listener(self) -> PoolListener:
         assert self._listener is not None, "Pool.start() first"
         return self._listener
-
-    # ---- views ------------------------------------------------------------------------------------
-
-    @property
-    def workers(self) -> list[WorkerHandle]:
-        return [s.worker for s in self.slots if s.worker is not None and s.worker.live]
-
-    def idle_worker(self) -> WorkerHandle | None:
-        """The worker idle longest (an idle worker sends nothing, so `last_seen` is when it became
-        idle). Taking the first idle one instead piled every batch onto worker 0 whenever a batch
-        was held back until both were idle."""
-        idle = [w for w in self.workers if w.state is WorkerState.IDLE and not w.draining]
-        return min(idle, key=lambda w: w.last_seen, default=None)
-
-    def open_workers(self) -> list[WorkerHandle]:
-        """Workers that may take an Assignment now (the batcher picks one with room for it)."""
-        return [w for w in self.workers if w.open]
-
-    @property
-    def batching(self) -> str:
-        """How the model's workers batch (what the first ready worker said; "request" before)."""
-        return self.info.batching if self.info is not None else Batching.REQUEST
-
-    def slot_use(self) -> tuple[int, int]:
-        """(images running, images the ready workers can run at once)."""
-        ready = [w for w in self.workers if w.state in (WorkerState.IDLE, WorkerState.BUSY)]
-        return sum(w.images for w in ready), sum(w.capacity for w in ready)
-
-    def busy_count(self) -> int:
-        return sum(1 for w in self.workers if w.state is WorkerState.BUSY)
-
-    def counts(self) -> dict[str, int]:
-        counts = {state.value: 0 for state in WorkerState if state is not WorkerState.DEAD}
-        counts["draining"] = counts["pending"] = 0
-        for w in self.workers:
-            if w.draining and w.state is not WorkerState.STOPPING:
-                counts["draining"] += 1
-            elif w.pending:  # starting, but not placed yet: each worker is counted in one state only
-                counts["pending"] += 1
-            else:
-                counts[w.state.value] += 1
-        counts["failed"] = sum(1 for s in self.slots if s.boot_error)
-        return counts
-
-    def readiness(self) -> tuple[bool, str]:
-        c = self.counts()
-        if c["idle"] + c["busy"] > 0:
-            return True, f"{c['idle'] + c['busy']} worker(s) ready"
-        errors = [s.boot_error for s in self.slots if s.boot_error]
-        if errors and len(errors) == len(self.slots):
-            return False, f"every worker failed to boot: {errors[0]}"
-        if c["pending"]:
-            return False, f"{c['pending']} worker(s) waiting for resources (cluster autoscaler: add a node)"
-        compiling = [w.compiling for w in self.workers if w.state is WorkerState.STARTING and w.compiling]
-        if compiling:
-            done, total = min(compiling)
-            return False, f"{len(compiling)} worker(s) compiling ({done} of {total} shapes)"
-        if c["starting"]:
-            return False, f"{c['starting']} worker(s) loading the model"
-        if self.target == 0:
-            return True, "scaled to zero; the next request starts a worker"
-        if errors:
-            return False, f"worker failed to boot: {errors[0]}"
-        return False, "no worker running"
-
-    def nodes(self) -> dict[str, int]:
-        """Live workers by the node they run on."""
-        nodes: dict[str, int] = {}
-        for w in self.workers:
-            nodes[w.link.node] = nodes.get(w.link.node, 0) + 1
-        return nodes
-
-    @property
-    def usable_slots(self) -> int:
-        return sum(1 for s in self.slots if s.boot_error is None)
 
     # ---- convergence ------------------------------------------------------------------------------
 
@@ -219,15 +138,15 @@ class BasePool:
         """Spawn into free slots, skipping slots whose model failed to boot and slots still backing off."""
         now = time.monotonic()
         next_retry = None
-        for slot in self.slots:
+        for seat in self.seats:
             if missing == 0:
                 return
-            if slot.boot_error or (slot.worker is not None and slot.worker.live):
+            if seat.boot_error or (seat.worker is not None and seat.worker.live):
                 continue
-            if slot.retry_at > now:
-                next_retry = min(next_retry or slot.retry_at, slot.retry_at)
+            if seat.retry_at > now:
+                next_retry = min(next_retry or seat.retry_at, seat.retry_at)
                 continue
-            self._spawn(slot)
+            self._spawn(seat)
             missing -= 1
         if next_retry is not None:
             self._schedule_retry(next_retry - now)
@@ -247,14 +166,14 @@ class BasePool:
         loop = asyncio.get_running_loop()
         self._retry_handle = loop.call_later(max(delay, 0.01), self.reconcile)
 
-    def _spawn(self, slot: Slot) -> WorkerHandle:
+    def _spawn(self, seat: Seat) -> WorkerHandle:
         worker_id = next(self._ids)
         self.spawned += 1
         config = WorkerConfig(
             worker_id=worker_id,
             model=self.model,
-            device=slot.device,
-            threads=self.threads if slot.device == "cpu" else 0,
+            device=seat.device,
+            threads=self.threads if seat.device == "cpu" else 0,
             heartbeat_interval=max(0.05, min(5.0, self.worker_timeout / 4)),
             log_level=self.log_level,
             parent_pid=os.getpid(),
@@ -262,11 +181,11 @@ class BasePool:
             capacity=self.max_batch_size,
             **self.worker_options,
         )
-        handle = WorkerHandle(worker_id, self.slots.index(slot), slot.device)
+        handle = WorkerHandle(worker_id, self.seats.index(seat), seat.device)
         handle.exited = asyncio.get_running_loop().create_future()
         handle.link = self._launch(handle, config)
-        slot.worker = handle
-        log.info("starting worker %d on %s (%s)", worker_id, slot.device, self.where(handle))
+        seat.worker = handle
+        log.info("starting worker %d on %s (%s)", worker_id, seat.device, self.where(handle))
         return handle
 
     def _launch(self, worker: WorkerHandle, config: WorkerConfig) -> Link:
@@ -310,66 +229,8 @@ class BasePool:
                 self._kill(w)
                 self._on_death(w, f"worker {w.id} killed: its batch was abandoned")
 
-    def kill(self, worker_id: int) -> None:
-        for w in self.workers:
-            if w.id == worker_id:
-                self._kill(w)
-
-    # ---- worker events ----------------------------------------------------------------------------
-
-    def _count_steps(self, worker: WorkerHandle, message: Steps) -> None:
-        """Add a step worker's UNet calls and the gaps between them since its last report to the pool's totals."""
-        # Running totals of one worker process (a respawn gets a fresh handle): the deltas are never negative.
-        self.unet_calls += message.unet_calls - worker.unet_calls
-        self.step_gap_s += message.gap_s - worker.gap_s
-        worker.unet_calls, worker.gap_s = message.unet_calls, message.gap_s
-
     def _send(self, worker: WorkerHandle, message: object) -> None:
         worker.link.send(message)
-
-    def _handle(self, worker: WorkerHandle, message: object) -> None:
-        worker.last_seen = time.monotonic()
-        if isinstance(message, Progress | Steps | Result | Failure):
-            worker.last_step = worker.last_seen
-        if isinstance(message, Progress):
-            self.listener.assignment_progress(message)
-        elif isinstance(message, Steps):
-            self._count_steps(worker, message)
-            for progress in message.progress:
-                self.listener.assignment_progress(progress)
-        elif isinstance(message, Result | Failure):
-            if worker.assignments.pop(message.assignment_id, None) is None:
-                return
-            worker.assignments_done += 1
-            if not worker.assignments:
-                worker.state = WorkerState.IDLE
-            self.listener.assignment_finished(message)
-            if worker.state is WorkerState.IDLE:
-                self._after_idle(worker)
-            elif not worker.draining:
-                self.listener.room_freed()  # slots freed: waiting requests of its shape may join
-        elif isinstance(message, Ready):
-            log.info("worker %d ready on %s in %.1f s", worker.id, worker.device, message.load_s)
-            worker.info = message
-            if self.info is None:
-                self.info = message
-                log.info("%s", describe_batching(message))
-            worker.state = WorkerState.IDLE
-            self.slots[worker.slot].crashes = 0
-            self._after_idle(worker)
-        elif isinstance(message, Compiling):
-            worker.compiling = (message.done, message.total)
-        elif isinstance(message, BootFailure):
-            log.error("worker %d failed to boot: %s", worker.id, message.message)
-            self.slots[worker.slot].boot_error = message.message
-        elif isinstance(message, Heartbeat):
-            pass
-
-    def _after_idle(self, worker: WorkerHandle) -> None:
-        if worker.draining:
-            self._stop(worker)
-        else:
-            self.listener.room_freed()
 
     def _stop(self, worker: WorkerHandle) -> None:
         worker.state = WorkerState.STOPPING
@@ -393,16 +254,16 @@ class BasePool:
         for assignment in lost:
             self.listener.assignment_lost(assignment, reason)
         if not expected and not worker.killed and not self._closed:
-            slot = self.slots[worker.slot]
-            slot.crashes += 1
-            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (slot.crashes - 1))
-            slot.retry_at = time.monotonic() + delay
+            seat = self.seats[worker.seat]
+            seat.crashes += 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (seat.crashes - 1))
+            seat.retry_at = time.monotonic() + delay
 
     def _exited(self, worker: WorkerHandle, code: int | None) -> None:
         """The worker is gone for good, with this exit code (None: unknown, e.g. a lost node)."""
         if code == BOOT_FAILURE_EXIT:
-            slot = self.slots[worker.slot]
-            slot.boot_error = slot.boot_error or f"worker exited with code {code} while loading the model"
+            seat = self.seats[worker.seat]
+            seat.boot_error = seat.boot_error or f"worker exited with code {code} while loading the model"
         self._on_death(worker, f"worker {worker.id} on {worker.device} ({self.where(worker)}) exited with code {code}")
         if worker.exited is not None and not worker.exited.done():
             worker.exited.set_result(code)

@@ -51,7 +51,7 @@ class PoolListener(Protocol):
 @dataclass(eq=False)
 class WorkerHandle:
     id: int
-    slot: int
+    seat: int  # its index in the pool's seats
     device: str
     link: Link = field(init=False)  # set by the pool right after it makes the handle
     state: WorkerState = WorkerState.STARTING
@@ -103,7 +103,10 @@ class WorkerHandle:
 
 
 @dataclass
-class Slot:
+class Seat:
+    """One device's place in the pool (not an image slot of a step worker): the worker on it, how often it
+    crashed (for backoff), and why its model failed to boot, if it did (then it is never respawned)."""
+
     device: str
     worker: WorkerHandle | None = None
     crashes: int = 0

@@ -1,4 +1,4 @@
-"""The local pool: one worker subprocess per device slot, over a pipe.
+"""The local pool: one worker subprocess per device seat, over a pipe.
 
 Pipes are read in the event loop with `add_reader` (and a process's exit through its sentinel), so an
 idle pool costs nothing.
@@ -58,7 +58,7 @@ class PipeLink:
 
 
 class Pool(BasePool):
-    """Worker subprocesses started with `spawn`, one per device slot."""
+    """Worker subprocesses started with `spawn`, one per device seat."""
 
     def _launch(self, worker: WorkerHandle, config: worker_main.WorkerConfig) -> Link:
         ctx = mp.get_context("spawn")

@@ -74,9 +74,9 @@ class RayPool(BasePool):
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             self._connected_here = True
         resources = ray.cluster_resources()
-        for slot in self.slots:
-            if slot.device == "auto":
-                slot.device = "cuda" if resources.get("GPU", 0) else "cpu"
+        for seat in self.seats:
+            if seat.device == "auto":
+                seat.device = "cuda" if resources.get("GPU", 0) else "cpu"
         log.info("Ray cluster at %s: %s", self.address, _resources(resources))
         self._remote = ray.remote(WorkerActor)
         super().start(listener)

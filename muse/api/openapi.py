@@ -1,201 +1,130 @@
-"""`GET /openapi.json`: every JSON endpoint with its request, response and error schemas.
+"""`GET /openapi.json`, generated from the app's own routes, so a route cannot be added and left out.
 
-Request schemas are the pydantic models the handlers validate with; response schemas are models
-of what the handlers return, so a fuzz test can check responses against this document.
+Every route is documented except the pages (`PAGES`: HTML for people, whose forms are not an API).
+A route gives its path, methods and path parameters; its endpoint's docstring gives the summary; the
+table in `muse.api.docs` adds request and response models, statuses and errors. Schemas are the
+pydantic models themselves, their definitions gathered under `components/schemas`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import inspect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from starlette.convertors import FloatConvertor, IntegerConvertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 
 from muse import __version__
-from muse.api.a1111 import PngInfoRequest, PngInfoResponse, Txt2ImgRequest, Txt2ImgResponse
-from muse.api.openai import ImagesRequest, ImagesResponse
-from muse.schema import GenerateBody
+from muse.api.docs import (  # re-exported: the response models are read from here (tests/test_fuzz.py)
+    DOCS,
+    ERROR_WORDS,
+    Doc,
+    ErrorBody,
+    GenerateResponse,
+    JobCreated,
+    JobStatus,
+)
+from muse.http.auth import OPEN_PREFIXES
+
+__all__ = ["PAGES", "ErrorBody", "GenerateResponse", "JobCreated", "JobStatus", "documented", "endpoint", "spec"]
+
+# First path segments of the HTML pages ("" is the studio at "/") and their static files.
+PAGES = frozenset({"", "jobs", "gallery", "login", "logout", "static"})
+SCHEMAS = "#/components/schemas/{model}"
+NO_DOC = Doc()
 
 
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
+def documented(path: str) -> bool:
+    return path.split("/")[1] not in PAGES
 
 
-class ErrorBody(BaseModel):
-    error: ErrorDetail
+@dataclass(frozen=True)
+class Operation:
+    path: str  # in OpenAPI's template form: `{model}`, not Starlette's `{model:path}`
+    method: str
+    route: Route
+
+    @property
+    def doc(self) -> Doc:
+        return DOCS.get(self.route.endpoint, NO_DOC)
 
 
-class ImageOut(BaseModel):
-    png_base64: str
-    seed: int
+def operations(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[Operation]:
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from operations(route.routes, prefix + route.path)
+        elif isinstance(route, Route) and documented(path := prefix + route.path_format):
+            # Starlette answers HEAD wherever it answers GET; HEAD says nothing GET does not.
+            for method in sorted((route.methods or {"GET"}) - {"HEAD"}):
+                yield Operation(path, method.lower(), route)
 
 
-class TimingsOut(BaseModel):
-    queued_ms: float
-    compute_ms: float
-    total_ms: float
+def summary(operation: Operation) -> str:
+    docstring = inspect.getdoc(operation.route.endpoint)
+    if docstring:
+        return " ".join(docstring.split("\n\n")[0].split())
+    return operation.doc.summary or operation.route.name.replace("_", " ").capitalize()
 
 
-class GenerateResponse(BaseModel):
-    images: list[ImageOut]
-    model: str
-    steps: int
-    width: int
-    height: int
-    batch_size: int
-    timings: TimingsOut
+def parameters(route: Route) -> list[dict[str, Any]]:
+    def schema(convertor: object) -> dict[str, str]:
+        if isinstance(convertor, IntegerConvertor):
+            return {"type": "integer"}
+        return {"type": "number"} if isinstance(convertor, FloatConvertor) else {"type": "string"}
+
+    return [
+        {"name": name, "in": "path", "required": True, "schema": schema(convertor)}
+        for name, convertor in route.param_convertors.items()
+    ]
 
 
-class JobCreated(BaseModel):
-    id: str
-    status_url: str
-    events_url: str
-    seed: int
+# Keyed by (model, mode); Any because pydantic's key also admits its dataclasses.
+Refs = dict[tuple[Any, JsonSchemaMode], dict[str, Any]]
 
 
-class JobStatus(BaseModel):
-    id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    position: int | None
-    step: int | None
-    steps: int
-    eta_s: float | None
-    prompt: str
-    seed: int
-    n: int
-    created: float
-    result: GenerateResponse | None = None
-    error: ErrorDetail | None = None
+def content(media: str, schema: dict[str, Any] | None) -> dict[str, Any]:
+    return {"content": {media: {"schema": schema} if schema is not None else {}}}
 
 
-class Readiness(BaseModel):
-    ready: bool
-    reason: str
+def operation_object(operation: Operation, refs: Refs) -> dict[str, Any]:
+    doc = operation.doc
+    response = refs[doc.response, "serialization"] if doc.response else None
+    ok = content(doc.media, response) if response or doc.media != "application/json" else {}
+    responses: dict[str, Any] = {str(doc.status): {"description": "OK", **ok}}
+    responses |= {str(status): {"description": words, **ok} for status, words in doc.also.items()}
+    error = content("application/json", refs[ErrorBody, "serialization"])
+    is_open = operation.path.startswith(OPEN_PREFIXES)
+    for status in sorted({*doc.errors, *(() if is_open else (401,))}):
+        responses[str(status)] = {"description": ERROR_WORDS.get(status, "Error"), **error}
+    result: dict[str, Any] = {"summary": summary(operation), "responses": responses}
+    if doc.body is not None:
+        result["requestBody"] = {"required": True, **content("application/json", refs[doc.body, "validation"])}
+    if is_open:
+        result["security"] = []
+    return result
 
 
-MODELS: list[type[BaseModel]] = [
-    GenerateBody, GenerateResponse, JobCreated, JobStatus, ErrorBody, Readiness,
-    ImagesRequest, ImagesResponse, Txt2ImgRequest, Txt2ImgResponse, PngInfoRequest, PngInfoResponse,
-]  # fmt: skip
-
-
-def ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{model.__name__}"}
-
-
-def json_content(model: type[BaseModel]) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": ref(model)}}}
-
-
-def errors(*codes: int) -> dict[str, Any]:
-    text = {
-        400: "Body is not JSON",
-        401: "Missing or wrong API key",
-        404: "Not found",
-        413: "Body too large",
-        422: "Invalid field (param names it)",
-        429: "Rate limited (Retry-After)",
-        503: "Overloaded or shutting down (Retry-After)",
-        504: "Deadline passed",
-    }
-    return {str(c): {"description": text.get(c, "Error"), **json_content(ErrorBody)} for c in codes}
-
-
-GENERATING = (400, 401, 413, 422, 429, 503, 504)
-
-
-def operation(
-    summary: str,
-    response: type[BaseModel] | None,
-    body: type[BaseModel] | None = None,
-    status: int = 200,
-    error_codes: tuple[int, ...] = (401,),
-) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": errors(*error_codes)}
-    op["responses"][str(status)] = {"description": "OK", **(json_content(response) if response else {})}
-    if body is not None:
-        op["requestBody"] = {"required": True, **json_content(body)}
-    return op
-
-
-def spec() -> dict[str, Any]:
-    job_id = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    paths: dict[str, Any] = {
-        "/api/generate": {
-            "post": operation(
-                "Generate images and wait for them", GenerateResponse, GenerateBody, error_codes=GENERATING
-            )
-        },
-        "/api/jobs": {"post": operation("Queue a job", JobCreated, GenerateBody, 202, GENERATING)},
-        "/api/jobs/{id}": {
-            "parameters": job_id,
-            "get": operation("Job status", JobStatus, error_codes=(401, 404)),
-            "delete": operation("Cancel a job", JobStatus, error_codes=(401, 404)),
-        },
-        "/api/jobs/{id}/events": {
-            "parameters": job_id,
-            "get": {
-                "summary": "Server-sent events: queued, running, progress (one per step), final state",
-                "responses": {"200": {"description": "text/event-stream"}, **errors(401, 404)},
-            },
-        },
-        "/v1/images/generations": {
-            "post": operation(
-                "OpenAI-compatible image generation",
-                ImagesResponse,
-                ImagesRequest,
-                error_codes=(400, 401, 404, 413, 429, 503, 504),
-            )
-        },
-        "/v1/models": {"get": {"summary": "The served model", "responses": {"200": {"description": "OK"}}}},
-        "/sdapi/v1/txt2img": {
-            "post": operation(
-                "AUTOMATIC1111-compatible txt2img", Txt2ImgResponse, Txt2ImgRequest, error_codes=GENERATING
-            )
-        },
-        "/sdapi/v1/png-info": {
-            "post": operation(
-                "The A1111 parameters text of a PNG, parsed",
-                PngInfoResponse,
-                PngInfoRequest,
-                error_codes=(401, 413, 422),
-            )
-        },
-        "/sdapi/v1/progress": {
-            "get": {
-                "summary": "Jobs in progress (only the caller's, with API keys)",
-                "responses": {"200": {"description": "OK"}},
-            }
-        },
-        "/sdapi/v1/interrupt": {
-            "post": {"summary": "Cancel the caller's running jobs", "responses": {"200": {"description": "OK"}}}
-        },
-        "/sdapi/v1/skip": {
-            "post": {"summary": "Cancel the caller's running jobs", "responses": {"200": {"description": "OK"}}}
-        },
-        "/sdapi/v1/sd-models": {"get": {"summary": "The served model", "responses": {"200": {"description": "OK"}}}},
-        "/sdapi/v1/samplers": {"get": {"summary": "Supported samplers", "responses": {"200": {"description": "OK"}}}},
-        "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}},
-        "/readyz": {
-            "get": operation("A worker is ready", Readiness, error_codes=())
-            | {
-                "responses": {
-                    "200": {"description": "Ready", **json_content(Readiness)},
-                    "503": {"description": "Not ready", **json_content(Readiness)},
-                }
-            }
-        },
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain"}}}},
-    }
-    schemas: dict[str, Any] = {}
-    for model in MODELS:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
+def spec(routes: Iterable[BaseRoute]) -> dict[str, Any]:
+    found = list(operations(routes))
+    models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {(ErrorBody, "serialization"): None}
+    for operation in found:
+        if operation.doc.body is not None:
+            models[operation.doc.body, "validation"] = None
+        if operation.doc.response is not None:
+            models[operation.doc.response, "serialization"] = None
+    refs, definitions = models_json_schema(list(models), ref_template=SCHEMAS)
+    paths: dict[str, Any] = {}
+    for operation in found:
+        item = paths.setdefault(operation.path, {})
+        if params := parameters(operation.route):
+            item["parameters"] = params
+        item[operation.method] = operation_object(operation, refs)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -204,7 +133,7 @@ def spec() -> dict[str, Any]:
             "description": "Self-hosted text-to-image service. Errors: {error: {message, type, param, code}}.",
         },
         "components": {
-            "schemas": schemas,
+            "schemas": definitions.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
@@ -213,4 +142,9 @@ def spec() -> dict[str, Any]:
 
 
 async def endpoint(request: Request) -> Response:
-    return JSONResponse(spec())
+    """This document: every JSON endpoint with its request, response and error schemas."""
+    # Routes are fixed once the app is built, so the document is made once per app.
+    document = getattr(request.app.state, "openapi", None)
+    if document is None:
+        document = request.app.state.openapi = spec(request.app.routes)
+    return JSONResponse(document)

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from muse.errors import (
-    Cancelled,
-    GenerationFailed,
-    MuseError,
-    Overloaded,
-    ShuttingDown,
-    TimedOut,
-    Unavailable,
-    WorkerDied,
-)
+from muse.errors import MuseError
 from muse.messages import GenerateRequest
 from muse.schema import QUALITY_STEPS
+from muse.words import Kind, in_words
 
 # Slack's "not a member" answers, from chat.postEphemeral, files.completeUploadExternal and conversations.info.
 NOT_IN_CHANNEL = {"not_in_channel", "channel_not_found"}
@@ -104,31 +96,35 @@ def upload_failed(request: GenerateRequest, reason: str) -> str:
     return f":x: {shown(request.prompt)} is ready, but I couldn't upload it to this channel ({escape(reason)})."
 
 
+# Templates get the error's own message (escaped) and, for a queued request, `what`: its prompt as shown.
+REFUSED = {
+    Kind.BUSY: ":no_entry: Muse is busy: {message}. Try again in about {retry_after} s.",
+    Kind.RESTARTING: ":no_entry: Muse is restarting and takes no new work. Try again in a minute.",
+    Kind.UNAVAILABLE: ":no_entry: Muse can't generate images right now ({message}). Tell whoever runs it.",
+}
+REFUSED_OTHERWISE = ":no_entry: Muse refused the request: {message}"
+FAILED = {
+    Kind.TIMED_OUT: (
+        ":hourglass: {what} timed out ({message}). Muse is busy; try again later, or ask for fewer images."
+    ),
+    Kind.CRASHED: ":boom: The worker making {what} crashed ({message}). Try again in a moment.",
+    Kind.FAILED: ":x: Generating {what} failed: {message}",
+    Kind.RESTARTING: ":no_entry: Muse shut down before {what} was made. Try again in a minute.",
+    Kind.CANCELLED: ":x: {what} was cancelled ({message}).",
+}
+FAILED_OTHERWISE = ":x: {what} failed: {message}"
+
+
 def refused(error: MuseError) -> str:
     """A request the service refused before queueing it."""
-    if isinstance(error, Overloaded):
-        return f":no_entry: Muse is busy: {escape(error.message)}. Try again in about {error.retry_after} s."
-    if isinstance(error, ShuttingDown):
-        return ":no_entry: Muse is restarting and takes no new work. Try again in a minute."
-    if isinstance(error, Unavailable):
-        return f":no_entry: Muse can't generate images right now ({escape(error.message)}). Tell whoever runs it."
-    return f":no_entry: Muse refused the request: {escape(error.message)}"
+    # Field names are already the options' (`--seed`): the SLACK dialect named them when the body was validated.
+    words = in_words(error)
+    template = REFUSED.get(words.kind, REFUSED_OTHERWISE)
+    return template.format(message=escape(words.message), retry_after=words.retry_after)
 
 
 def failed(request: GenerateRequest, error: MuseError) -> str:
     """A queued request that ended without an image."""
-    what = shown(request.prompt)
-    if isinstance(error, TimedOut):
-        return (
-            f":hourglass: {what} timed out ({escape(error.message)}). Muse is busy; "
-            "try again later, or ask for fewer images."
-        )
-    if isinstance(error, WorkerDied):
-        return f":boom: The worker making {what} crashed ({escape(error.message)}). Try again in a moment."
-    if isinstance(error, GenerationFailed):
-        return f":x: Generating {what} failed: {escape(error.message)}"
-    if isinstance(error, ShuttingDown):
-        return f":no_entry: Muse shut down before {what} was made. Try again in a minute."
-    if isinstance(error, Cancelled):
-        return f":x: {what} was cancelled ({escape(error.message)})."
-    return f":x: {what} failed: {escape(error.message)}"
+    words = in_words(error)
+    template = FAILED.get(words.kind, FAILED_OTHERWISE)
+    return template.format(what=shown(request.prompt), message=escape(words.message))

@@ -9,22 +9,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlencode
 
-from muse.errors import (
-    Cancelled,
-    GenerationFailed,
-    InvalidRequest,
-    MuseError,
-    NotFound,
-    Overloaded,
-    RateLimited,
-    ShuttingDown,
-    TimedOut,
-    Unavailable,
-    WorkerDied,
-)
+from muse.errors import InvalidRequest, MuseError
 from muse.messages import GenerateRequest
 from muse.model_info import ModelInfo
 from muse.schema import QUALITY_STEPS, GenerateBody, validate
+from muse.words import Kind, in_words
 
 TIMES = "\u00d7"  # the multiplication sign, for sizes as people write them
 
@@ -161,31 +150,25 @@ class Problem:
     retryable: bool = False
 
 
+# Each kind of trouble as a card's title, and how loudly the card says it (invalid input is titled by its field).
+CARDS = {
+    Kind.BUSY: ("Muse is busy", "busy"),
+    Kind.RATE_LIMITED: ("Slow down", "busy"),
+    Kind.RESTARTING: ("Muse is restarting", "busy"),
+    Kind.UNAVAILABLE: ("No worker is available", "busy"),
+    Kind.TIMED_OUT: ("Took too long", "error"),
+    Kind.CRASHED: ("A worker crashed", "error"),
+    Kind.FAILED: ("Generation failed", "error"),
+    Kind.CANCELLED: ("Cancelled", "muted"),
+    Kind.NOT_FOUND: ("Not found", "muted"),
+}
+
+
 def problem(error: MuseError) -> Problem:
-    message = error.message
-    if isinstance(error, InvalidRequest) and error.param:
-        message = message.removeprefix(f"{error.param}: ")
-    message = message[:1].upper() + message[1:]
-    if isinstance(error, InvalidRequest):
-        label = LABELS.get(error.param or "")
-        title = f"Check the {label.lower()}" if label else "Can't generate that"
-        return Problem(title, message, "error", error.status, field=label)
-    if isinstance(error, Overloaded):
-        return Problem("Muse is busy", message, "busy", error.status, retry_after=error.retry_after, retryable=True)
-    kinds: list[tuple[type[MuseError], str, str, bool]] = [
-        (RateLimited, "Slow down", "busy", True),
-        (ShuttingDown, "Muse is restarting", "busy", True),
-        (Unavailable, "No worker is available", "busy", True),
-        (TimedOut, "Took too long", "error", True),
-        (WorkerDied, "A worker crashed", "error", True),
-        (GenerationFailed, "Generation failed", "error", True),
-        (Cancelled, "Cancelled", "muted", True),
-        (NotFound, "Not found", "muted", False),
-    ]
-    for kind, title, tone, retryable in kinds:
-        if isinstance(error, kind):
-            retry = error.headers().get("Retry-After")
-            return Problem(
-                title, message, tone, error.status, retry_after=int(retry) if retry else None, retryable=retryable
-            )
-    return Problem("Something went wrong", message, "error", error.status, retryable=True)
+    words = in_words(error, LABELS)
+    message = words.detail[:1].upper() + words.detail[1:]
+    if words.kind is Kind.INVALID:
+        title = f"Check the {words.field.lower()}" if words.field else "Can't generate that"
+        return Problem(title, message, "error", error.status, field=words.field)
+    title, tone = CARDS.get(words.kind, ("Something went wrong", "error"))
+    return Problem(title, message, tone, error.status, retry_after=words.retry_after, retryable=words.retryable)

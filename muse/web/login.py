@@ -7,11 +7,10 @@ limited per address, so a key cannot be guessed at speed.
 
 from __future__ import annotations
 
-import html
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from muse.core.ratelimit import RateLimiter
@@ -19,6 +18,7 @@ from muse.errors import RateLimited
 from muse.http.auth import KeyRing, fingerprint
 from muse.http.csrf import CSRF_HEADER, cookie_header, token_matches
 from muse.http.sessions import SESSION_COOKIE, Sessions
+from muse.web.render import render
 
 LOGIN_ATTEMPTS_PER_MINUTE = 10
 
@@ -28,25 +28,9 @@ def safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/"
 
 
-LOGIN_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Muse — sign in</title><link rel="stylesheet" href="/static/style.css"></head>
-<body><main class="login"><h1>Muse</h1>
-<form method="post" action="/login">
-<input type="hidden" name="next" value="{next}"><input type="hidden" name="csrf_token" value="{csrf}">
-<label for="key">API key</label>
-<input id="key" name="key" type="password" autocomplete="current-password" required autofocus>
-<button type="submit">Sign in</button>{error}
-</form></main></body></html>"""
-
-
-def login_page(request: Request, error: str = "", status: int = 200) -> HTMLResponse:
-    body = LOGIN_PAGE.format(
-        next=html.escape(safe_next(request.query_params.get("next", "/"))),
-        csrf=html.escape(getattr(request.state, "csrf_token", "")),
-        error=f'<p class="error" role="alert">{html.escape(error)}</p>' if error else "",
-    )
-    return HTMLResponse(body, status_code=status)
+def login_page(request: Request, error: str = "", status: int = 200) -> Response:
+    context = {"next": safe_next(request.query_params.get("next", "/")), "error": error}
+    return render(request, "login.html", context, status_code=status)
 
 
 async def login_form(request: Request) -> Response:

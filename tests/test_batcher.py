@@ -478,3 +478,30 @@ async def test_a_retried_batch_goes_back_in_fair_order() -> None:
     pool.die(batcher)
     tags = [(t.tag, t.submitted) for t in batcher.queue]
     assert tags == sorted(tags), "the queue stays sorted, so later arrivals land where they belong"
+
+
+async def test_one_owner_filling_the_queue_makes_room_for_another_from_its_own_newest() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_queue=8)
+    batcher.submit(req("running"), owner="flood")  # takes the worker
+    flood = [batcher.submit(req(f"f{i}", n=2), owner="flood") for i in range(4)]  # 8 images: the queue is full
+    with pytest.raises(Overloaded):
+        batcher.submit(req("more"), owner="flood")  # the flood's own request is refused as before
+    other = batcher.submit(req("mine", n=2), owner="other")
+    assert other.state is TicketState.QUEUED
+    # The flood's newest request made room; its older ones keep their places.
+    assert [t.state for t in flood] == [TicketState.QUEUED] * 3 + [TicketState.FAILED]
+    assert isinstance(flood[-1].error, Overloaded) and flood[-1].error.code == "queue_full"
+    assert batcher.queued_images == 8
+
+
+async def test_the_queue_is_not_emptied_for_an_owner_as_big_as_the_biggest() -> None:
+    pool = FakePool()
+    batcher = make(pool, max_queue=4)
+    batcher.submit(req("running"), owner="a")
+    a = [batcher.submit(req(f"a{i}"), owner="a") for i in range(2)]
+    b = [batcher.submit(req(f"b{i}"), owner="b") for i in range(2)]
+    # Shares are even: b's third image would make it the bigger owner, so it is refused, not a's.
+    with pytest.raises(Overloaded):
+        batcher.submit(req("b2"), owner="b")
+    assert all(t.state is TicketState.QUEUED for t in a + b)

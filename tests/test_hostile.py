@@ -119,6 +119,22 @@ def test_a_request_that_can_never_fit_the_rate_bucket_is_422_not_a_retryable_429
     assert response.json()["error"]["code"] == "over_rate_limit" and "Retry-After" not in response.headers
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/images/generations", {"prompt": "x", "size": "128x128", "steps": 20}, 400, "n"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "width": 128, "height": 128, "steps": 20}, 422, "batch_size"),
+    ],
+)
+def test_the_rate_bucket_refusal_speaks_each_front_ends_dialect(
+    limited: LiveServer, path: str, body: dict[str, object], status: int, param: str
+) -> None:
+    response = httpx.post(limited.url + path, json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == "over_rate_limit" and error["param"] == param
+
+
 CROSS_SITE = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://attacker.example"}]
 
 

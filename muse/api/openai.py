@@ -105,7 +105,9 @@ async def generations(request: Request) -> Response:
             param="response_format",
             status=400,
         )
-    ticket = muse.submit(to_generate_body(body).to_request(muse.model, OPENAI), client=client_of(request))
+    ticket = muse.submit(
+        to_generate_body(body).to_request(muse.model, OPENAI), client=client_of(request), dialect=OPENAI
+    )
     try:
         result = await wait_unless_disconnected(request, ticket, muse)
     except MuseError as error:

@@ -92,10 +92,21 @@ class Batcher:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         # An empty queue takes any request, or one bigger than --max-queue could never run.
         if self.queued_images and self.queued_images + request.n > self.max_queue:
-            raise Overloaded(
-                f"queue full ({self.queued_images} images waiting, limit {self.max_queue}); retry later",
-                retry_after=self.speed.wait(self.queued_images + request.n, self.capacity()),
-            )
+            victims = self._room_for(owner, request.n)
+            if victims is None:
+                raise Overloaded(
+                    f"queue full ({self.queued_images} images waiting, limit {self.max_queue}); retry later",
+                    retry_after=self.speed.wait(self.queued_images + request.n, self.capacity()),
+                )
+            for victim in victims:
+                self.cancel(
+                    victim,
+                    Overloaded(
+                        "queue full: another client needed room, and this owner held the largest share of the "
+                        "queue; retry later",
+                        retry_after=self.speed.wait(self.queued_images, self.capacity()),
+                    ),
+                )
         loop = asyncio.get_running_loop()
         # Timestamps from time.monotonic(): uvloop's loop.time() only has millisecond resolution.
         now = time.monotonic()
@@ -109,6 +120,26 @@ class Batcher:
         self._pump()
         self.on_demand()
         return ticket
+
+    def _room_for(self, owner: str | None, n: int) -> list[Ticket] | None:
+        """The queue is full: which queued tickets to refuse so `owner`'s n images fit, or None to refuse the
+        newcomer instead. Each owner has a share: the biggest owner's newest tickets make room, but only while
+        that owner would still hold more than the newcomer does with its request (so one tenant's flood
+        never locks the others out, and a lone tenant is refused exactly as before)."""
+        owners = self.queue.by_owner()
+        held = {o: sum(t.request.n for t in tickets) for o, tickets in owners.items()}
+        mine = held.get(owner, 0) + n
+        over = self.queued_images + n - self.max_queue
+        victims: list[Ticket] = []
+        while over > 0:
+            biggest = max((o for o in held if o != owner), key=lambda o: held[o], default=None)
+            if biggest is None or held[biggest] <= mine:
+                return None
+            victim = owners[biggest].pop()  # its newest
+            victims.append(victim)
+            held[biggest] -= victim.request.n
+            over -= victim.request.n
+        return victims
 
     def cancel(self, ticket: Ticket, error: MuseError | None = None) -> bool:
         """End a ticket now (client gone, DELETE, deadline). False if it had already ended."""

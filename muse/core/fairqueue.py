@@ -78,6 +78,13 @@ class FairQueue:
             ahead += t.request.n
         return None
 
+    def by_owner(self) -> dict[str | None, list[Ticket]]:
+        """Each owner's queued tickets, oldest first."""
+        owners: dict[str | None, list[Ticket]] = {}
+        for t in sorted(self._tickets, key=lambda t: t.submitted):
+            owners.setdefault(t.owner, []).append(t)
+        return owners
+
     def through(self, ticket: Ticket) -> list[Ticket]:
         """The queue up to and including this ticket."""
         return self._tickets[: self._tickets.index(ticket) + 1] if ticket in self._tickets else [ticket]

@@ -23,10 +23,23 @@ from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
 from muse.errors import InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
+from muse.schema import NATIVE, Dialect
 
 log = logging.getLogger("muse.core.service")
 # Unfinished jobs are bounded by --max-queue and the workers; ended ones wait out --job-ttl up to this many.
 MAX_KEPT_JOBS = 10_000
+
+
+def evictable(jobs: dict[str, Ticket], room: int) -> list[str]:
+    """The `room` kept jobs to drop: the oldest ended ones of the owner keeping the most ended jobs, so one
+    tenant's flood of create+cancel calls evicts its own, never another's finished job before --job-ttl."""
+    if room <= 0:
+        return []
+    ended: dict[str | None, list[str]] = {}
+    for job_id, t in jobs.items():  # dicts keep insertion order: oldest first
+        if t.done:
+            ended.setdefault(t.owner, []).append(job_id)
+    return max(ended.values(), key=len, default=[])[:room]
 
 
 class Gallery(Protocol):
@@ -151,12 +164,19 @@ class Muse:
     # ---- requests ---------------------------------------------------------------------------------
 
     def submit(
-        self, request: GenerateRequest, *, keep: bool = False, client: str | None = None, owner: str | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        keep: bool = False,
+        client: str | None = None,
+        owner: str | None = None,
+        dialect: Dialect = NATIVE,
     ) -> Ticket:
         """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends.
 
         `client` (an API key's fingerprint or an address) is charged the request's cost against --rate-limit.
         `owner` (default: the client) owns the job and its images, and is the tenant the queue is fair to.
+        `dialect`: the front end's field names and status, for the refusals made here.
         """
         if self.pool.usable_devices == 0:
             raise Unavailable(f"no worker can serve: {self.pool.readiness()[1]}")
@@ -168,8 +188,9 @@ class Muse:
                     f"{request.steps} steps, against {self.model.width}x{self.model.height} at 25), more than "
                     f"--rate-limit allows in a minute ({self.limiter.capacity:g}); ask for fewer, smaller or "
                     "shorter images",
-                    param="n",
+                    param=dialect.name("n"),
                     code="over_rate_limit",
+                    status=dialect.status,
                 )
             self.limiter.take(client, cost)
         try:
@@ -185,9 +206,8 @@ class Muse:
     def _keep(self, ticket: Ticket) -> None:
         """Jobs stay readable for --job-ttl after they end, but at most MAX_KEPT_JOBS of them: a flood of
         requests that end at once (cancelled, expired) must not grow the table without bound."""
-        if len(self.jobs) >= MAX_KEPT_JOBS:
-            for job_id in [i for i, t in self.jobs.items() if t.done][: len(self.jobs) - MAX_KEPT_JOBS + 1]:
-                del self.jobs[job_id]  # the oldest ended ones (dicts keep insertion order)
+        for job_id in evictable(self.jobs, len(self.jobs) - MAX_KEPT_JOBS + 1):
+            del self.jobs[job_id]
         self.jobs[ticket.id] = ticket
 
     def job(self, job_id: str, viewer: Viewer = EVERYONE) -> Ticket:

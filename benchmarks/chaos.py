@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, child_processes, muse_server
+from common import RESULTS, child_processes, metric, muse_server
 from load import check_loopback, percentile
 
 from muse.config import EMBEDDED_MODEL
@@ -177,16 +177,12 @@ async def chaos(url: str, server_pid: int, args: argparse.Namespace) -> dict:
         "server_outcomes": server_outcomes,
         "server_outcomes_total": sum(server_outcomes.values()),
         "kills": kills,
-        "retried_batches": _metric(metrics, "muse_batches_retried_total"),
+        "retried_batches": metric(metrics, "muse_batches_retried_total"),
         "elapsed_s": round(elapsed, 1),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "mean_ms": statistics.fmean(latencies) if latencies else None,
     }
-
-
-def _metric(text: str, name: str) -> float:
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def main() -> None:

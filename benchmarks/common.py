@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a served `muse serve` subprocess and the direct pipeline loop."""
+"""Shared pieces of the benchmarks: a served `muse serve` subprocess, its metrics, and the direct pipeline loop."""
 
 from __future__ import annotations
 
@@ -126,11 +126,11 @@ class DirectPipeline:
 
     def run(self, batch: int, steps: int, seed: int = 0) -> float:
         """One batch; returns seconds."""
-        from muse.messages import Batch, BatchKey, ImageSpec
+        from muse.messages import Assignment, BatchKey, ImageSpec
 
         images = [ImageSpec("a red circle on a blue background", "", seed + i) for i in range(batch)]
         key = BatchKey(self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
-        job = Batch("direct", images, key)
+        job = Assignment("direct", images, key)
         from muse.worker.pipeline import run_batch
 
         start = time.perf_counter()
@@ -160,6 +160,11 @@ def child_processes(parent: int) -> list[tuple[int, bytes]]:
         if ppid == parent:
             found.append((int(entry.name), cmdline))
     return found
+
+
+def metric(text: str, name: str) -> float:
+    """An unlabelled sample's value in a /metrics (Prometheus text) page; 0 when absent, as a counter starts."""
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
 
 
 def write_report(report: dict[str, Any], out: Path, plot: Callable[[dict[str, Any], Path], None]) -> None:

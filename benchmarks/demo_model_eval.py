@@ -91,7 +91,7 @@ def generate(pipe: Any, prompts: list[str], args: argparse.Namespace, guidance: 
 
 
 def score(prompts: list[str], images: list[Image.Image]) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prompt, image in zip(prompts, images, strict=True):
         expected = Expectation.from_prompt(prompt)
         assert expected is not None, prompt
@@ -122,7 +122,7 @@ def grid(samples: list[tuple[str, Image.Image, bool]], columns: int = 8, cell: i
     draw = ImageDraw.Draw(sheet)
     for i, (prompt, image, ok) in enumerate(samples):
         x, y = (i % columns) * cell, (i // columns) * (cell + caption_h)
-        sheet.paste(image.resize((cell, cell), Image.NEAREST), (x, y))
+        sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
         text = "\n".join(textwrap.wrap(prompt, 22)[:4])
         draw.multiline_text((x + 2, y + cell + 1), text, fill="black" if ok else "red", spacing=0)
     return sheet

@@ -19,55 +19,19 @@ compiled. Writes JSON and a PNG plot.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, muse_server, write_report
-from gpu import build_sd15, build_tiny, direct
-from load import run_level
+from common import RESULTS, write_report
+from pipelines import build_sd15, build_tiny
+from scaling import direct, served
 
 from muse.config import EMBEDDED_MODEL
-
-
-def metric(text: str, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def served(
-    model: str, device: str, batch: int, steps: int, size: int, duration: float, threads: int, cache: str, mode: str
-) -> dict:
-    flags = ["--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024",
-             "--compile", "--compile-cache", cache, "--compile-mode", mode]  # fmt: skip
-    if device == "cpu":
-        flags += ["--threads-per-worker", str(threads)]
-    body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
-    start = time.perf_counter()
-    with muse_server(*flags, timeout=3600) as server:
-        ready_s = time.perf_counter() - start
-        asyncio.run(run_level(server.url, 2 * batch, min(duration, 5.0), body))  # fill the pipeline
-        before = httpx.get(server.url + "/metrics").text
-        row = asyncio.run(run_level(server.url, 2 * batch, duration, body))
-        after = httpx.get(server.url + "/metrics").text
-    calls = metric(after, "muse_unet_calls_total") - metric(before, "muse_unet_calls_total")
-    gaps = metric(after, "muse_step_gap_seconds_total") - metric(before, "muse_step_gap_seconds_total")
-    print(f"served --compile, cap {batch}: {row.throughput:.2f} img/s (ready after {ready_s:.0f} s)", flush=True)
-    return {
-        "images_per_s": row.throughput,
-        "p50_ms": row.p50_ms,
-        "ready_s": ready_s,
-        "errors": row.errors,
-        "idle_between_steps_ms": gaps / calls * 1000 if calls else None,
-    }
 
 
 def main() -> None:
@@ -122,8 +86,12 @@ def main() -> None:
                 model, args.device, batches, args.steps, args.size, args.reps, compiled=True, mode=args.mode
             ).items()
         }
+        flags = ["--compile", "--compile-cache", cache, "--compile-mode", args.mode]
+        if args.device == "cpu":
+            flags += ["--threads-per-worker", str(args.threads)]
+        # Compiling every shape before the worker is ready can take a long while on a GPU.
         serve = served(
-            model, args.device, max(batches), args.steps, args.size, args.duration, args.threads, cache, args.mode
+            model, args.device, max(batches), args.steps, args.size, args.duration, *flags, ready_timeout=3600
         )
     largest = str(max(batches))
     report = {

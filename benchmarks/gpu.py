@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 import tempfile
@@ -27,110 +26,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, muse_server
-from load import run_level
 from openloop import open_loop, summarize
-
-CONFIGS = Path(__file__).parent / "sd15"
-
-
-def build_sd15(folder: Path, dtype: Any) -> None:
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from muse.demo_model.architecture import DEMO_SPEC, build_tokenizer, save_pipeline
-
-    torch.manual_seed(0)
-    read = lambda name: json.loads((CONFIGS / f"{name}.json").read_text())  # noqa: E731
-    text_config = {k: v for k, v in read("text_encoder").items() if k != "architectures"}
-    # No hub: the tokenizer is Muse's own small BPE, padded to CLIP's 77 tokens; the text encoder
-    # keeps CLIP's full 49,408-token embedding table, so its size and cost are real.
-    tokenizer = build_tokenizer(dataclasses.replace(DEMO_SPEC, max_tokens=77))
-    built: Any = StableDiffusionPipeline(  # Any: diffusers' stubs do not show the pipeline's `to`
-        vae=AutoencoderKL.from_config(read("vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_config(read("unet")),
-        scheduler=PNDMScheduler.from_config(read("scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    save_pipeline(built.to(dtype=dtype), folder, {"guidance_scale": 7.5})
-
-
-def build_tiny(folder: Path) -> None:
-    from muse.demo_model.architecture import TINY_SPEC, build_pipeline, save_pipeline
-
-    save_pipeline(build_pipeline(TINY_SPEC), folder, {"guidance_scale": 7.5})
-
-
-def direct(
-    model: str,
-    device: str,
-    batches: list[int],
-    steps: int,
-    size: int,
-    reps: int,
-    compiled: bool = False,
-    mode: str = "default",
-) -> dict[int, Any]:
-    """Images/s of whole pipeline calls by batch size (and peak GPU memory). `compiled`: through
-    `muse.worker.fastpath`'s compiled UNet, each shape compiled in its untimed first call; `mode`:
-    torch.compile's."""
-    import torch
-
-    from muse.messages import Batch, BatchKey, ImageSpec
-    from muse.worker.fastpath import optimize
-    from muse.worker.pipeline import load_pipeline, run_batch
-
-    loaded = load_pipeline(model, device)
-    if compiled:  # what `muse serve --compile` compiles: the UNet and the VAE decoder
-        loaded.pipe.unet = optimize(loaded.pipe, mode).compiled
-        loaded.pipe.vae.decoder = torch.compile(loaded.pipe.vae.decoder, dynamic=False, mode=mode)
-    results = {}
-    for batch in batches:
-        images = [ImageSpec("a photo of a cat", "", i) for i in range(batch)]
-        job = Batch("direct", images, BatchKey(size, size, steps, 7.5))
-        start = time.perf_counter()
-        run_batch(loaded, job, lambda step: True)  # warm-up at this shape (its compile, when compiled)
-        first_s = time.perf_counter() - start
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(reps):
-            run_batch(loaded, job, lambda step: True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        memory = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        results[batch] = {"images_per_s": batch * reps / elapsed, "peak_gib": memory, "first_call_s": first_s}
-        label = "compiled " if compiled else ""
-        print(f"direct {label}batch {batch:>2}: {results[batch]['images_per_s']:.2f} img/s", flush=True)
-    del loaded
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return results
-
-
-def served(model: str, device: str, batches: list[int], steps: int, size: int, duration: float) -> dict[int, Any]:
-    results = {}
-    body = {"prompt": "a photo of a cat", "steps": steps, "width": size, "height": size}
-    for batch in batches:
-        flags = ["--model", model, "--devices", device, "--max-batch-size", str(batch), "--max-queue", "1024"]
-        with muse_server(*flags) as server:
-            asyncio.run(run_level(server.url, 2 * batch, min(duration, 5.0), body))  # warm-up
-            row = asyncio.run(run_level(server.url, 2 * batch, duration, body))
-        results[batch] = {
-            "images_per_s": row.throughput,
-            "p50_ms": row.p50_ms,
-            "p99_ms": row.p99_ms,
-            "batch_sizes": row.batch_sizes,
-            "errors": row.errors,
-        }
-        print(f"served batch {batch:>2}: {row.throughput:.2f} img/s (batches seen {row.batch_sizes})", flush=True)
-    return results
+from pipelines import build_sd15, build_tiny
+from scaling import direct, served
 
 
 def open_loop_runs(
@@ -190,7 +88,7 @@ def main() -> None:
             build_sd15(folder, torch.float16)
         print(f"built {'tiny' if args.tiny else 'SD 1.5'} pipeline in {time.perf_counter() - start:.0f} s", flush=True)
         d = direct(str(folder), args.device, batches, args.steps, args.size, args.reps)
-        s = served(str(folder), args.device, batches, args.steps, args.size, args.duration)
+        s = {b: served(str(folder), args.device, b, args.steps, args.size, args.duration) for b in batches}
         loop = None
         if args.openloop:
             largest = max(batches)

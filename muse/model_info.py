@@ -6,6 +6,7 @@ Reads diffusers' JSON configs only (no torch), so defaults are known even when s
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,21 @@ class ModelInfo:
         return n * (width * height) / (self.width * self.height) * steps / NATIVE_STEPS
 
 
+def native_size(denoiser: Mapping[str, Any] | None, vae_scale: int) -> tuple[int, int]:
+    """(width, height) a pipeline draws by default: its denoiser's `sample_size` (a UNet's or a transformer's
+    config, an int or [h, w]) times the VAE's scale; Stable Diffusion's 512 when the config does not say."""
+    sample = (denoiser or {}).get("sample_size")
+    if sample is None:
+        return FALLBACK_SIZE, FALLBACK_SIZE
+    h, w = (sample, sample) if isinstance(sample, int) else sample
+    return int(w * vae_scale), int(h * vae_scale)
+
+
+def default_guidance(model: str) -> float:
+    """The guidance a model serves by default: its `muse.json`'s, else Stable Diffusion's."""
+    return float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
+
+
 def read_defaults(model: str) -> dict[str, Any]:
     """The optional `muse.json` beside `model_index.json`: serving defaults stored with a model."""
     path = Path(model) / "muse.json"
@@ -79,17 +95,12 @@ def model_name(model: str, embedded: str) -> str:
 
 def inspect(model: str, embedded: str) -> ModelInfo:
     folder = Path(model)
-    width = height = FALLBACK_SIZE
-    unet = _read_json(folder / "unet" / "config.json")
+    denoiser = _read_json(folder / "unet" / "config.json") or _read_json(folder / "transformer" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
-    if unet and vae and "sample_size" in unet:
-        # diffusers' own rule: the VAE halves the size at every block but the last.
-        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        sample = unet["sample_size"]
-        h, w = (sample, sample) if isinstance(sample, int) else sample
-        width, height = int(w * scale), int(h * scale)
-    guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
-    return ModelInfo(model_name(model, embedded), width, height, guidance, stored_scheduler(folder))
+    # diffusers' own rule: the VAE halves the size at every block but the last.
+    scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1) if vae else 8
+    width, height = native_size(denoiser if vae else None, scale)
+    return ModelInfo(model_name(model, embedded), width, height, default_guidance(model), stored_scheduler(folder))
 
 
 def stored_scheduler(folder: Path) -> str:

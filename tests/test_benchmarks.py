@@ -1,7 +1,9 @@
-"""Smoke tests of the benchmark scripts at CI size: they run, and they refuse non-loopback targets."""
+"""Smoke tests of the benchmark scripts at CI size: they run, they refuse non-loopback targets, and they import
+one another without a circle."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -88,3 +90,24 @@ def test_load_generator_only_targets_loopback() -> None:
             check_loopback("http://10.0.0.5:8000")
     finally:
         sys.path.remove(str(BENCH))
+
+
+def sibling_imports(path: Path, siblings: set[str]) -> set[str]:
+    """The benchmark modules `path` imports, lazily or not (the scripts import each other as top-level modules)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found & siblings
+
+
+def test_benchmark_modules_import_each_other_without_a_circle() -> None:
+    paths = {path.stem: path for path in BENCH.glob("*.py")}
+    graph = {name: sibling_imports(path, set(paths)) for name, path in paths.items()}
+    assert graph["fast"] and graph["gpu"], "the walk sees the scripts' imports of their siblings"
+    # Peel off modules that import nothing left: whatever cannot be peeled imports itself through a circle.
+    while leaves := {name for name, imports in graph.items() if not imports}:
+        graph = {name: imports - leaves for name, imports in graph.items() if name not in leaves}
+    assert not graph, f"benchmark modules in an import circle: {sorted(graph)}"

@@ -12,7 +12,7 @@ import argparse
 import base64
 from typing import Any
 
-import litserve as ls  # type: ignore[import-untyped]
+import litserve as ls
 
 
 class DiffusionAPI(ls.LitAPI):
@@ -38,7 +38,7 @@ class DiffusionAPI(ls.LitAPI):
     def predict(self, batch: Any) -> Any:
         """LitServe's batch, run as one pipeline call per distinct (steps, guidance): a diffusers call
         takes one of each, so requests that differ cannot share it (as in Muse's `--batching request`)."""
-        from muse.messages import Batch, BatchKey, ImageSpec
+        from muse.messages import Assignment, BatchKey, ImageSpec
         from muse.worker.pipeline import run_batch
 
         items = batch if isinstance(batch, list) else [batch]
@@ -52,7 +52,7 @@ class DiffusionAPI(ls.LitAPI):
             groups.setdefault(key, []).append(i)
         pngs: list[bytes] = [b""] * len(items)
         for (steps, guidance), members in groups.items():
-            job = Batch(
+            job = Assignment(
                 "litserve",
                 [ImageSpec(items[i]["prompt"], "", seeds[i]) for i in members],
                 BatchKey(self.loaded.width, self.loaded.height, steps, guidance),

@@ -9,11 +9,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from muse.averages import ewma
+
 UNKNOWN_IMAGE_SECONDS = 1.0
-
-
-def ewma(previous: float, sample: float, weight: float = 0.2) -> float:
-    return sample if previous == 0 else previous + weight * (sample - previous)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Ticket:
     submitted: float
     deadline: float
     owner: str | None = None  # who sent it: an API key's fingerprint, a client address or a Slack user
-    tag: float = 0.0  # its place in the fair queue (muse.core.batcher: start-time fair queuing by owner)
+    tag: float = 0.0  # its place in the fair queue (muse.core.fairqueue: start-time fair queuing by owner)
     created: float = field(default_factory=time.time)
     state: TicketState = TicketState.QUEUED
     step: int = 0

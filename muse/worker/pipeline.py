@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from muse.messages import Assignment, BatchKey, ImageSpec
-from muse.model_info import FALLBACK_GUIDANCE, read_defaults
+from muse.model_info import default_guidance, native_size
 from muse.schedulers import SCHEDULERS
 
 
@@ -49,21 +49,16 @@ class LoadedPipeline:
         self.pipe.scheduler = self.schedulers[name]
 
 
-def native_size(pipe: Any) -> tuple[int, int]:
-    sample = pipe.unet.config.sample_size
-    h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    return int(w * scale), int(h * scale)
-
-
 def load_pipeline(model: str, device: str) -> LoadedPipeline:
     # Half precision on GPUs; on CPU the checkpoint's float32 as saved.
     kwargs = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
     pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    width, height = native_size(pipe)
-    guidance = float(read_defaults(model).get("guidance_scale", FALLBACK_GUIDANCE))
+    # The denoiser is a UNet (SD, SDXL) or a transformer (FLUX, SD3, …): whichever the pipeline has.
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    width, height = native_size(None if denoiser is None else denoiser.config, getattr(pipe, "vae_scale_factor", 8))
+    guidance = default_guidance(model)
     return LoadedPipeline(pipe, model, device, width, height, guidance, {"": pipe.scheduler})
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from muse.averages import ewma
 from muse.messages import Assignment, Failure, Interrupt, Progress, Result, Steps, Stop
 from muse.worker.channel import Channel
 from muse.worker.engine import Decoded, Slot, SlotRequest, StepEngine
@@ -161,7 +162,7 @@ class StepLoop:
         try:
             requests = [r for b in joining for r in slot_requests(b)]
             self.engine.admit(requests)
-            self.admit_s = average(self.admit_s, (time.perf_counter() - started) / len(requests))
+            self.admit_s = ewma(self.admit_s, (time.perf_counter() - started) / len(requests))
         except Exception as exc:
             if len(joining) == 1:
                 self.fail(joining[0].assignment_id, exc)
@@ -204,7 +205,7 @@ class StepLoop:
             return
         self.unet_calls += 1
         ended = time.perf_counter()
-        self.step_s = average(self.step_s, ended - started)
+        self.step_s = ewma(self.step_s, ended - started)
         for run in self.running.values():
             run.shared += occupancy
             run.steps_run += 1
@@ -261,11 +262,6 @@ class StepLoop:
         self.running.pop(assignment_id, None)
         log.error("assignment %s failed", assignment_id, exc_info=exc)
         self.channel.send(Failure(assignment_id, f"{type(exc).__name__}: {exc}"))
-
-
-def average(mean: float, sample: float, weight: float = 0.2) -> float:
-    """An exponential moving average that starts at its first sample."""
-    return sample if not mean else mean + weight * (sample - mean)
 
 
 def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None) -> None:

@@ -4,7 +4,9 @@
   batcher, the autoscaler or a pool.
 - The core never imports Starlette (or a front end); the worker side never imports asyncio or
   Starlette, not even through another muse module it imports.
+- A front end never imports another front end; the HTTP plumbing they share (muse.http) imports none.
 - The shared types at the top of the package import no other layer.
+- No import circle anywhere in the package, at any depth of a file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "muse"
 FRONT_ENDS = ("muse.api", "muse.web", "muse.slack", "muse.cli", "muse.client")
 NOT_FOR_FRONT_ENDS = ("muse.core.batcher", "muse.core.autoscaler", "muse.pools")
-SHARED = ("muse.errors", "muse.messages", "muse.schedulers", "muse.model_info", "muse.schema", "muse.periodic")
+# Each front end, with the modules that belong to it (the `muse` command and its HTTP client are one).
+FRONT_END_GROUPS = (("muse.api",), ("muse.web",), ("muse.slack",), ("muse.cli", "muse.client"))
+SHARED = (
+    "muse.errors",
+    "muse.messages",
+    "muse.schedulers",
+    "muse.model_info",
+    "muse.schema",
+    "muse.periodic",
+    "muse.words",
+    "muse.averages",
+)
 
 
 def module_name(path: Path) -> str:
@@ -97,3 +110,52 @@ def test_pools_do_not_import_the_core_they_serve() -> None:
     # The service owns the pool; the pool sees the batcher only through its listener Protocol.
     for name in (n for n in MODULES if within(n, "muse.pools")):
         assert offending(IMPORTS[name], "muse.core") == [], name
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if within(n, *FRONT_ENDS, "muse.http")))
+def test_a_front_end_imports_no_other_front_end(name: str) -> None:
+    others = [p for group in FRONT_END_GROUPS if not within(name, *group) for p in group]
+    assert offending(IMPORTS[name], *others) == []
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (or a module importing itself): Tarjan's."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_cycles_finds_a_circle() -> None:
+    # The check below would pass on a finder that finds nothing.
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles() -> None:
+    graph = {name: {i for i in imported if i in MODULES and i != name} for name, imported in IMPORTS.items()}
+    assert cycles(graph) == []

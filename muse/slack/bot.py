@@ -224,7 +224,11 @@ class SlackBot:
         try:
             if not await self.bot_is_member(channel):
                 return replies.invite(self.bot_user), None
-            request = body.to_request(self.muse.model, SLACK)
+            try:
+                # The model's cost limits (size, steps) are checked here, against the served model.
+                request = body.to_request(self.muse.model, SLACK)
+            except InvalidRequest as exc:
+                return replies.invalid(exc.message, name), None
             try:
                 ticket = self.muse.submit(request, owner=f"slack:{user}")
             except MuseError as exc:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
 from muse.http.auth import viewer_of
-from muse.http.common import client_of, service, sse, wait_unless_disconnected
+from muse.http.common import client_of, service, wait_unless_disconnected
+from muse.http.sse import Change, event_stream, sse
 from muse.messages import GenerateResult
 from muse.schema import GenerateBody, parse_json, validate
-
-SSE_KEEPALIVE_S = 15.0
 
 
 def result_json(result: GenerateResult) -> dict[str, Any]:
@@ -101,49 +99,42 @@ async def delete_job(request: Request) -> Response:
 async def job_events(request: Request) -> Response:
     muse = service(request)
     ticket = muse.job(request.path_params["id"], viewer_of(request))
-    return StreamingResponse(
-        event_stream(muse, ticket),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return event_stream(request, ticket, JobEvents(muse, ticket))
 
 
-async def event_stream(muse: Muse, ticket: Ticket) -> AsyncIterator[str]:
-    """`queued` when the position changes, `running`, one `progress` per step, then the final state."""
-    events: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
-    last_position: list[int | None] = [None]
+class JobEvents:
+    """A job's events as JSON: `queued` when its position changes, `running`, one `progress` per step (its
+    step, steps and ETA), then the final state; every event but `progress` carries the whole job."""
 
-    def listener(t: Ticket, event: str) -> None:
-        if event == "queued":
-            position = muse.position(t)
-            if position == last_position[0]:
-                return
-            last_position[0] = position
-        events.put_nowait((event, t.step))
+    def __init__(self, muse: Muse, ticket: Ticket) -> None:
+        self.muse, self.ticket = muse, ticket
+        self.position: int | None = None
 
-    unwatch = muse.watch(ticket, listener) if not ticket.done else (lambda: None)
-    try:
-        if ticket.done:
-            yield sse(ticket.state.value, json.dumps(job_json(muse, ticket)))
-            return
-        if ticket.state is TicketState.QUEUED:
-            last_position[0] = muse.position(ticket)
-            yield sse("queued", json.dumps(job_json(muse, ticket)))
-        while True:
-            try:
-                event, step = await asyncio.wait_for(events.get(), SSE_KEEPALIVE_S)
-            except TimeoutError:
-                yield ": keep-alive\n\n"
+    def opening(self) -> list[str]:
+        if self.ticket.done:
+            return [self.job_event(self.ticket.state.value)]
+        if self.ticket.state is TicketState.QUEUED:
+            self.position = self.muse.position(self.ticket)
+            return [self.job_event("queued")]
+        return []
+
+    def changed(self, changes: Sequence[Change]) -> list[str]:
+        events = []
+        for change in changes:
+            if change.event == "progress":
+                progress = {"id": self.ticket.id, "step": change.step, "steps": self.ticket.request.steps}
+                events.append(sse("progress", json.dumps(progress | {"eta_s": _round(self.muse.eta(self.ticket))})))
                 continue
-            if event == "progress":
-                progress = {"id": ticket.id, "step": step, "steps": ticket.request.steps}
-                yield sse("progress", json.dumps(progress | {"eta_s": _round(muse.eta(ticket))}))
-            else:
-                yield sse(event, json.dumps(job_json(muse, ticket)))
-            if event in ("succeeded", "failed", "cancelled"):
-                return
-    finally:
-        unwatch()
+            if change.event == "queued":
+                position = self.muse.position(self.ticket)
+                if position == self.position:
+                    continue  # every queued job hears of every dispatch; only a move is news
+                self.position = position
+            events.append(self.job_event(change.event))
+        return events
+
+    def job_event(self, event: str) -> str:
+        return sse(event, json.dumps(job_json(self.muse, self.ticket)))
 
 
 async def healthz(request: Request) -> Response:

@@ -21,11 +21,6 @@ def error_response(error: MuseError, headers: Mapping[str, str] | None = None) -
     return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers() | dict(headers or {}))
 
 
-def sse(event: str, data: str) -> str:
-    """One server-sent event; each line of `data` on its own `data:` line, so no text can end the event."""
-    return f"event: {event}\n" + "".join(f"data: {line}\n" for line in data.splitlines() or [""]) + "\n"
-
-
 def service(request: Request) -> Muse:
     muse: Muse = request.app.state.muse
     return muse

@@ -1,8 +1,10 @@
-"""HTMX pages: the studio (generate form + live job cards). The gallery lives in pages_gallery.
+"""HTMX pages: the studio (generate form + live job cards). The gallery lives in muse.web.gallery.
 
 Every route answers a full page to a plain request and only its fragment to an HTMX one (contact-app
-style): a job card polls itself every 500 ms and stops by coming back without its trigger once done.
-Without JavaScript the forms still work: POST, then a 303 to a page that refreshes until the job ends.
+style). With JavaScript nothing polls: an unfinished job's card comes with a listener on its server-sent
+events (muse.web.stream), which swap in the card when its state or queue position changes and its bar at
+each step; a finished card comes without one. Without JavaScript the forms still work: POST, then a 303
+to a page that refreshes itself every 2 s until the job ends.
 """
 
 from __future__ import annotations

@@ -138,9 +138,9 @@ DOCS: dict[Endpoint, Doc] = {
     native.get_job: Doc("Job status", response=JobStatus, errors=(404,)),
     native.delete_job: Doc("Cancel a job", response=JobStatus, errors=(404,)),
     native.job_events: Doc(
-        "Server-sent events: queued, running, progress (one per step), final state",
+        "Server-sent events: queued, running, progress (one per step), final state; at most 8 per job and 16 per client",
         media="text/event-stream",
-        errors=(404,),
+        errors=(404, 429),
     ),
     native.healthz: Doc("Process alive", response=Health),
     native.readyz: Doc("A worker is ready", response=Readiness, also={503: "Not ready"}),

@@ -138,7 +138,7 @@ DOCS: dict[Endpoint, Doc] = {
     native.get_job: Doc("Job status", response=JobStatus, errors=(404,)),
     native.delete_job: Doc("Cancel a job", response=JobStatus, errors=(404,)),
     native.job_events: Doc(
-        "Server-sent events: queued, running, progress (one per step), final state; at most 8 per job and 16 per client",
+        "Server-sent events: queued, running, progress (one per step), final state; 8 per job, 16 per client",
         media="text/event-stream",
         errors=(404, 429),
     ),

@@ -16,7 +16,13 @@ import zlib
 from dataclasses import dataclass
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_TEXT = 1 << 20  # a compressed text chunk may not inflate past this (a zip bomb in metadata)
+TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+# Text in metadata can be a zip bomb: one chunk may not inflate past MAX_TEXT (Pillow's limit too), nor all of
+# them together past MAX_TEXTS, nor may there be more than MAX_TEXT_CHUNKS (a 1 MB upload of 740 chunks of
+# 1 MiB each once took the server to 2.5 GB). A1111's own images carry one; ComfyUI's two (workflow and prompt).
+MAX_TEXT = 1 << 20
+MAX_TEXTS = 2 << 20
+MAX_TEXT_CHUNKS = 64
 KEYWORD = "parameters"
 DEFAULT_SAMPLER = "Default"  # what A1111-style metadata says when the model's own scheduler ran
 NEGATIVE = "Negative prompt: "
@@ -24,8 +30,11 @@ LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # what s
 CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x9f]")
 NEGATIVE_MARK = re.compile(r"negative\s*prompt\s*:", re.IGNORECASE)
 FULLWIDTH_COLON = "\uff1a"
-# A1111's own pattern for one `key: value` pair of the last line (a value may be "quoted, with commas").
-PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# One `key: value` pair of the last line (a value may be "quoted, with commas"). A1111's own pattern starts with
+# `\s*([\w ]+):`, which retries from every character of a run of key characters that no colon ends: quadratic
+# in a long colon-free line (40,000 letters froze the server for 6 s). Here a key may only start where such a run
+# does, so each run is scanned once; the pairs found are the same once stripped (tests/test_infotext.py).
+PAIR = re.compile(r'(?<![\w ])([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,9 @@ def parse(text: str) -> dict[str, str]:
     """The fields of an infotext as A1111's parse_generation_parameters reads them: Prompt, Negative
     prompt, then the last line's pairs (lines are stripped, as A1111 does)."""
     *head, last = text.strip().split("\n")
-    pairs = PAIR.findall(last)
-    if len(pairs) < 3:  # A1111 too: a last line with fewer pairs is part of the prompt
-        head, pairs = [*head, last], []
+    found = pairs(last)
+    if len(found) < 3:  # A1111 too: a last line with fewer pairs is part of the prompt
+        head, found = [*head, last], []
     prompt: list[str] = []
     negative: list[str] = []
     in_negative = False
@@ -77,8 +86,13 @@ def parse(text: str) -> dict[str, str]:
             line = line[len(NEGATIVE.strip()) :].strip()
         (negative if in_negative else prompt).append(line)
     fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    fields.update((key.strip(), value.strip()) for key, value in pairs)
+    fields.update(found)
     return fields
+
+
+def pairs(line: str) -> list[tuple[str, str]]:
+    """The `key: value` pairs of an infotext's last line, stripped, in time linear in its length."""
+    return [(key.strip(), value.strip()) for key, value in PAIR.findall(line)]
 
 
 def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
@@ -98,13 +112,15 @@ def png_with_text(png: bytes, keyword: str, text: str) -> bytes:
 
 
 def png_texts(data: bytes) -> dict[str, str]:
-    """Every text chunk of a PNG (tEXt, zTXt, iTXt); ValueError if it is not a well-formed PNG.
+    """Every text chunk of a PNG (tEXt, zTXt, iTXt); ValueError if it is not a well-formed PNG, or if its text
+    goes past MAX_TEXT a chunk, MAX_TEXTS in all or MAX_TEXT_CHUNKS chunks.
 
     Reads the chunks, never the pixels: a small file can declare an image of gigapixels, and decoding it
     would take the memory and the event loop's time."""
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError("not a PNG image")
     texts: dict[str, str] = {}
+    left, chunks = MAX_TEXTS, 0
     at = len(PNG_SIGNATURE)
     while at + 12 <= len(data):
         (length,) = struct.unpack(">I", data[at : at + 4])
@@ -114,31 +130,46 @@ def png_texts(data: bytes) -> dict[str, str]:
             raise ValueError(f"not a readable PNG image: chunk {kind!r} is cut off or corrupt")
         if kind == b"IEND":
             return texts
-        if kind in (b"tEXt", b"zTXt", b"iTXt"):
-            keyword, text = _text_chunk(kind, body)
+        if kind in TEXT_CHUNKS:
+            chunks += 1
+            if chunks > MAX_TEXT_CHUNKS:
+                raise ValueError(f"not a readable PNG image: more than {MAX_TEXT_CHUNKS} text chunks")
+            try:
+                keyword, text, size = _text_chunk(kind, body, min(MAX_TEXT, left))
+            except _TooLong:
+                raise ValueError(
+                    f"not a readable PNG image: its text inflates past {MAX_TEXT} bytes a chunk or {MAX_TEXTS} in all"
+                ) from None
+            left -= size
             texts[keyword] = text
         at += 12 + length
     raise ValueError("not a readable PNG image: no end chunk")
 
 
-def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str]:
+class _TooLong(Exception):
+    """A text chunk holds more than the bytes it may take."""
+
+
+def _text_chunk(kind: bytes, body: bytes, limit: int) -> tuple[str, str, int]:
+    """The keyword, the text and the text's size in bytes; _TooLong past `limit` bytes of text."""
     keyword, _, rest = body.partition(b"\0")
     try:
         if kind == b"tEXt":
-            return keyword.decode("latin-1"), rest.decode("latin-1")
-        if kind == b"zTXt":
-            return keyword.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
-        compressed, rest = rest[0], rest[2:]  # flag, method
-        _language, _, rest = rest.partition(b"\0")
-        _translated, _, text = rest.partition(b"\0")
-        return keyword.decode("latin-1"), (_inflate(text) if compressed else text).decode("utf-8")
+            raw, encoding = rest, "latin-1"
+        elif kind == b"zTXt":
+            raw, encoding = _inflate(rest[1:], limit), "latin-1"
+        else:
+            compressed, rest = rest[0], rest[2:]  # flag, method
+            _language, _, rest = rest.partition(b"\0")
+            _translated, _, text = rest.partition(b"\0")
+            raw, encoding = (_inflate(text, limit) if compressed else text), "utf-8"
+        if len(raw) > limit:
+            raise _TooLong
+        return keyword.decode("latin-1"), raw.decode(encoding), len(raw)
     except (IndexError, UnicodeDecodeError, zlib.error) as exc:
         raise ValueError(f"not a readable PNG image: bad {kind.decode()} chunk") from exc
 
 
-def _inflate(data: bytes) -> bytes:
-    inflater = zlib.decompressobj()
-    text = inflater.decompress(data, MAX_TEXT)
-    if inflater.unconsumed_tail:
-        raise ValueError(f"not a readable PNG image: a text chunk inflates past {MAX_TEXT} bytes")
-    return text
+def _inflate(data: bytes, limit: int) -> bytes:
+    """At most `limit` + 1 bytes: enough to tell a text that is too long, never all of a bomb."""
+    return zlib.decompressobj().decompress(data, limit + 1)

@@ -1,16 +1,19 @@
-"""uvicorn as Muse runs it: read deadlines for slow clients, a connection limit, forwarded headers only from
-trusted proxies, a raised file-descriptor limit, and a first signal that drains before the socket closes.
+"""uvicorn as Muse runs it: read deadlines for slow clients, a limit on headers' size, a connection limit,
+forwarded headers only from trusted proxies, a raised file-descriptor limit, and a first signal that drains
+before the socket closes.
 
 uvicorn closes idle keep-alive connections itself, but waits forever for a request that is only half
 sent: thousands of those would hold every file descriptor. `guarded` adds two deadlines to its HTTP
 protocol: a request's headers must arrive within `header_timeout` of its first byte (or of the
-connection), and its body may pause at most `body_timeout` between two chunks.
+connection), and its body may pause at most `body_timeout` between two chunks. `capped` answers 431 to a
+request whose line and headers pass MAX_HEADER_BYTES.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import resource
 import signal
@@ -26,6 +29,12 @@ if TYPE_CHECKING:
     from muse.core.service import Muse
 
 log = logging.getLogger("muse")
+
+MAX_HEADER_BYTES = 64 * 1024  # a request's line and headers together; browsers send a few KiB, nginx allows 32
+
+
+class HeadersTooLarge(Exception):
+    """Raised in a parser callback to stop httptools reading a request refused for its headers' size."""
 
 
 def guarded(base: type[Any], header_timeout: float, body_timeout: float) -> type[asyncio.Protocol]:
@@ -73,13 +82,73 @@ def guarded(base: type[Any], header_timeout: float, body_timeout: float) -> type
     return Guarded
 
 
+def capped(base: type[Any], limit: int) -> type[Any]:
+    """`base` (uvicorn's httptools protocol) answering 431 to a request whose line and headers pass `limit` bytes.
+
+    httptools has no limit of its own (h11 has: `h11_max_incomplete_event_size`), and keeps a header it is
+    reading in a bytes object that grows by copying; uvicorn only sees it whole. A 50 MB header was read to
+    its end and answered 200. So the bytes that arrive while a request's headers are read are counted, and
+    the request is refused once they pass the limit: at most the limit and a read or two (256 KiB each) are
+    held. The read in which a request begins may end the previous one, so it is not counted; instead the
+    headers' exact size is checked once they are complete, which also catches a request that came in one read.
+    """
+
+    class Capped(base):
+        _reading_head = False  # between the first byte of a request and the end of its headers
+        _began = False  # a request began in the data being parsed now
+        _head_bytes = 0
+        _too_large = False
+
+        def data_received(self, data: bytes) -> None:
+            self._began = False
+            super().data_received(data)
+            if self._reading_head and not self._began and not self._too_large:
+                self._head_bytes += len(data)
+                if self._head_bytes > limit:
+                    self._refuse()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._reading_head, self._began, self._head_bytes = True, True, 0
+
+        def on_headers_complete(self) -> None:
+            self._reading_head = False
+            if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > limit:
+                self._too_large = True
+                raise HeadersTooLarge  # httptools stops, and uvicorn answers with send_400_response
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if self._too_large:
+                self._refuse()
+            else:
+                super().send_400_response(msg)
+
+        def _refuse(self) -> None:
+            self._too_large = True
+            if self.transport.is_closing():
+                return
+            message = f"the request line and headers are over {limit} bytes"
+            error = {"message": message, "type": "invalid_request_error", "param": None, "code": "headers_too_large"}
+            body = json.dumps({"error": error}).encode()
+            head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
+            head += [name + b": " + value for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json", b"content-length: %d" % len(body), b"connection: close"]
+            self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            self.transport.close()
+
+    Capped.__name__ = f"Capped{base.__name__}"
+    return Capped
+
+
 def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
-    """The protocol uvicorn's "auto" would pick (httptools when installed), with read deadlines."""
+    """The protocol uvicorn's "auto" would pick (httptools when installed), with read deadlines and a limit on
+    headers' size (h11's own is set in `uvicorn_config`)."""
     base: type[Any] = H11Protocol
     if importlib.util.find_spec("httptools") is not None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        base = HttpToolsProtocol
+        base = capped(HttpToolsProtocol, MAX_HEADER_BYTES)
     return guarded(base, settings.header_timeout, settings.body_timeout)
 
 
@@ -92,6 +161,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         "timeout_graceful_shutdown": 5,
         "access_log": False,
         "http": http_protocol(settings),
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,  # h11 answers 400 past it
         "limit_concurrency": settings.max_connections or None,
         # X-Forwarded-For/-Proto only from the proxies named; by default from nobody, so a client cannot
         # choose the address its rate limit is counted against.

@@ -4,6 +4,9 @@ Layout under `data_dir`:
     images/<id>.png     the worker's PNG with an AUTOMATIC1111-style `parameters` text chunk
     gallery.sqlite3     one row per image (WAL mode)
 
+Folders are made 0700 and files 0600 whatever the umask: the images and prompts are the tenants', not
+the business of the machine's other users.
+
 A save writes the file first (temp file + os.replace) and the row after it, so a row always has its
 file; a crash in between leaves only an orphan file, never a row pointing at nothing. `save` runs on
 the event loop, so it does no fsync: WAL with synchronous=NORMAL may lose the last commits on power
@@ -118,11 +121,16 @@ class Gallery:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / "images"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.images_dir.mkdir(mode=0o700, exist_ok=True)
         for leftover in self.images_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)  # a save interrupted before its rename
+        database = self.data_dir / "gallery.sqlite3"
+        # SQLite makes its files 0644 (less the umask), and its -wal and -shm files as the database's: made
+        # 0600 first, all three stay so.
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
         # Built on one thread, used on the server's event loop thread: the lock serialises access.
-        self._db = sqlite3.connect(self.data_dir / "gallery.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -188,7 +196,8 @@ class Gallery:
         final = self.images_dir / f"{image_id}.png"
         temp = self.images_dir / f".{image_id}.png.tmp"
         try:
-            temp.write_bytes(data)
+            with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as file:
+                file.write(data)
             os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -226,11 +235,6 @@ class Gallery:
             return None
         path = self.images_dir / f"{image_id}.png"
         return path if path.is_file() else None
-
-    def count(self, query: str = "", owner: str | None = None) -> int:
-        conditions, args = search(query, owner)
-        with self._lock:
-            return int(self._db.execute(f"SELECT count(*) FROM images {where(conditions)}", args).fetchone()[0])
 
     def page(
         self,

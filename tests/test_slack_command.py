@@ -72,6 +72,14 @@ def test_parse(text: str, expected: Generate) -> None:
         ("a fox --seed 1 --seed 2", "--seed is given twice"),
         ("a fox --fast=yes", "--fast takes no value"),
         ("a fox --width 512", "unknown option --width"),
+        # Past 4,300 digits Python's int() raises a ValueError: it was answered "something went wrong".
+        (
+            "a cat --seed " + "9" * 5000,
+            "--seed needs a whole number of at most 20 digits, not '999999999999999999999999…'",
+        ),
+        ("a cat --n=" + "1" * 5000, "--n needs a whole number of at most 20 digits"),
+        ("a cat --steps -" + "0" * 5000 + "5", "--steps needs a whole number of at most 20 digits"),
+        ("a cat --seed " + "\u0661" * 21, "--seed needs a whole number of at most 20 digits"),
     ],
 )
 def test_parse_errors_name_the_problem(text: str, message: str) -> None:
@@ -92,6 +100,7 @@ def test_body_is_what_the_api_would_receive() -> None:
         ("a fox --n 9", "--n: Input should be less than or equal to 8"),
         ("a fox --seed -1", "--seed: Input should be greater than or equal to 0"),
         ("a fox --steps 151", "--steps: Input should be less than or equal to 150"),
+        ("a fox --seed " + "9" * 20, "--seed: Input should be less than or equal to 4294967295"),
         ("x" * 2001, "the prompt: String should have at most 2000 characters"),
     ],
 )

@@ -132,7 +132,7 @@ def test_a_failed_rename_leaves_neither_file_nor_row(gallery: Gallery, monkeypat
     with pytest.raises(OSError):
         gallery.save(result())
     assert list(gallery.images_dir.iterdir()) == []
-    assert gallery.count() == 0
+    assert gallery.page().total == 0
 
 
 def test_rows_are_written_after_their_files(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,7 @@ def test_rows_are_written_after_their_files(gallery: Gallery, monkeypatch: pytes
     real_replace = os.replace
 
     def spy(src: str, dst: str) -> None:
-        seen.append(gallery.count())
+        seen.append(gallery.page().total)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
@@ -189,7 +189,7 @@ def test_search_matches_prompt_substrings_case_insensitively(gallery: Gallery) -
     assert [i.prompt for i in gallery.page("red").images] == ["100% red_velvet", "A Red Fox"]
     assert [i.prompt for i in gallery.page("0% r").images] == ["100% red_velvet"]
     assert gallery.page("%").total == 1 and gallery.page("_").total == 1, "wildcards match themselves"
-    assert gallery.count("whale") == 1 and gallery.count("  ") == 3
+    assert gallery.page("whale").total == 1 and gallery.page("  ").total == 3
 
 
 def test_delete_removes_row_then_file(gallery: Gallery) -> None:
@@ -212,3 +212,19 @@ def test_another_owners_image_is_no_cursor(gallery: Gallery) -> None:
     first = gallery.page(limit=2, owner="key:b")
     assert gallery.page(limit=2, after=theirs[0], owner="key:b") == first, "an unknown cursor: the first page"
     assert [i.id for i in gallery.page(limit=5, owner="key:b").images] == mine[::-1]
+
+
+def test_files_are_readable_by_their_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # the usual one, under which files were made 0644 and folders 0755
+    try:
+        gallery = Gallery(tmp_path / "data")
+        [image_id] = gallery.save(result())
+    finally:
+        os.umask(previous)
+    path = gallery.png_path(image_id)
+    assert path is not None
+    made = [gallery.data_dir, gallery.images_dir, path, *gallery.data_dir.glob("gallery.sqlite3*")]
+    assert {p.name for p in made} >= {"gallery.sqlite3", "gallery.sqlite3-wal"}, "the database's files, WAL too"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in made}
+    gallery.close()
+    assert modes == {p.name: oct(0o700 if p.is_dir() else 0o600) for p in made}

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -74,7 +75,7 @@ async def txt2img(request: Request) -> Response:
     muse = service(request)
     body: Txt2ImgRequest = validate(Txt2ImgRequest, parse_json(await request.body()), A1111)
     generate = to_generate_body(body).to_request(muse.model, A1111)
-    ticket = muse.submit(generate, client=client_of(request))
+    ticket = muse.submit(generate, client=client_of(request), dialect=A1111)
     result = await wait_unless_disconnected(request, ticket, muse)
     seeds = [image.seed for image in result.images]
     sampler = generate.scheduler or "default"
@@ -162,12 +163,19 @@ def decode_image(data: str) -> bytes:
 
 
 async def png_info(request: Request) -> Response:
-    """The `parameters` text of a PNG (Muse's own, A1111's, any other tool's), its fields, and its other text."""
+    """The `parameters` text of a PNG (Muse's own, A1111's, any other tool's), its fields, and its other text:
+    what A1111 answers, with the text bounded by infotext.png_texts."""
     body: PngInfoRequest = validate(PngInfoRequest, parse_json(await request.body()), A1111)
-    if not body.image.strip():
+    # Decoding, inflating and parsing up to megabytes of text takes a while: off the event loop, which serves
+    # every other request meanwhile.
+    return await run_in_threadpool(read_png_info, body.image)
+
+
+def read_png_info(image: str) -> Response:
+    if not image.strip():
         return JSONResponse(PngInfoResponse(info="", items={}, parameters={}).model_dump())
     try:
-        texts = infotext.png_texts(decode_image(body.image))
+        texts = infotext.png_texts(decode_image(image))
     except ValueError as exc:
         raise InvalidRequest(f"image: {exc}", param="image", code="invalid_image") from None
     text = texts.pop(infotext.KEYWORD, "")

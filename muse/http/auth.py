@@ -7,6 +7,7 @@
 - Keys are compared in constant time (every key, every time) and never logged.
 - Every request gets `request.state.identity`: the key's fingerprint, or the client address when
   no keys are configured, for rate limiting.
+- /metrics counts every tenant's traffic: with keys it needs an admin key (or `--public-metrics`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from muse.core.tickets import EVERYONE, Viewer
-from muse.errors import Unauthorized
+from muse.errors import Forbidden, Unauthorized
 from muse.http.common import error_response
 from muse.http.sessions import SESSION_COOKIE, Sessions
 
@@ -128,6 +129,10 @@ class ApiKeyAuth:
             state["authenticated_by"] = "cookie"
             state["identity"] = session.identity
             state["admin"] = session.admin
+        if path == "/metrics" and not state["admin"]:
+            refusal = Forbidden("/metrics covers every key's requests: it needs an admin key", code="admin_only")
+            await error_response(refusal)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     def refuse(self, request: Request, path: str, why: str) -> Response:

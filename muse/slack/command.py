@@ -26,6 +26,10 @@ _OPTION = re.compile(r"^(?:--|\u2014|\u2013)([a-z][a-z-]*)(?:=(.*))?$", re.IGNOR
 # Quotes around --negative's text: straight, or curly as autocorrect makes them (and mixes them).
 _QUOTE_FAMILIES = ('"\u201c\u201d', "'\u2018\u2019")
 _INTEGER = re.compile(r"^[+-]?\d+$")
+# More digits than any option takes (seeds are 32-bit). Python refuses to read an integer past 4,300 digits,
+# with a ValueError that is no CommandError, and is slow to read one near that.
+MAX_DIGITS = 20
+SHOWN = 24  # characters of a bad value quoted back to the user
 
 # GenerateBody's field names as the user typed them, so API validation errors name the option.
 SLACK = Dialect(
@@ -94,6 +98,15 @@ def _quoted(tokens: list[str], i: int) -> tuple[str, int] | None:
     return " ".join(words), j + 1
 
 
+def _integer(name: str, value: str) -> int:
+    shown = repr(value if len(value) <= SHOWN else value[:SHOWN] + "…")
+    if not _INTEGER.match(value):
+        raise CommandError(f"--{name} needs a whole number, not {shown}")
+    if len(value.lstrip("+-")) > MAX_DIGITS:
+        raise CommandError(f"--{name} needs a whole number of at most {MAX_DIGITS} digits, not {shown}")
+    return int(value)
+
+
 def parse(text: str) -> Help | Generate:
     if text.strip().lower() in HELP_WORDS:
         return Help()
@@ -140,9 +153,7 @@ def parse(text: str) -> Help | Generate:
             kind = "a whole number" if name in INTEGERS else 'some text, e.g. --negative "blurry, text"'
             raise CommandError(f"--{name} needs {kind}")
         if name in INTEGERS:
-            if not _INTEGER.match(value):
-                raise CommandError(f"--{name} needs a whole number, not {value!r}")
-            values[key] = int(value)
+            values[key] = _integer(name, value)
         else:
             values[key] = value
     text_prompt = " ".join(prompt)

@@ -81,12 +81,12 @@ def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_mode
 
 def test_readyz_says_how_far_a_compiling_worker_is() -> None:
     from muse.messages import Compiling
-    from muse.pools.handles import Slot, WorkerHandle
+    from muse.pools.handles import Seat, WorkerHandle
     from muse.pools.local import Pool
 
     pool = Pool(model="unused", devices=["cpu"])
     worker = WorkerHandle(1, 0, "cpu")
-    pool.slots[0] = Slot("cpu", worker=worker)
+    pool.seats[0] = Seat("cpu", worker=worker)
     assert pool.readiness() == (False, "1 worker(s) loading the model")
     pool._handle(worker, Compiling(2, 5))
     assert pool.readiness() == (False, "1 worker(s) compiling (2 of 5 shapes)")

@@ -194,7 +194,9 @@ def test_overload_is_refused_with_the_retry_time(server: LiveServer, fake: FakeS
     blocker = run_blocker(server)
     waiting = submit_job(server, {"prompt": "fills the queue", "steps": 2, "n": 4})
     try:
-        reply = command(fake, "one too many --steps 2")
+        # As many images as the queue's biggest owner holds: the queue is full for this user too (a smaller
+        # request would make room from that owner's share).
+        reply = command(fake, "one too many --steps 2 --n 4")
         assert reply.startswith(":no_entry: Muse is busy: queue full") and "Try again in about" in reply
         assert job_status(server, waiting)["status"] == "queued"
     finally:

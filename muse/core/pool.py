@@ -52,6 +52,8 @@ class ServedPool(WorkerPool, Scalable, Protocol):
     @property
     def workers(self) -> Sequence[object]: ...  # live ones
     @property
+    def devices(self) -> Sequence[str]: ...  # one per seat ("auto" until a Ray pool has looked)
+    @property
     def usable_devices(self) -> int: ...  # devices whose model did not fail to boot
     def image_use(self) -> tuple[int, int]: ...  # (images running, images the ready workers can run at once)
     def counts(self) -> dict[str, int]: ...  # live workers by state, and failed devices

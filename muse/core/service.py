@@ -119,11 +119,12 @@ class Muse:
 
     async def start(self) -> None:
         log.info(
-            "model %s (%s), native %dx%d; workers %d..%d",
+            "model %s (%s), native %dx%d; devices %s; workers %d..%d",
             self.model.name,
             self.settings.model,
             self.model.width,
             self.model.height,
+            ",".join(self.pool.devices),
             self.autoscaler.min_workers,
             self.autoscaler.max_workers,
         )

@@ -84,5 +84,10 @@ class PoolViews:
         return nodes
 
     @property
+    def devices(self) -> list[str]:
+        """The device of every seat, whether a worker runs there or not."""
+        return [s.device for s in self.seats]
+
+    @property
     def usable_devices(self) -> int:
         return sum(1 for s in self.seats if s.boot_error is None)

@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.pipeline import LoadedPipeline
+from muse.worker.samplers import fused_step, linear_steps
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
 STEP_ENGINE_PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
@@ -77,6 +78,10 @@ class Slot:
     # SDXL: pooled text embeddings and size conditioning, one row per row of `embeddings`.
     added: dict[str, torch.Tensor] = field(default_factory=dict)
     index: int = 0  # timesteps done
+    # The timesteps as the UNet gets them (floats), and where the sampler allows it, its step as two
+    # coefficients per timestep (muse.worker.samplers): then its own scheduler instance is not stepped.
+    times: list[float] = field(default_factory=list)
+    linear: list[tuple[float, float]] | None = None
 
     @property
     def guided(self) -> bool:
@@ -124,6 +129,44 @@ class Decoded:
         return self.processor.numpy_to_pil(self.images.numpy()[index : index + 1])[0]
 
 
+@dataclass(eq=False)
+class Layout:
+    """How the running slots lie in a UNet call: guided slots first (their unconditional rows, then their
+    conditional rows), then the unguided ones; with what stays the same while they run (text embeddings,
+    SDXL's added conditioning, guidance scales), built once when slots join or leave rather than each step."""
+
+    slots: list[Slot]  # as the engine lists them
+    order: list[Slot]  # as the rows lie
+    guided: int
+    embeddings: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    scales: torch.Tensor  # (guided, 1, 1, 1)
+    fused: list[int]  # places in `order` of the slots stepped by their per-row twin
+    scaling: bool  # whether any slot's sampler scales its model input (DDIM's does not)
+
+    @classmethod
+    def of(cls, slots: list[Slot], xl: bool) -> Layout:
+        guided = [s for s in slots if s.guided]
+        order = guided + [s for s in slots if not s.guided]
+
+        def rows(parts: list[torch.Tensor], guided_parts: int) -> torch.Tensor:
+            # parts[i]: slot i's rows (negative then positive for a guided slot).
+            negatives = [p[0:1] for p in parts[:guided_parts]]
+            positives = [p[1:2] for p in parts[:guided_parts]]
+            return torch.cat([*negatives, *positives, *parts[guided_parts:]])
+
+        g = len(guided)
+        added = None
+        if xl:
+            added = {key: rows([s.added[key] for s in order], g) for key in ("text_embeds", "time_ids")}
+        embeddings = rows([s.embeddings for s in order], g)
+        scales = torch.tensor(
+            [s.request.guidance_scale for s in guided], dtype=embeddings.dtype, device=embeddings.device
+        ).view(-1, 1, 1, 1)
+        fused = [i for i, s in enumerate(order) if s.linear is not None]
+        return cls(list(slots), order, g, embeddings, added, scales, fused, len(fused) < len(order))
+
+
 class StepEngine:
     def __init__(
         self,
@@ -146,6 +189,8 @@ class StepEngine:
         # Read once: the pipeline's `_execution_device` walks every module (~5 ms on the embedded model,
         # as long as its text encoding), and the pipeline never moves.
         self.device = self.pipe._execution_device
+        self._schedules: dict[tuple[str, int], tuple[list[float], list[tuple[float, float]] | None]] = {}
+        self._layout: Layout | None = None
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -185,10 +230,13 @@ class StepEngine:
             added = {}
             if pooled is not None and negative_pooled is not None:
                 added = self._size_conditioning(request, pooled[i : i + 1], negative_pooled[i : i + 1], guided)
+            times, linear = self._schedule(request, scheduler)
             slot = Slot(
                 request=request,
                 scheduler=scheduler,
                 timesteps=list(scheduler.timesteps),
+                times=times,
+                linear=linear,
                 latents=self._noise(request, scheduler, generator, positive.dtype, device),
                 embeddings=embeddings,
                 generator=generator,
@@ -198,6 +246,14 @@ class StepEngine:
             admitted.append(slot)
         self.slots.extend(admitted)
         return admitted
+
+    def _schedule(self, request: SlotRequest, scheduler: Any) -> tuple[list[float], list[tuple[float, float]] | None]:
+        """The slot's timesteps as floats, and its sampler's per-row twin if it has one; the same for every
+        image of one sampler and step count, so computed once for each."""
+        key = (request.scheduler, request.steps)
+        if key not in self._schedules:
+            self._schedules[key] = ([float(t) for t in scheduler.timesteps.tolist()], linear_steps(scheduler))
+        return self._schedules[key]
 
     def _size_conditioning(
         self, request: SlotRequest, pooled: torch.Tensor, negative_pooled: torch.Tensor, guided: bool
@@ -230,41 +286,62 @@ class StepEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Slot]:
-        """One UNet call over every active slot, then each slot's scheduler step. Returns the slots that
-        finished with this step (removed from the engine; decode them)."""
+        """One UNet call over every active slot, then the scheduler steps: fused over every slot whose sampler
+        has a per-row twin (muse.worker.samplers), each slot's own instance for the rest. Returns the slots
+        that finished with this step (removed from the engine; decode them)."""
         active = [s for s in self.slots if not s.done]
         if not active:
             return []
-        inputs, times, embeddings = [], [], []
-        for slot in active:
-            t = slot.timesteps[slot.index]
-            rows = torch.cat([slot.latents] * 2) if slot.guided else slot.latents
-            inputs.append(slot.scheduler.scale_model_input(rows, t))
-            times.extend([t] * rows.shape[0])
-            embeddings.append(slot.embeddings)
-        sample = torch.cat(inputs)
+        layout = self._layout_for(active)
+        order, g = layout.order, layout.guided
+        latents = torch.cat([s.latents for s in order])
+        scaled = latents
+        if layout.scaling:
+            scaled = torch.cat(
+                [s.scheduler.scale_model_input(latents[i : i + 1], s.timesteps[s.index]) for i, s in enumerate(order)]
+            )
+        # Rows: the guided slots' unconditional rows, their conditional rows, then the unguided slots.
+        sample = torch.cat([scaled[:g], scaled]) if g else scaled
+        times = [s.times[s.index] for s in order]
         # float32 whatever the samplers: integer (DDIM, PNDM, DPM++) and float (Euler) timesteps would each
         # need their own compiled graph, and the UNet's time embedding casts them to float anyway.
-        timestep = torch.stack([torch.as_tensor(t, device=sample.device, dtype=torch.float32) for t in times])
-        added = None
-        if self.xl:
-            added = {key: torch.cat([s.added[key] for s in active]) for key in ("text_embeds", "time_ids")}
-        noise = self._unet(sample, timestep, torch.cat(embeddings), added)
-        row = 0
-        for slot in active:
-            if slot.guided:
-                uncond, text = noise[row : row + 2].chunk(2)
-                prediction = uncond + slot.request.guidance_scale * (text - uncond)
-                row += 2
-            else:
-                prediction = noise[row : row + 1]
-                row += 1
-            t = slot.timesteps[slot.index]
-            slot.latents = slot.scheduler.step(prediction, t, slot.latents, **slot.step_kwargs, return_dict=False)[0]
+        timestep = torch.tensor(times[:g] + times, dtype=torch.float32, device=sample.device)
+        noise = self._unet(sample, timestep, layout.embeddings, layout.added)
+        uncond, text = noise[:g], noise[g : 2 * g]
+        prediction = torch.cat([uncond + layout.scales * (text - uncond), noise[2 * g :]]) if g else noise
+        stepped = self._scheduler_steps(order, latents, prediction, layout.fused)
+        for slot, latent in zip(order, stepped, strict=True):
+            slot.latents = latent
             slot.index += 1
         finished = [s for s in self.slots if s.done]
         self.slots = [s for s in self.slots if not s.done]
         return finished
+
+    @staticmethod
+    def _scheduler_steps(
+        order: list[Slot], latents: torch.Tensor, prediction: torch.Tensor, fused: list[int]
+    ) -> list[torch.Tensor]:
+        """Each slot's next latents: one fused step over the rows in `fused`, its own scheduler for the others."""
+        stepped: list[torch.Tensor | None] = [None] * len(order)
+        if fused:
+            every = len(fused) == len(order)
+            rows = latents if every else latents[fused]
+            outputs = prediction if every else prediction[fused]
+            coefficients = [order[i].linear[order[i].index] for i in fused]  # type: ignore[index]
+            result = fused_step(rows, outputs, coefficients)
+            for k, i in enumerate(fused):
+                stepped[i] = result[k : k + 1]
+        for i, slot in enumerate(order):
+            if stepped[i] is None:
+                t, output, sample = slot.timesteps[slot.index], prediction[i : i + 1], latents[i : i + 1]
+                stepped[i] = slot.scheduler.step(output, t, sample, **slot.step_kwargs, return_dict=False)[0]
+        return [s for s in stepped if s is not None]
+
+    def _layout_for(self, active: list[Slot]) -> Layout:
+        """The rows of a UNet call for these slots; kept while the same slots run (most steps)."""
+        if self._layout is None or self._layout.slots != active:
+            self._layout = Layout.of(active, self.xl)
+        return self._layout
 
     def _unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, added: dict[str, Any] | None

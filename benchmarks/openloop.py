@@ -172,6 +172,19 @@ def main() -> None:
     parser.add_argument("--systems", default="muse,muse-request,litserve")
     parser.add_argument("--mix", action="store_true", help="half 25 and half 50 steps, guidance 2-7")
     parser.add_argument("--quick", action="store_true", help="rates 0.3 and 0.9, 12 s windows (< 5 minutes)")
+    parser.add_argument(
+        "--saturate",
+        type=float,
+        default=0.0,
+        help="first run every system at this fraction of the direct capacity (e.g. 1.5) to read its saturated "
+        "throughput, reported beside the direct loop's",
+    )
+    parser.add_argument(
+        "--unit",
+        default="direct",
+        help="what --rates are fractions of: 'direct' (the direct loop's capacity) or a system's saturated "
+        "throughput (needs --saturate), e.g. litserve",
+    )
     parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
     args = parser.parse_args()
     # Killed (SIGTERM), unwind like Ctrl-C, so the paused servers are resumed and stopped, not left behind.
@@ -237,8 +250,9 @@ def main() -> None:
         for name in names:
             started[name] = stack.enter_context(servers[name]())
             pause(started[name])
-        for i, fraction in enumerate(fractions):
-            rate = fraction * capacity
+
+        def measure(i: int, fraction: float, rate: float) -> dict[str, dict[str, Any]]:
+            """Every system at one rate, in rotating turns, bracketed by direct runs: one row each."""
             windows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
             for round_ in range(args.rounds):
                 turn = (i * args.rounds + round_) % len(names)
@@ -250,12 +264,13 @@ def main() -> None:
                         )  # fmt: skip
                         windows[name].append(asyncio.run(window))
             directs.append(direct.throughput(args.batch, args.steps, args.direct_window))
+            measured = {}
             for name in names:
                 row = summarize(rate, windows[name]) | {
                     "fraction": fraction,
                     "direct_bracket": (directs[-2] + directs[-1]) / 2,
                 }
-                rows[name].append(row)
+                measured[name] = row
                 print(
                     f"{name:<12} {fraction:.2f} x capacity ({rate:.2f}/s): p50 {row['p50_ms'] or 0:.0f} ms, "
                     f"p99 {row['p99_ms'] or 0:.0f} ms, {row['throughput']:.2f} img/s, errors {row['errors']}, "
@@ -263,6 +278,27 @@ def main() -> None:
                     flush=True,
                 )
             print(f"direct: {directs[-1]:.2f} img/s", flush=True)
+            return measured
+
+        if args.saturate:
+            saturated = measure(0, args.saturate, args.saturate * capacity)
+            report["saturated"] = {
+                name: {
+                    "throughput": row["throughput"],
+                    "over_direct": row["throughput"] / row["direct_bracket"],
+                    "mean_batch": row["mean_batch"],
+                }
+                for name, row in saturated.items()
+            } | {"direct": {"throughput": saturated[names[0]]["direct_bracket"], "over_direct": 1.0}}
+            for name, row in report["saturated"].items():
+                print(f"saturated {name:<12} {row['throughput']:.2f} img/s = {row['over_direct']:.3f} x direct")
+            if args.unit != "direct":
+                capacity = report["saturated"][args.unit]["throughput"]
+                report["capacity_img_s"] = capacity
+                report["rate_unit"] = f"fraction of {args.unit}'s saturated throughput, measured in this run"
+        for i, fraction in enumerate(fractions, start=1):
+            for name, row in measure(i, fraction, fraction * capacity).items():
+                rows[name].append(row)
     for name in names:
         within = [r["rate"] for r in rows[name] if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]
         report["systems"][name] = {"rows": rows[name], "highest_rate_within_p99_bound": max(within, default=None)}

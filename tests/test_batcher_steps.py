@@ -241,3 +241,16 @@ async def test_the_cost_per_image_counts_the_images_it_shared_steps_with() -> No
     a = batcher.submit(req("a"))
     pool.finish(batcher, a)  # 100 ms while sharing steps with 2 images on average
     assert batcher.speed.image_seconds == pytest.approx(0.05)
+
+
+async def test_a_full_worker_takes_a_few_images_ahead_to_fill_slots_the_moment_they_free() -> None:
+    pool = FakeStepPool(capacity=4)
+    batcher = make(pool, step_prefetch=1)
+    running = [batcher.submit(req(f"r{i}")) for i in range(4)]
+    ahead = batcher.submit(req("ahead"))
+    behind = batcher.submit(req("behind"))
+    # Four running and one queued in the worker; the sixth waits in the parent's fair queue.
+    assert pool.running() == ["r0", "r1", "r2", "r3", "ahead"]
+    assert ahead.state is TicketState.RUNNING and behind.state is TicketState.QUEUED
+    pool.finish(batcher, running[0])
+    assert pool.running() == ["r1", "r2", "r3", "ahead", "behind"]

@@ -56,7 +56,10 @@ class Batcher:
         capacity: Callable[[], int] = lambda: 1,
         on_demand: Callable[[], None] = lambda: None,
         interrupt_grace: float = 5.0,
+        step_prefetch: int = 0,
     ) -> None:
+        """`step_prefetch`: images a running step worker may hold queued beyond its capacity (see
+        muse.core.step_policy)."""
         self.pool = pool
         self.model = model
         self.max_batch_size = max_batch_size
@@ -81,7 +84,7 @@ class Batcher:
         self.on_idle: list[Callable[[], None]] = []
         context = Context(self.queue, pool, self.inflight, self.speed, max_batch_size, capacity)
         self.policies: dict[str, Policy] = {
-            Batching.STEP: StepPolicy(context),
+            Batching.STEP: StepPolicy(context, prefetch=step_prefetch),
             Batching.REQUEST: RequestPolicy(context, max_wait=max_wait_ms / 1000, wake=self._pump),
         }
 

@@ -2,7 +2,12 @@
 latent shape (width, height) with free slots for its n images, or to an idle one, the moment there is one;
 it joins the running images at the next step boundary. A worker runs one shape at a time: a head request of
 another shape waits until a worker drains, and the requests behind it wait too (oldest first). No holds:
-nothing is gained by waiting for company when company can join later."""
+nothing is gained by waiting for company when company can join later.
+
+A running worker also takes up to `prefetch` images beyond its capacity, queued in the worker: a slot that
+frees is then filled at the very next step boundary, instead of after its Result has reached the parent
+and the next request has travelled back (about one step, during which the slot sat empty: measured at
+7.2 of 8 slots busy under saturation, a tenth of the capacity)."""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from muse.core.tickets import Ticket
 
 
 class StepPolicy:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, prefetch: int = 0) -> None:
         self.c = context
+        self.prefetch = prefetch
 
     def pick(self) -> tuple[StepWorker, list[Ticket]] | None:
         head = self.c.queue.head
@@ -29,7 +35,7 @@ class StepPolicy:
         fits = [
             w
             for w in self.c.pool.open_workers()
-            if w.images == 0 or (w.shape == shape and w.images + request.n <= w.capacity)
+            if w.images == 0 or (w.shape == shape and w.images + request.n <= w.capacity + self.prefetch)
         ]
         return min(fits, key=lambda w: (w.images - w.capacity, w.last_seen), default=None)
 

@@ -11,7 +11,7 @@ import pytest
 from muse.core.batcher import Batcher
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import Cancelled
-from muse.messages import Assignment, GenerateRequest, Progress, Result
+from muse.messages import Assignment, Failure, GenerateRequest, Progress, Result
 
 pytestmark = pytest.mark.anyio
 
@@ -69,6 +69,10 @@ class FakeStepPool:
         return next(
             w for w in self.workers for b in w.assignments.values() if b.images[0].prompt == ticket.request.prompt
         )
+
+    def assignment_of(self, ticket: Ticket) -> str:
+        worker = self.owner(ticket)
+        return next(i for i, a in worker.assignments.items() if a.images[0].prompt == ticket.request.prompt)
 
     def finish(self, batcher: Batcher, ticket: Ticket) -> None:
         worker = self.owner(ticket)
@@ -251,6 +255,34 @@ async def test_a_full_worker_takes_a_few_images_ahead_to_fill_slots_the_moment_t
     behind = batcher.submit(req("behind"))
     # Four running and one queued in the worker; the sixth waits in the parent's fair queue.
     assert pool.running() == ["r0", "r1", "r2", "r3", "ahead"]
-    assert ahead.state is TicketState.RUNNING and behind.state is TicketState.QUEUED
+    assert ahead.state is behind.state is TicketState.QUEUED
+    assert batcher.queue.images == 1 and batcher.queued_images == 2, "both wait, one of them in the worker"
+    assert batcher.position(ahead) == 0 and batcher.position(behind) == 1
     pool.finish(batcher, running[0])
     assert pool.running() == ["r1", "r2", "r3", "ahead", "behind"]
+
+
+async def test_a_request_taken_ahead_stays_queued_until_its_worker_starts_it() -> None:
+    pool = FakeStepPool(capacity=2)
+    batcher = make(pool, step_prefetch=1)
+    running = [batcher.submit(req(f"r{i}")) for i in range(2)]
+    ahead = batcher.submit(req("ahead"))
+    assert ahead.state is TicketState.QUEUED and batcher.position(ahead) == 0
+    assert batcher.queue.images == 0 and batcher.queued_images == 1, "it left the parent's queue for the worker's"
+    events: list[str] = []
+    ahead.watch(lambda _, event: events.append(event))
+    pool.finish(batcher, running[0])
+    batcher.assignment_progress(Progress(pool.assignment_of(ahead), 1, 4))
+    assert ahead.state is TicketState.RUNNING and events[:2] == ["running", "progress"]
+
+
+async def test_cancelling_a_request_taken_ahead_frees_its_place_in_the_worker() -> None:
+    pool = FakeStepPool(capacity=1)
+    batcher = make(pool, step_prefetch=1)
+    batcher.submit(req("running"))
+    ahead = batcher.submit(req("ahead"))
+    assignment = pool.assignment_of(ahead)
+    batcher.cancel(ahead)
+    assert ahead.state is TicketState.CANCELLED and pool.interrupted == [assignment]
+    batcher.assignment_finished(Failure(assignment, "interrupted", interrupted=True))  # the worker's answer
+    assert batcher.queued_images == 0 and batcher.inflight_images == 1

@@ -150,7 +150,7 @@ class Batcher:
             return False
         error = error or Cancelled("cancelled by the client")
         state = TicketState.CANCELLED if isinstance(error, Cancelled) else TicketState.FAILED
-        if ticket.state is TicketState.QUEUED:
+        if ticket.state is TicketState.QUEUED and not self._ahead(ticket):
             self.queue.drop(ticket)
             self._end(ticket, state, error=error)
             self._pump()
@@ -182,11 +182,13 @@ class Batcher:
 
     @property
     def queued_images(self) -> int:
-        return self.queue.images
+        """Images waiting: in the fair queue, or taken ahead by a step worker that has not started them."""
+        return self.queue.images + sum(len(f.assignment.images) for f in self.inflight.values() if not f.started)
 
     @property
     def inflight_images(self) -> int:
-        return sum(len(f.assignment.images) for f in self.inflight.values())
+        """Images running on workers."""
+        return sum(len(f.assignment.images) for f in self.inflight.values() if f.started)
 
     @property
     def idle(self) -> bool:
@@ -200,8 +202,22 @@ class Batcher:
         return sorted(running, key=lambda t: t.submitted) + list(self.queue)
 
     def position(self, ticket: Ticket) -> int | None:
-        """Images queued ahead of this ticket, or None once it left the queue."""
-        return self.queue.position(ticket)
+        """Images waiting ahead of this ticket (those taken ahead by workers first, then the fair queue's),
+        or None once it runs."""
+        if ticket.state is not TicketState.QUEUED:
+            return None
+        waiting = 0
+        for flight in self.inflight.values():
+            if not flight.started:
+                if ticket in flight.tickets:
+                    return waiting
+                waiting += len(flight.assignment.images)
+        place = self.queue.position(ticket)
+        return None if place is None else waiting + place
+
+    def _ahead(self, ticket: Ticket) -> bool:
+        """Whether a queued ticket waits in a step worker (taken ahead, see muse.core.step_policy)."""
+        return any(ticket in f.tickets for f in self.inflight.values())
 
     @property
     def policy(self) -> Policy:
@@ -225,14 +241,20 @@ class Batcher:
         if flight is None:
             return
         now = time.monotonic()
-        # Workers coalesce progress (muse.worker.channel): one report may cover several steps.
-        moved = max(1, message.step - flight.step)
-        per_step = (now - flight.last_step_at) / moved
-        for _ in range(moved):
-            self.speed.step_took(per_step)
-            for callback in self.on_step:
-                callback(per_step)
+        if flight.started:
+            # Workers coalesce progress (muse.worker.channel): one report may cover several steps.
+            moved = max(1, message.step - flight.step)
+            per_step = (now - flight.last_step_at) / moved
+            for _ in range(moved):
+                self.speed.step_took(per_step)
+                for callback in self.on_step:
+                    callback(per_step)
         flight.last_step_at = now
+        if not flight.started:  # it waited in the worker and has started now
+            self._started(flight)
+            for t in flight.tickets:
+                if not t.done:
+                    self._start(t, now)
         for t in flight.tickets:
             if not t.done:
                 t.step = message.step
@@ -265,7 +287,13 @@ class Batcher:
                     self._end(t, TicketState.FAILED, error=error)
             return
         self.speed.batch_took(message.compute_ms, message.occupancy or len(flight.assignment.images))
-        results = results_of(flight.tickets, message, model=self.model, now=time.monotonic())
+        now = time.monotonic()
+        if not flight.started:  # taken ahead, and done before any progress reached us
+            self._started(flight)
+            for t in flight.tickets:
+                if not t.done:
+                    self._start(t, now)
+        results = results_of(flight.tickets, message, model=self.model, now=now)
         for t, result in zip(flight.tickets, results, strict=True):
             if not t.done:
                 self._end(t, TicketState.SUCCEEDED, result=result)
@@ -320,19 +348,37 @@ class Batcher:
         images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
         batch = Assignment(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
+        # A step worker that has no free slot for it takes it ahead: it stays queued until it starts there.
+        ahead = (
+            self.pool.batching == Batching.STEP and worker.images > 0 and worker.images + len(images) > worker.capacity
+        )
         self.inflight[batch.assignment_id] = InFlight(batch, tickets, now)
         for t in tickets:
-            t.state, t.started, t.batch_size, t.step = TicketState.RUNNING, now, len(images), 0
+            t.batch_size, t.step = len(images), 0
             t.attempts += 1
-            t.emit("running")
+            if not ahead:
+                self._start(t, now)
         running = self.pool.dispatch(worker, batch)
-        if batch.assignment_id in self.inflight:  # not lost on the way (a broken pipe is noticed at once)
+        flight = self.inflight.get(batch.assignment_id)
+        if flight is not None:  # not lost on the way (a broken pipe is noticed at once)
+            flight.running = running
             for t in tickets:
                 t.batch_size = running
+            if not ahead:
+                self._started(flight)
+
+    def _started(self, flight: InFlight) -> None:
+        """An Assignment's images run now (at dispatch, or once a worker that took it ahead starts it)."""
+        flight.started = True
         for callback in self.on_batch:
-            callback(running)
+            callback(flight.running)
         for admitted in self.on_admit:
-            admitted(running > len(images))
+            admitted(flight.running > len(flight.assignment.images))
+
+    @staticmethod
+    def _start(ticket: Ticket, now: float) -> None:
+        ticket.state, ticket.started = TicketState.RUNNING, now
+        ticket.emit("running")
 
     def _end(
         self,

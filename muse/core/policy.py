@@ -24,6 +24,8 @@ class InFlight:
     assignment: Assignment
     tickets: list[Ticket]
     last_step_at: float
+    started: bool = False  # False while it waits in a step worker for a free slot (taken ahead)
+    running: int = 0  # images its worker ran once it had it
     kill_timer: asyncio.TimerHandle | None = None  # set once every request of it is gone
 
     @property

@@ -73,8 +73,9 @@ class Muse:
             capacity=lambda: max(1, len(self.pool.workers)),
             on_demand=lambda: self.autoscaler.poke(),
             interrupt_grace=settings.interrupt_grace,
-            # A quarter of a step worker's slots queued in it: under load a freed slot refills at the next step.
-            step_prefetch=max(1, settings.max_batch_size // 4),
+            # One image queued in each running step worker: under load a freed slot refills at the next step,
+            # and the fair queue's order holds beyond that one image.
+            step_prefetch=1,
         )
         self.autoscaler = Autoscaler(
             self.pool,

@@ -4,7 +4,8 @@ it joins the running images at the next step boundary. A worker runs one shape a
 another shape waits until a worker drains, and the requests behind it wait too (oldest first). No holds:
 nothing is gained by waiting for company when company can join later.
 
-A running worker also takes up to `prefetch` images beyond its capacity, queued in the worker: a slot that
+A running worker also takes up to `prefetch` images beyond its capacity (the service asks for one), queued
+in the worker: a slot that
 frees is then filled at the very next step boundary, instead of after its Result has reached the parent
 and the next request has travelled back (about one step, during which the slot sat empty: measured at
 7.2 of 8 slots busy under saturation, a tenth of the capacity)."""

@@ -60,8 +60,9 @@ def _ddim(a_t: float, a_prev: float, prediction: str) -> tuple[float, float] | N
 
 
 def fused_step(samples: torch.Tensor, outputs: torch.Tensor, coefficients: list[tuple[float, float]]) -> torch.Tensor:
-    """One step of many rows at once: row i is `a_i * samples[i] + b_i * outputs[i]`."""
-    a = torch.tensor([c[0] for c in coefficients], dtype=samples.dtype, device=samples.device)
-    b = torch.tensor([c[1] for c in coefficients], dtype=samples.dtype, device=samples.device)
+    """One step of many rows at once: row i is `a_i * samples[i] + b_i * outputs[i]`, computed in float32
+    whatever the rows' dtype (fp16 coefficients would round once more than diffusers' own arithmetic)."""
+    a = torch.tensor([c[0] for c in coefficients], dtype=torch.float32, device=samples.device)
+    b = torch.tensor([c[1] for c in coefficients], dtype=torch.float32, device=samples.device)
     shape = (-1,) + (1,) * (samples.dim() - 1)
-    return a.view(shape) * samples + b.view(shape) * outputs
+    return (a.view(shape) * samples.float() + b.view(shape) * outputs.float()).to(samples.dtype)

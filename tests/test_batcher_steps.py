@@ -267,13 +267,14 @@ async def test_a_request_taken_ahead_stays_queued_until_its_worker_starts_it() -
     batcher = make(pool, step_prefetch=1)
     running = [batcher.submit(req(f"r{i}")) for i in range(2)]
     ahead = batcher.submit(req("ahead"))
-    assert ahead.state is TicketState.QUEUED and batcher.position(ahead) == 0
+    assert ahead.state is TicketState.QUEUED and batcher.position(ahead) == 0 and ahead.attempts == 0
     assert batcher.queue.images == 0 and batcher.queued_images == 1, "it left the parent's queue for the worker's"
     events: list[str] = []
     ahead.watch(lambda _, event: events.append(event))
     pool.finish(batcher, running[0])
     batcher.assignment_progress(Progress(pool.assignment_of(ahead), 1, 4))
     assert ahead.state is TicketState.RUNNING and events[:2] == ["running", "progress"]
+    assert ahead.attempts == 1, "an attempt counts from its start"
 
 
 async def test_cancelling_a_request_taken_ahead_frees_its_place_in_the_worker() -> None:
@@ -284,5 +285,6 @@ async def test_cancelling_a_request_taken_ahead_frees_its_place_in_the_worker() 
     assignment = pool.assignment_of(ahead)
     batcher.cancel(ahead)
     assert ahead.state is TicketState.CANCELLED and pool.interrupted == [assignment]
+    assert ahead.attempts == 0, "it never ran"
     batcher.assignment_finished(Failure(assignment, "interrupted", interrupted=True))  # the worker's answer
     assert batcher.queued_images == 0 and batcher.inflight_images == 1

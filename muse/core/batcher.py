@@ -355,7 +355,6 @@ class Batcher:
         self.inflight[batch.assignment_id] = InFlight(batch, tickets, now)
         for t in tickets:
             t.batch_size, t.step = len(images), 0
-            t.attempts += 1
             if not ahead:
                 self._start(t, now)
         running = self.pool.dispatch(worker, batch)
@@ -377,6 +376,8 @@ class Batcher:
 
     @staticmethod
     def _start(ticket: Ticket, now: float) -> None:
+        # An attempt is a start: a request taken ahead and lost (or cancelled) before it ran has cost nothing.
+        ticket.attempts += 1
         ticket.state, ticket.started = TicketState.RUNNING, now
         ticket.emit("running")
 

@@ -20,38 +20,31 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def _family(tmp_path_factory: pytest.TempPathFactory, family: str) -> str:
+    from muse.demo_model.families import build
+
+    return str(build(family, tmp_path_factory.mktemp(f"tiny-{family}")))
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny StableDiffusionXLPipeline with random weights (two text encoders, size conditioning), with the
-    embedded model's tokenizer for both encoders."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    """A tiny StableDiffusionXLPipeline with random weights (two text encoders, size conditioning)."""
+    return _family(tmp_path_factory, "sdxl")
 
-    from muse.config import EMBEDDED_MODEL
 
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(Path(EMBEDDED_MODEL) / "tokenizer")
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_size=16,
-        intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
-    )  # fmt: skip
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text), text_encoder_2=CLIPTextModelWithProjection(text),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-    )  # fmt: skip
-    folder: Path = tmp_path_factory.mktemp("tiny-sdxl")
-    pipe.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny FluxPipeline shaped like FLUX.1-dev (CLIP and T5 encoders, packed latents, guidance embedding)."""
+    return _family(tmp_path_factory, "flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny FluxPipeline shaped like FLUX.1-schnell (no guidance embedding)."""
+    return _family(tmp_path_factory, "flux-schnell")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny StableDiffusion3Pipeline (two CLIP encoders and a T5, pooled projections, flow matching)."""
+    return _family(tmp_path_factory, "sd3")

@@ -1,6 +1,7 @@
 """The step engine gives the plain pipeline's pixels (within 2/255), alone, joined mid-way, and sharing steps
 with requests of other step counts, guidance scales, samplers and negative prompts: on the embedded model,
-a tiny random SD pipeline and a tiny random SDXL pipeline."""
+and tiny random SD, SDXL, FLUX.1 (dev and schnell shapes) and SD3 pipelines. Flow-matching families have
+one sampler, their own."""
 
 from __future__ import annotations
 
@@ -17,11 +18,22 @@ from muse.worker.pipeline import LoadedPipeline, load_pipeline
 TOLERANCE = 2  # of 255
 
 
-@pytest.fixture(scope="module", params=["embedded", "tiny", "tiny-sdxl"])
-def loaded(request: pytest.FixtureRequest, tiny_model: str, tiny_sdxl_model: str) -> LoadedPipeline:
+@pytest.fixture(scope="module", params=["embedded", "tiny", "tiny-sdxl", "tiny-flux", "tiny-schnell", "tiny-sd3"])
+def loaded(request: pytest.FixtureRequest) -> LoadedPipeline:
     torch.set_num_threads(2)
-    model = {"embedded": EMBEDDED_MODEL, "tiny": tiny_model, "tiny-sdxl": tiny_sdxl_model}[request.param]
-    return load_pipeline(model, "cpu")
+    if request.param == "embedded":
+        return load_pipeline(EMBEDDED_MODEL, "cpu")
+    fixture = request.param.replace("-", "_") + "_model"  # tiny_model, tiny_sdxl_model, …
+    return load_pipeline(request.getfixturevalue(fixture), "cpu")
+
+
+def flow(loaded: LoadedPipeline) -> bool:
+    return hasattr(loaded.pipe, "transformer")
+
+
+def sampler(loaded: LoadedPipeline, name: str) -> str:
+    """The named sampler where the family has it; a flow-matching family's own otherwise."""
+    return "" if flow(loaded) else name
 
 
 def plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
@@ -57,17 +69,22 @@ def run(engine: StepEngine, joins: dict[int, list[SlotRequest]]) -> dict[str, np
 
 
 def request(slot_id: str, loaded: LoadedPipeline, **kw: Any) -> SlotRequest:
+    side = 32 if flow(loaded) else max(64, loaded.width)  # flow families: 256 image tokens
     base: dict[str, Any] = {
         "prompt": "a red circle on a blue background",
         "negative_prompt": "",
         "seed": 7,
         "steps": 10,
         "guidance_scale": 2.5,
-        "width": max(64, loaded.width),
-        "height": max(64, loaded.height),
+        "width": side,
+        "height": side,
         "scheduler": "",
     }
-    return SlotRequest(slot_id=slot_id, **(base | kw))
+    fields = base | kw
+    fields["scheduler"] = sampler(loaded, fields["scheduler"])
+    if type(loaded.pipe).__name__ == "FluxPipeline":
+        fields["negative_prompt"] = ""  # no negative conditioning: refused before a worker sees it
+    return SlotRequest(slot_id=slot_id, **fields)
 
 
 def assert_same(engine_images: dict[str, np.ndarray], loaded: LoadedPipeline, requests: list[SlotRequest]) -> None:
@@ -76,7 +93,7 @@ def assert_same(engine_images: dict[str, np.ndarray], loaded: LoadedPipeline, re
         assert difference <= TOLERANCE, f"{r.slot_id} ({r.scheduler or 'own'}, {r.steps} steps): off by {difference}"
 
 
-def test_sd_and_sdxl_pipelines_run_on_the_step_engine(loaded: LoadedPipeline) -> None:
+def test_every_known_family_runs_on_the_step_engine(loaded: LoadedPipeline) -> None:
     assert supports(loaded.pipe)
 
 
@@ -128,12 +145,18 @@ def test_padding_to_a_bucket_leaves_every_image_unchanged(loaded: LoadedPipeline
     the padding rows are dropped and the real ones give the pipeline's pixels."""
     from muse.worker.fastpath import row_buckets
 
-    requests = [request(f"g{i}", loaded, seed=i) for i in range(3)] + [request("u", loaded, guidance_scale=1.0)]
+    guided = 6 if type(loaded.pipe).__name__ == "FluxPipeline" else 3  # FLUX has no guidance rows: 7 rows
+    requests = [request(f"g{i}", loaded, seed=i) for i in range(guided)] + [request("u", loaded, guidance_scale=1.0)]
     rows: list[int] = []
-    hook = loaded.pipe.unet.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    denoiser = getattr(loaded.pipe, "unet", None) or loaded.pipe.transformer
+
+    def count(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rows.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    hook = denoiser.register_forward_pre_hook(count, with_kwargs=True)
     try:
         images = run(StepEngine(loaded, row_buckets(8)), {0: requests})
     finally:
         hook.remove()
-    assert set(rows) == {8}, f"every UNet call padded to the 8-row bucket, not {sorted(set(rows))}"
+    assert set(rows) == {8}, f"every call padded to the 8-row bucket, not {sorted(set(rows))}"
     assert_same(images, loaded, requests)

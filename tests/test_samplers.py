@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from muse.worker.samplers import fused_step, linear_steps
 
@@ -35,6 +38,35 @@ def test_the_ddim_twin_matches_the_scheduler_at_every_step(config: dict[str, obj
         sample = expected
 
 
+def flux_schedule(steps: int, mu: float) -> FlowMatchEulerDiscreteScheduler:
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler
+
+
+def sd3_schedule(steps: int, mu: float) -> FlowMatchEulerDiscreteScheduler:
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("schedule", [flux_schedule, sd3_schedule], ids=["flux", "sd3"])
+@pytest.mark.parametrize("steps", [1, 4, 28])
+@pytest.mark.parametrize("mu", [0.5, 1.15])
+def test_the_flow_euler_twin_matches_the_scheduler_at_every_step(schedule: Any, steps: int, mu: float) -> None:
+    scheduler = schedule(steps, mu)
+    coefficients = linear_steps(scheduler)
+    assert coefficients is not None and len(coefficients) == steps
+    generator = torch.Generator().manual_seed(steps)
+    sample = torch.randn(2, 16, 8, generator=generator)  # FLUX's packed tokens: (rows, tokens, channels)
+    for i, t in enumerate(scheduler.timesteps):
+        output = torch.randn(2, 16, 8, generator=generator)
+        expected = scheduler.step(output, t, sample, return_dict=False)[0]
+        got = fused_step(sample, output, [coefficients[i]] * 2)
+        assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item()), (i, float(t))
+        sample = expected
+
+
 def test_rows_at_different_timesteps_step_together() -> None:
     schedulers = [DDIMScheduler(prediction_type="v_prediction", clip_sample=False) for _ in range(3)]
     for scheduler, steps in zip(schedulers, (10, 25, 50), strict=True):
@@ -51,8 +83,13 @@ def test_rows_at_different_timesteps_step_together() -> None:
 
 @pytest.mark.parametrize(
     "scheduler",
-    [DDIMScheduler(clip_sample=True), DDIMScheduler(thresholding=True), EulerDiscreteScheduler()],
-    ids=["ddim-clipped", "ddim-thresholding", "euler"],
+    [
+        DDIMScheduler(clip_sample=True),
+        DDIMScheduler(thresholding=True),
+        EulerDiscreteScheduler(),
+        FlowMatchEulerDiscreteScheduler(stochastic_sampling=True),
+    ],
+    ids=["ddim-clipped", "ddim-thresholding", "euler", "flow-stochastic"],
 )
 def test_samplers_without_a_twin_keep_their_own_step(scheduler: object) -> None:
     scheduler.set_timesteps(10)  # type: ignore[attr-defined]

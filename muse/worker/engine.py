@@ -1,19 +1,19 @@
 """The step engine: images join and leave a running batch between denoising steps (continuous batching).
 
-Each image is a *slot*: its latents, its text embeddings (negative and positive), its guidance, its own
-scheduler instance and timestep index, and its own generator. One `step()` runs the UNet once over every
-active slot (rows at different timesteps share the call: the UNet takes one timestep per row), applies
-classifier-free guidance per slot, then each slot's scheduler step. Slots of the same latent shape share
-steps whatever their steps, guidance, sampler or prompts; a slot whose timesteps are done leaves, and
-its VAE decode is batched with the others finishing on the same step. A decode returns once the images
-are on their way to the host (`Decoded`): the copy and the conversion to PIL images wait on another thread,
-so the next step need not.
+Each image is a *slot*: its latents, its conditioning rows (negative and positive when guided), its guidance,
+its own scheduler instance and timestep index, and its own generator. One `step()` runs the denoiser once
+over every active slot (rows at different timesteps share the call: UNets and the FLUX/SD3 transformers take
+one timestep per row), applies classifier-free guidance per slot, then each slot's scheduler step. Slots of
+the same latent shape share steps whatever their steps, guidance, sampler or prompts; a slot whose timesteps
+are done leaves, and its VAE decode is batched with the others finishing on the same step. A decode returns
+once the images are on their way to the host (`Decoded`): the copy and the conversion to PIL images wait on
+another thread, so the next step need not.
 
-Built from the loaded pipeline's own parts (`encode_prompt`, `prepare_latents`'s noise, the scheduler
-classes, `unet`, `vae`, `image_processor`), so a slot gives the pixels `pipe(...)` gives for the same
-parameters and seed, whether it runs alone, joins mid-way, or shares steps with different requests.
-`StableDiffusionPipeline` (SD 1.x/2.x) and `StableDiffusionXLPipeline` (whose UNet also takes the pooled
-text embeddings and size conditioning per row); other pipelines run whole calls (muse.worker.pipeline).
+What differs between pipelines (how prompts are encoded, the starting noise, the scheduler's set-up, the
+denoiser's call, the decode) lives in a family (muse.worker.families: SD 1.x/2.x, SDXL, FLUX.1, SD3.x),
+each written from its pipeline's own `__call__`, so a slot gives the pixels `pipe(...)` gives for the same
+parameters and seed, whether it runs alone, joins mid-way, or shares steps with different requests. Other
+pipelines run whole calls (muse.worker.pipeline).
 
 Nothing here knows about pipes or asyncio; the step worker's loop (muse.worker.steploop) drives it.
 """
@@ -26,44 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
+from muse.worker.families import Conditioning, Family, family_for, supports
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.pipeline import LoadedPipeline
 from muse.worker.samplers import fused_step, linear_steps
+from muse.worker.slots import SlotRequest
 
-# Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
-STEP_ENGINE_PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
-
-
-def supports(pipe: Any) -> bool:
-    """Whether the step engine knows this pipeline class and its UNet's conditioning."""
-    name = type(pipe).__name__
-    unet = getattr(pipe, "unet", None)
-    return (
-        name in STEP_ENGINE_PIPELINES
-        and unet is not None
-        and unet.config.get("time_cond_proj_dim") is None
-        and unet.config.get("addition_embed_type") == STEP_ENGINE_PIPELINES[name]
-    )
-
-
-@dataclass(frozen=True)
-class SlotRequest:
-    """One image to make: what the parent sends for it. `slot_id` is unique among the engine's slots; `owner`
-    and `index` say whose image it is (an Assignment's id, the image's place in it), for the loop above."""
-
-    slot_id: str
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    scheduler: str = ""  # "" = the model's own
-    owner: str = ""
-    index: int = 0
+__all__ = ["Decoded", "Slot", "SlotRequest", "StepEngine", "supports"]
 
 
 @dataclass(eq=False)
@@ -71,21 +41,24 @@ class Slot:
     request: SlotRequest
     scheduler: Any
     timesteps: list[Any]
-    latents: torch.Tensor  # (1, C, h, w)
-    embeddings: torch.Tensor  # (2, tokens, dim): negative then positive; (1, …) without guidance
+    latents: torch.Tensor  # (1, …): the family's latent layout
+    conditioning: Conditioning
     generator: torch.Generator
     step_kwargs: dict[str, Any] = field(default_factory=dict)
-    # SDXL: pooled text embeddings and size conditioning, one row per row of `embeddings`.
-    added: dict[str, torch.Tensor] = field(default_factory=dict)
     index: int = 0  # timesteps done
-    # The timesteps as the UNet gets them (floats), and where the sampler allows it, its step as two
+    # The timesteps as the denoiser gets them (floats), and where the sampler allows it, its step as two
     # coefficients per timestep (muse.worker.samplers): then its own scheduler instance is not stepped.
     times: list[float] = field(default_factory=list)
     linear: list[tuple[float, float]] | None = None
 
     @property
     def guided(self) -> bool:
-        return self.embeddings.shape[0] == 2
+        return self.conditioning.guided
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether its sampler scales the model input (stepped on its own; DDIM's and flow matching's do not)."""
+        return self.linear is None and hasattr(self.scheduler, "scale_model_input")
 
     @property
     def done(self) -> bool:
@@ -131,21 +104,20 @@ class Decoded:
 
 @dataclass(eq=False)
 class Layout:
-    """How the running slots lie in a UNet call: guided slots first (their unconditional rows, then their
-    conditional rows), then the unguided ones; with what stays the same while they run (text embeddings,
-    SDXL's added conditioning, guidance scales), built once when slots join or leave rather than each step."""
+    """How the running slots lie in a denoiser call: guided slots first (their unconditional rows, then their
+    conditional rows), then the unguided ones; with what stays the same while they run (conditioning rows,
+    guidance scales), built once when slots join or leave rather than each step."""
 
     slots: list[Slot]  # as the engine lists them
     order: list[Slot]  # as the rows lie
     guided: int
-    embeddings: torch.Tensor
-    added: dict[str, torch.Tensor] | None
-    scales: torch.Tensor  # (guided, 1, 1, 1)
+    rows: dict[str, torch.Tensor]
+    scales: torch.Tensor  # (guided, 1, …)
     fused: list[int]  # places in `order` of the slots stepped by their per-row twin
-    scaling: bool  # whether any slot's sampler scales its model input (DDIM's does not)
+    scaling: bool  # whether any slot's sampler scales its model input
 
     @classmethod
-    def of(cls, slots: list[Slot], xl: bool) -> Layout:
+    def of(cls, slots: list[Slot]) -> Layout:
         guided = [s for s in slots if s.guided]
         order = guided + [s for s in slots if not s.guided]
 
@@ -156,15 +128,13 @@ class Layout:
             return torch.cat([*negatives, *positives, *parts[guided_parts:]])
 
         g = len(guided)
-        added = None
-        if xl:
-            added = {key: rows([s.added[key] for s in order], g) for key in ("text_embeds", "time_ids")}
-        embeddings = rows([s.embeddings for s in order], g)
-        scales = torch.tensor(
-            [s.request.guidance_scale for s in guided], dtype=embeddings.dtype, device=embeddings.device
-        ).view(-1, 1, 1, 1)
+        keys = order[0].conditioning.rows
+        laid = {key: rows([s.conditioning.rows[key] for s in order], g) for key in keys}
+        latents = order[0].latents
+        scales = torch.tensor([s.request.guidance_scale for s in guided], dtype=latents.dtype, device=latents.device)
+        scales = scales.view(-1, *([1] * (latents.dim() - 1)))
         fused = [i for i, s in enumerate(order) if s.linear is not None]
-        return cls(list(slots), order, g, embeddings, added, scales, fused, len(fused) < len(order))
+        return cls(list(slots), order, g, laid, scales, fused, any(s.scales_input for s in order))
 
 
 class StepEngine:
@@ -175,21 +145,22 @@ class StepEngine:
         compiled: CompiledUNet | None = None,
         decoder: ShapeCompiled | None = None,
     ) -> None:
-        """`buckets`: UNet batch sizes to pad each call to; `compiled`: the UNet's compiled twin, used for
+        """`buckets`: denoiser batch sizes to pad each call to; `compiled`: the UNet's compiled twin, used for
         the shapes it was warmed at; `decoder`: the VAE decode's, which then decodes images one by one
         (muse.worker.fastpath). None of them: plain eager calls."""
-        assert supports(loaded.pipe), f"{type(loaded.pipe).__name__} runs whole calls, not steps"
+        family = family_for(loaded.pipe)
+        assert family is not None, f"{type(loaded.pipe).__name__} runs whole calls, not steps"
+        self.family: Family = family
         self.loaded = loaded
         self.buckets = sorted(buckets)
         self.compiled = compiled
         self.decoder = decoder
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
-        self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
         # Read once: the pipeline's `_execution_device` walks every module (~5 ms on the embedded model,
         # as long as its text encoding), and the pipeline never moves.
         self.device = self.pipe._execution_device
-        self._schedules: dict[tuple[str, int], tuple[list[float], list[tuple[float, float]] | None]] = {}
+        self._schedules: dict[tuple[str, int, int, int], tuple[list[float], list[tuple[float, float]] | None]] = {}
         self._layout: Layout | None = None
 
     @property
@@ -206,30 +177,14 @@ class StepEngine:
             return []
         shapes = {(r.width, r.height) for r in requests} | ({self.shape} if self.shape else set())
         assert len(shapes) == 1, f"one latent shape at a time, not {sorted(shapes)}"
-        pipe = self.pipe
-        device = self.device
-        prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
-        pooled = negative_pooled = None
-        if self.xl:
-            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                negative_prompt=negatives,
-            )  # fmt: skip
-        else:
-            positive, negative = pipe.encode_prompt(prompts, device, 1, True, negatives)
+        conditioning = self.family.encode(requests)
+        dtype = next(iter(conditioning[0].rows.values())).dtype
         admitted = []
-        for i, request in enumerate(requests):
+        for request, rows in zip(requests, conditioning, strict=True):
             # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
             scheduler = self.loaded.new_scheduler(request.scheduler)
-            scheduler.set_timesteps(request.steps, device=device)
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)
+            self.family.schedule(scheduler, request)
             generator = torch.Generator(device="cpu").manual_seed(request.seed)
-            guided = request.guidance_scale > 1
-            embeddings = torch.cat([negative[i : i + 1], positive[i : i + 1]]) if guided else positive[i : i + 1]
-            added = {}
-            if pooled is not None and negative_pooled is not None:
-                added = self._size_conditioning(request, pooled[i : i + 1], negative_pooled[i : i + 1], guided)
             times, linear = self._schedule(request, scheduler)
             slot = Slot(
                 request=request,
@@ -237,11 +192,10 @@ class StepEngine:
                 timesteps=list(scheduler.timesteps),
                 times=times,
                 linear=linear,
-                latents=self._noise(request, scheduler, generator, positive.dtype, device),
-                embeddings=embeddings,
+                latents=self.family.noise(request, scheduler, generator, dtype),
+                conditioning=rows,
                 generator=generator,
                 step_kwargs=_step_kwargs(scheduler, generator),
-                added=added,
             )
             admitted.append(slot)
         self.slots.extend(admitted)
@@ -249,46 +203,20 @@ class StepEngine:
 
     def _schedule(self, request: SlotRequest, scheduler: Any) -> tuple[list[float], list[tuple[float, float]] | None]:
         """The slot's timesteps as floats, and its sampler's per-row twin if it has one; the same for every
-        image of one sampler and step count, so computed once for each."""
-        key = (request.scheduler, request.steps)
+        image of one sampler, step count and size (flow matching shifts its schedule with the size), so
+        computed once for each."""
+        key = (request.scheduler, request.steps, request.width, request.height)
         if key not in self._schedules:
             self._schedules[key] = ([float(t) for t in scheduler.timesteps.tolist()], linear_steps(scheduler))
         return self._schedules[key]
-
-    def _size_conditioning(
-        self, request: SlotRequest, pooled: torch.Tensor, negative_pooled: torch.Tensor, guided: bool
-    ) -> dict[str, torch.Tensor]:
-        """SDXL's added conditioning for one image: pooled text embeddings and the size ids the pipeline
-        makes by default (original and target size = the image's, no crop)."""
-        pipe = self.pipe
-        size = (request.height, request.width)
-        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
-        time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=projection
-        ).to(pooled.device)
-        if guided:
-            return {"text_embeds": torch.cat([negative_pooled, pooled]), "time_ids": torch.cat([time_ids, time_ids])}
-        return {"text_embeds": pooled, "time_ids": time_ids}
-
-    def _noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any, device: Any) -> Any:
-        """The latents `prepare_latents` draws for this image: the same generator draws, scaled by the
-        image's own scheduler (the pipeline's would scale by its own scheduler's init_noise_sigma)."""
-        pipe = self.pipe
-        shape = (
-            1,
-            pipe.unet.config.in_channels,
-            request.height // pipe.vae_scale_factor,
-            request.width // pipe.vae_scale_factor,
-        )
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
     # ---- stepping -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[Slot]:
-        """One UNet call over every active slot, then the scheduler steps: fused over every slot whose sampler
-        has a per-row twin (muse.worker.samplers), each slot's own instance for the rest. Returns the slots
-        that finished with this step (removed from the engine; decode them)."""
+        """One denoiser call over every active slot, then the scheduler steps: fused over every slot whose
+        sampler has a per-row twin (muse.worker.samplers), each slot's own instance for the rest. Returns the
+        slots that finished with this step (removed from the engine; decode them)."""
         active = [s for s in self.slots if not s.done]
         if not active:
             return []
@@ -298,15 +226,20 @@ class StepEngine:
         scaled = latents
         if layout.scaling:
             scaled = torch.cat(
-                [s.scheduler.scale_model_input(latents[i : i + 1], s.timesteps[s.index]) for i, s in enumerate(order)]
+                [
+                    s.scheduler.scale_model_input(latents[i : i + 1], s.timesteps[s.index])
+                    if s.scales_input
+                    else latents[i : i + 1]
+                    for i, s in enumerate(order)
+                ]
             )
         # Rows: the guided slots' unconditional rows, their conditional rows, then the unguided slots.
         sample = torch.cat([scaled[:g], scaled]) if g else scaled
         times = [s.times[s.index] for s in order]
         # float32 whatever the samplers: integer (DDIM, PNDM, DPM++) and float (Euler) timesteps would each
-        # need their own compiled graph, and the UNet's time embedding casts them to float anyway.
+        # need their own compiled graph, and the denoisers' time embeddings cast them to float anyway.
         timestep = torch.tensor(times[:g] + times, dtype=torch.float32, device=sample.device)
-        noise = self._unet(sample, timestep, layout.embeddings, layout.added)
+        noise = self._predict(sample, timestep, layout.rows)
         uncond, text = noise[:g], noise[g : 2 * g]
         prediction = torch.cat([uncond + layout.scales * (text - uncond), noise[2 * g :]]) if g else noise
         stepped = self._scheduler_steps(order, latents, prediction, layout.fused)
@@ -338,28 +271,26 @@ class StepEngine:
         return [s for s in stepped if s is not None]
 
     def _layout_for(self, active: list[Slot]) -> Layout:
-        """The rows of a UNet call for these slots; kept while the same slots run (most steps)."""
+        """The rows of a denoiser call for these slots; kept while the same slots run (most steps)."""
         if self._layout is None or self._layout.slots != active:
-            self._layout = Layout.of(active, self.xl)
+            self._layout = Layout.of(active)
         return self._layout
 
-    def _unet(
-        self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor, added: dict[str, Any] | None
-    ) -> torch.Tensor:
-        """The UNet's noise prediction, its batch padded up to the next bucket (the padding rows repeat the
-        last real row, and are dropped from the result: each row is computed on its own)."""
-        rows = sample.shape[0]
-        size = bucket_for(rows, self.buckets) if self.buckets else rows
-        if size > rows:
+    def _predict(self, sample: torch.Tensor, timestep: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output, its batch padded up to the next bucket (the padding rows repeat the last
+        real row, and are dropped from the result: each row is computed on its own)."""
+        real = sample.shape[0]
+        size = bucket_for(real, self.buckets) if self.buckets else real
+        if size > real:
 
             def pad(x: torch.Tensor) -> torch.Tensor:
-                return torch.cat([x, x[-1:].expand(size - rows, *x.shape[1:])])
+                return torch.cat([x, x[-1:].expand(size - real, *x.shape[1:])])
 
-            sample, timestep, embeddings = pad(sample), pad(timestep), pad(embeddings)
-            added = {key: pad(value) for key, value in added.items()} if added else added
-        unet = self.compiled or self.pipe.unet
-        noise = unet(sample, timestep, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False)[0]
-        return noise[:rows]
+            sample, timestep = pad(sample), pad(timestep)
+            rows = {key: pad(value) for key, value in rows.items()}
+        model = self.compiled or self.family.denoiser
+        assert self.shape is not None
+        return self.family.predict(model, sample, timestep, rows, self.shape)[:real]
 
     def remove(self, slot_ids: Iterable[str]) -> list[Slot]:
         """Cancelled or expired images leave at once (between steps); returns those removed."""
@@ -382,42 +313,14 @@ class StepEngine:
         """Decode finished slots together on the device (and run the safety checker), and start their
         copy to the host; `Decoded.picture` finishes the job on any thread."""
         latents = torch.cat([s.latents for s in slots])
-        pipe = self.pipe
-        if self.xl:
-            image = self._decode_xl(latents)
-        else:
-            image = self._vae_decode(latents / pipe.vae.config.scaling_factor)
-            image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
-            denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
-            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
-        return Decoded.start(image, pipe.image_processor)
+        size = (slots[0].request.width, slots[0].request.height)
+        image = self.family.decode(latents, size, self._vae_decode)
+        return Decoded.start(image, self.pipe.image_processor)
 
     def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.decoder is None:
             return self.pipe.vae.decode(latents, return_dict=False)[0]
         return torch.cat([self.decoder(z) for z in latents.split(1)])  # the compiled decoder's one shape
-
-    def _decode_xl(self, latents: torch.Tensor) -> torch.Tensor:
-        """As StableDiffusionXLPipeline decodes: the VAE upcast in fp16 when it asks, its latent statistics
-        when it has them, the watermark when one is installed."""
-        pipe, vae = self.pipe, self.pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            pipe.upcast_vae()
-            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = self._vae_decode(latents)
-        if upcast:
-            vae.to(dtype=torch.float16)
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        return pipe.image_processor.postprocess(image, output_type="pt")
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:

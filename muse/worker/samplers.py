@@ -8,9 +8,10 @@ timestep, computed once when the slot is admitted, and every such slot then step
 `a * sample + b * output` over all their rows.
 
 Covered: DDIM (`DDIMScheduler`) with eta 0 (what the pipelines pass), no thresholding and no clipping,
-for every prediction type. Anything else (Euler, DPM++ 2M, UniPC, clipped DDIM, …) keeps its own
-scheduler instance's `step`: diffusers stays the reference, and tests/test_samplers.py checks each twin
-against it step by step.
+for every prediction type; flow matching's Euler (`FlowMatchEulerDiscreteScheduler`, FLUX and SD3), without
+stochastic sampling: `sample + (sigma_next - sigma) * output`. Anything else (Euler, DPM++ 2M, UniPC,
+clipped DDIM, …) keeps its own scheduler instance's `step`: diffusers stays the reference, and
+tests/test_samplers.py checks each twin against it step by step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import torch
 def linear_steps(scheduler: Any) -> list[tuple[float, float]] | None:
     """For a scheduler whose `set_timesteps` was called: `(a, b)` per timestep such that its step gives
     `a * sample + b * model_output`, or None when its step is not such a map (then step it as it is)."""
-    if type(scheduler).__name__ != "DDIMScheduler":
+    kind = type(scheduler).__name__
+    if kind == "FlowMatchEulerDiscreteScheduler":
+        return _flow_euler(scheduler)
+    if kind != "DDIMScheduler":
         return None
     config = scheduler.config
     if config.thresholding or config.clip_sample:
@@ -43,6 +47,14 @@ def linear_steps(scheduler: Any) -> list[tuple[float, float]] | None:
             return None
         steps.append(coefficients)
     return steps
+
+
+def _flow_euler(scheduler: Any) -> list[tuple[float, float]] | None:
+    """Euler on the flow: the sigma step, computed in float32 from the scheduler's own sigmas as it does."""
+    if scheduler.config.stochastic_sampling:
+        return None
+    sigmas = scheduler.sigmas.to(torch.float32).cpu()
+    return [(1.0, float(sigmas[i + 1] - sigmas[i])) for i in range(len(scheduler.timesteps))]
 
 
 def _ddim(a_t: float, a_prev: float, prediction: str) -> tuple[float, float] | None:

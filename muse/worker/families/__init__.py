@@ -1,0 +1,87 @@
+"""What the step engine needs of one pipeline family, behind one small interface.
+
+The engine (muse.worker.engine) knows slots, rows, guidance and samplers; a family knows its pipeline:
+how prompts become conditioning rows, what the starting noise looks like, how its scheduler is set up for
+an image, how its denoiser is called over many rows (one timestep per row), and how latents become
+pixels. Each is written from the pipeline's own `__call__`, so a slot gives the pixels `pipe(...)` gives.
+
+Families on the step engine: SD 1.x/2.x and SDXL (UNet, muse.worker.families.sd), FLUX.1 and SD3.x
+(transformers with flow matching, muse.worker.families.flux and .sd3). Any other pipeline runs whole calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from muse.worker.slots import SlotRequest
+
+# The VAE's decode of (n, C, h, w) latents to (n, 3, H, W) in [-1, 1]: the pipeline's, or its compiled twin.
+VaeDecode = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One image's conditioning: each tensor has one row per model row of the image, the negative
+    (unconditional) row first when the image is guided (classifier-free guidance doubles its rows)."""
+
+    rows: dict[str, torch.Tensor]
+    guided: bool
+
+
+def guided_rows(negative: torch.Tensor, positive: torch.Tensor, guided: bool) -> torch.Tensor:
+    """An image's rows of one conditioning tensor: the negative row, then the positive, when guided."""
+    return torch.cat([negative, positive]) if guided else positive
+
+
+class Family(Protocol):
+    name: str
+    denoiser: torch.nn.Module  # called once per step over every slot's rows
+
+    def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
+        """Conditioning for each request, their prompts encoded together."""
+        ...
+
+    def schedule(self, scheduler: Any, request: SlotRequest) -> None:
+        """Set the image's own scheduler instance up as the pipeline sets up its scheduler."""
+        ...
+
+    def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
+        """The image's starting latents, `(1, …)`: the draws `prepare_latents` makes from its generator."""
+        ...
+
+    def predict(
+        self,
+        model: Any,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """The denoiser's output for every row: `timestep` is float32, one per row, as the scheduler lists
+        them; `rows` the conditioning laid out like `sample`; `size` the images' (width, height)."""
+        ...
+
+    def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
+        """Finished latents to the image processor's denormalised `(n, C, H, W)` tensor in [0, 1]."""
+        ...
+
+
+def family_for(pipe: Any) -> Family | None:
+    """The step engine's family for this pipeline, or None when it runs whole calls."""
+    from muse.worker.families.flux import FluxFamily
+    from muse.worker.families.sd import StableDiffusionFamily
+    from muse.worker.families.sd3 import SD3Family
+
+    for family in (StableDiffusionFamily, FluxFamily, SD3Family):
+        if family.knows(pipe):
+            return family(pipe)
+    return None
+
+
+def supports(pipe: Any) -> bool:
+    """Whether the step engine knows this pipeline (its class and its denoiser's conditioning)."""
+    return family_for(pipe) is not None

@@ -1,0 +1,125 @@
+"""Stable Diffusion 1.x/2.x and SDXL on the step engine: a UNet with classifier-free guidance; SDXL's UNet
+also takes the pooled text embeddings and the size conditioning per row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from muse.worker.families import Conditioning, VaeDecode, guided_rows
+from muse.worker.slots import SlotRequest
+
+# Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
+PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
+
+
+class StableDiffusionFamily:
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.xl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+        self.name = "sdxl" if self.xl else "sd"
+        self.denoiser = pipe.unet
+        self.device = pipe._execution_device
+
+    @staticmethod
+    def knows(pipe: Any) -> bool:
+        name = type(pipe).__name__
+        unet = getattr(pipe, "unet", None)
+        return (
+            name in PIPELINES
+            and unet is not None
+            and unet.config.get("time_cond_proj_dim") is None
+            and unet.config.get("addition_embed_type") == PIPELINES[name]
+        )
+
+    def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
+        pipe, device = self.pipe, self.device
+        prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
+        pooled = negative_pooled = None
+        if self.xl:
+            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negatives,
+            )  # fmt: skip
+        else:
+            positive, negative = pipe.encode_prompt(prompts, device, 1, True, negatives)
+        conditioning = []
+        for i, request in enumerate(requests):
+            guided = request.guidance_scale > 1
+            rows = {"encoder_hidden_states": guided_rows(negative[i : i + 1], positive[i : i + 1], guided)}
+            if pooled is not None and negative_pooled is not None:
+                rows |= self._size_conditioning(request, pooled[i : i + 1], negative_pooled[i : i + 1], guided)
+            conditioning.append(Conditioning(rows, guided))
+        return conditioning
+
+    def _size_conditioning(
+        self, request: SlotRequest, pooled: torch.Tensor, negative_pooled: torch.Tensor, guided: bool
+    ) -> dict[str, torch.Tensor]:
+        """SDXL's added conditioning for one image: pooled text embeddings and the size ids the pipeline
+        makes by default (original and target size = the image's, no crop)."""
+        pipe = self.pipe
+        size = (request.height, request.width)
+        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=projection
+        ).to(pooled.device)
+        pooled_rows = guided_rows(negative_pooled, pooled, guided)
+        return {"text_embeds": pooled_rows, "time_ids": guided_rows(time_ids, time_ids, guided)}
+
+    def schedule(self, scheduler: Any, request: SlotRequest) -> None:
+        scheduler.set_timesteps(request.steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+
+    def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
+        """The generator's draws as `prepare_latents` makes them, scaled by the image's own scheduler (the
+        pipeline's would scale by its own scheduler's init_noise_sigma)."""
+        pipe = self.pipe
+        scale = pipe.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, request.height // scale, request.width // scale)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype) * scheduler.init_noise_sigma
+
+    def predict(
+        self,
+        model: Any,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        rows: dict[str, torch.Tensor],
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        added = {"text_embeds": rows["text_embeds"], "time_ids": rows["time_ids"]} if self.xl else None
+        hidden = rows["encoder_hidden_states"]
+        return model(sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
+        pipe = self.pipe
+        if self.xl:
+            return self._decode_xl(latents, vae_decode)
+        image = vae_decode(latents / pipe.vae.config.scaling_factor)
+        image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+    def _decode_xl(self, latents: torch.Tensor, vae_decode: VaeDecode) -> torch.Tensor:
+        """As StableDiffusionXLPipeline decodes: the VAE upcast in fp16 when it asks, its latent statistics
+        when it has them, the watermark when one is installed."""
+        pipe, vae = self.pipe, self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae_decode(latents)
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pt")

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from muse.config import Settings, env_names
+from muse.config import Settings, check_backends, env_names
 
 log = logging.getLogger("muse")
 
@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument("-o", "--output", default=None, help="PNG file to write (default: from the prompt)")
     gen.add_argument("--url", default="http://127.0.0.1:8000", help="server URL [default %(default)s]")
-    gen.add_argument("--quality", choices=["fast", "quality"], default=None, help="25 or 50 steps")
+    gen.add_argument(
+        "--quality",
+        choices=["fast", "quality"],
+        default=None,
+        help="the model's default steps (25 for SD) or twice that",
+    )
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (overrides --quality)")
     gen.add_argument("--seed", type=int, default=None, help="seed (random if absent; printed)")
     gen.add_argument("--negative", default=None, help="negative prompt")
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         try:
             settings = settings_from_args(args)
-            settings.device_list()
+            check_backends(settings)
             if settings.pool == "ray" and importlib.util.find_spec("ray") is None:
                 raise ValueError("--pool ray needs Ray: pip install 'muse[ray]'")
         except ValueError as exc:

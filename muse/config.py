@@ -66,7 +66,9 @@ class Settings:
     max_pixels: int = _opt(
         0, "Most pixels one request may ask for, width x height x n (0 = two images of --max-side squared)."
     )
-    max_steps: int = _opt(150, "Most denoising steps one request may ask for (at most 150).")
+    max_steps: int = _opt(
+        0, "Most denoising steps one request may ask for, at most 150 (0 = the model's muse.json max_steps, else 150)."
+    )
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
     job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")
@@ -92,6 +94,26 @@ class Settings:
         0.9,
         "With --compile on CUDA: a batch size whose warm-up peaks above this share of the GPU's memory is "
         "dropped, with every larger one, and the worker takes fewer images at once.",
+    )
+    dtype: str = _opt(
+        "auto",
+        "Precision of the weights. auto: on CUDA, bfloat16 for transformer models (FLUX, SD3, PixArt, …) and "
+        "float16 for UNet models (SD 1.x/2.x, SDXL); elsewhere float32.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    quantize: str = _opt(
+        "none",
+        "Quantize the denoiser (the UNet or transformer; text encoders and VAE keep --dtype) as it loads, with "
+        "diffusers' quantization configs: int8 = torchao int8 weight-only (CPU or CUDA), fp8 = torchao float8 "
+        "weight-only (CUDA), nf4 = bitsandbytes 4-bit NF4 (CUDA). Needs pip install 'muse[quant]'.",
+        choices=("none", "int8", "fp8", "nf4"),
+    )
+    offload: str = _opt(
+        "none",
+        "Keep the weights in CPU memory and move them to the GPU as they run (CUDA only; needs accelerate): model "
+        "= whole parts at a time (about the memory of the largest part, a little slower), sequential = layer by "
+        "layer (least GPU memory, much slower).",
+        choices=("none", "model", "sequential"),
     )
     progress_interval: float = _opt(
         0.1,
@@ -210,6 +232,55 @@ class Settings:
             for f in dataclasses.fields(self)
         }
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+# What --quantize and --offload need: the libraries (all in the `quant` extra), and whether only CUDA runs them.
+BACKENDS: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
+    ("quantize", "int8"): (("torchao", "accelerate"), False),
+    ("quantize", "fp8"): (("torchao", "accelerate"), True),
+    ("quantize", "nf4"): (("bitsandbytes", "accelerate"), True),
+    ("offload", "model"): (("accelerate",), True),
+    ("offload", "sequential"): (("accelerate",), True),
+}
+
+
+def check_backends(settings: Settings) -> None:
+    """Refuse, in one line naming the flag, what no worker could load: a missing library, a CUDA-only
+    choice on a device that is not CUDA, --compile on a transformer model (read from its folder). Also
+    checks --devices. A Ray pool's 'auto' kind is not known here, nor the libraries of its nodes."""
+    from importlib.util import find_spec
+
+    local = settings.pool != "ray"
+    devices = settings.device_list() if local or settings.devices.strip() != "auto" else []
+    for (name, value), (libraries, cuda_only) in BACKENDS.items():
+        if getattr(settings, name) != value:
+            continue
+        flag = f"--{name} {value}"
+        other = sorted({d for d in devices if d != "auto" and not d.startswith("cuda")})
+        if cuda_only and other:
+            raise ValueError(f"{flag} needs CUDA devices; --devices gives {', '.join(other)}")
+        missing = [lib for lib in libraries if local and find_spec(lib) is None]
+        if missing:
+            raise ValueError(f"{flag} needs {' and '.join(missing)}: pip install 'muse[quant]'")
+    if settings.compile and denoiser_of(settings.model) == "transformer":
+        raise ValueError(
+            "--compile compiles UNet models only; this model's denoiser is a transformer: serve it without --compile"
+        )
+
+
+def denoiser_of(model: str) -> str | None:
+    """'transformer' or 'unet', as the folder's model_index.json says; None when it cannot tell (a hub id)."""
+    import json
+
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for name in ("transformer", "unet"):
+        entry = index.get(name) if isinstance(index, dict) else None
+        if isinstance(entry, list) and all(entry):
+            return name
+    return None
 
 
 def env_name(field_name: str) -> str:

@@ -93,3 +93,75 @@ def test_compile_options_reach_every_worker_and_a_bad_mode_is_refused(tmp_path: 
     assert config.compile_cache == str(tmp_path / "compile-cache")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--compile-mode", "fastest"])
+
+
+def test_precision_quantization_and_offload_reach_every_worker(tmp_path: Path) -> None:
+    from muse.pools.factory import build_pool
+    from muse.worker.main import WorkerConfig
+
+    env = {"MUSE_DTYPE": "bfloat16", "MUSE_QUANTIZE": "int8", "MUSE_DATA_DIR": str(tmp_path), "MUSE_DEVICES": "cpu"}
+    options = build_pool(Settings.from_env(env)).worker_options
+    config = WorkerConfig(worker_id=1, model="m", device="cpu", threads=1, heartbeat_interval=1.0, **options)
+    assert (config.dtype, config.quantize, config.offload) == ("bfloat16", "int8", "none")
+    for flag, value in (("--dtype", "float8"), ("--quantize", "int4"), ("--offload", "disk")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, value])
+
+
+def refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What `muse serve` says when it refuses its flags before any worker starts (exit status 2)."""
+    from muse.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *argv])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1].removeprefix("muse: error: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--quantize", "fp8"], "--quantize fp8 needs CUDA devices; --devices gives cpu"),
+        (["--quantize", "nf4"], "--quantize nf4 needs CUDA devices; --devices gives cpu"),
+        (["--offload", "model"], "--offload model needs CUDA devices; --devices gives cpu"),
+        (["--offload", "sequential"], "--offload sequential needs CUDA devices; --devices gives cpu"),
+    ],
+)
+def test_cuda_only_choices_are_refused_on_cpu_devices(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert refusal(["--devices", "cpu", *argv], capsys).startswith(said)
+
+
+def test_a_missing_quantization_library_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    said = refusal(["--devices", "cpu", "--quantize", "int8"], capsys)
+    assert said == "--quantize int8 needs torchao: pip install 'muse[quant]'"
+
+
+def test_int8_on_cpu_is_accepted_and_a_ray_clusters_devices_are_not_guessed() -> None:
+    from muse.config import check_backends
+
+    check_backends(Settings(devices="cpu", quantize="int8"))
+    check_backends(Settings(pool="ray", devices="auto", quantize="fp8", offload="model"))
+    with pytest.raises(ValueError, match="--quantize fp8 needs CUDA devices; --devices gives cpu"):
+        check_backends(Settings(pool="ray", devices="cpu", quantize="fp8"))
+
+
+def test_compile_is_refused_at_start_up_for_a_transformer_model(
+    tiny_flux_model: str, tiny_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from muse.config import check_backends
+
+    said = refusal(["--devices", "cpu", "--model", tiny_flux_model, "--compile"], capsys)
+    assert (
+        said
+        == "--compile compiles UNet models only; this model's denoiser is a transformer: serve it without --compile"
+    )
+    check_backends(Settings(model=tiny_model, devices="cpu", compile=True))

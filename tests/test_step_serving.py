@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -108,23 +107,3 @@ def test_an_expired_request_leaves_its_slot_and_the_others_run_on_in_the_same_wo
         wait_for(lambda: metric(server, "muse_batches_interrupted_total") == 1, 30, what="the slot to be freed")
         assert wait_job(server, stays, {"succeeded", "failed"})["status"] == "succeeded"
         assert server.worker_pids() == [pid]
-
-
-def test_forcing_step_batching_on_a_pipeline_it_does_not_know_fails_at_boot(tmp_path: Path) -> None:
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-    )  # fmt: skip
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    with live_server(settings(str(tmp_path / "ddpm"), batching="step"), ready=False) as server:
-        reason = wait_for(
-            lambda: (
-                (r := httpx.get(server.url + "/readyz")).status_code == 503 and "failed to boot" in r.text and r.text
-            ),
-            120,
-            0.05,
-            "the boot failure",
-        )
-    assert "--batching step: DDPMPipeline does not run on the step engine" in reason

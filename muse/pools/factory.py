@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from muse.config import Settings
+from muse.config import Settings, check_backends
 from muse.pools.base import BasePool
 
 
@@ -31,7 +31,9 @@ def worker_range(settings: Settings, devices: int) -> tuple[int, int]:
 
 
 def build_pool(settings: Settings) -> BasePool:
-    """The pool, its target at --min-workers; nothing starts before `pool.start()`."""
+    """The pool, its target at --min-workers; nothing starts before `pool.start()`. ValueError (naming the
+    flag) for --quantize, --offload or --compile choices that no worker could load."""
+    check_backends(settings)
     devices = devices_of(settings)
     common: dict[str, Any] = {
         "model": settings.model,
@@ -46,6 +48,9 @@ def build_pool(settings: Settings) -> BasePool:
             "compile_mode": settings.compile_mode,
             "gpu_memory_fraction": settings.gpu_memory_fraction,
             "compile_cache": settings.compile_cache or str(Path(settings.data_dir) / "compile-cache"),
+            "dtype": settings.dtype,
+            "quantize": settings.quantize,
+            "offload": settings.offload,
         },
     }
     pool: BasePool

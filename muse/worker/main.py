@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -59,6 +58,9 @@ class WorkerConfig:
     compile_mode: str = "default"  # --compile-mode
     compile_cache: str = ""  # --compile-cache
     gpu_memory_fraction: float = 0.9  # --gpu-memory-fraction
+    dtype: str = "auto"  # --dtype
+    quantize: str = "none"  # --quantize
+    offload: str = "none"  # --offload
 
 
 def heartbeat(channel: Channel, interval: float) -> None:
@@ -92,18 +94,34 @@ def serve_batch(channel: Channel, loaded: object, batch: Assignment) -> None:
 
 def choose_batching(wanted: str, pipe: object) -> str:
     """The mode this worker runs (--batching): step where the engine knows the pipeline, unless told."""
+    return batching_and_why(wanted, pipe)[0]
+
+
+def batching_and_why(wanted: str, pipe: object) -> tuple[str, str]:
+    """(mode, why) for --batching: step where the engine knows the pipeline, unless told otherwise."""
     from muse.worker.engine import supports
+    from muse.worker.pipeline import LoadError
 
     if wanted == Batching.REQUEST:
-        return Batching.REQUEST
+        return Batching.REQUEST, "--batching request"
     if supports(pipe):
-        return Batching.STEP
+        return Batching.STEP, "the step engine knows it"
     if wanted == Batching.STEP:
-        raise ValueError(
-            f"--batching step: {type(pipe).__name__} does not run on the step engine (it knows "
-            "StableDiffusionPipeline and StableDiffusionXLPipeline); use --batching request or auto"
+        raise LoadError(
+            f"--batching step: {type(pipe).__name__} does not run on the step engine; use --batching request or auto"
         )
-    return Batching.REQUEST
+    return Batching.REQUEST, "the step engine does not know it"
+
+
+def check_compile(config: WorkerConfig, pipe: object) -> None:
+    """--compile knows UNets (muse.worker.fastpath): refuse it, in one line, for any other denoiser."""
+    from muse.worker.pipeline import LoadError
+
+    if config.compile and getattr(pipe, "unet", None) is None:
+        raise LoadError(
+            f"--compile: {type(pipe).__name__} has no UNet (compiling its transformer is not supported); "
+            "serve it without --compile"
+        )
 
 
 def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any, batching: str) -> FastPath | None:
@@ -145,6 +163,34 @@ def warm(channel: Channel, config: WorkerConfig, loaded: Any, fast: FastPath) ->
     return min(config.capacity, warmed.capacity)
 
 
+def ours(exc: BaseException) -> bool:
+    """A LoadError: a reason said in one line, with no traceback worth showing."""
+    pipeline = sys.modules.get("muse.worker.pipeline")  # where it is raised, so imported if it was
+    return pipeline is not None and isinstance(exc, pipeline.LoadError)
+
+
+def one_line(exc: BaseException) -> str:
+    """A boot failure as /readyz shows it: our own reasons as they are, others as their type and first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return text if ours(exc) else f"{type(exc).__name__}: {text}"
+
+
+def size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**28 else f"{count / 2**20:.1f} MiB"
+
+
+def describe_precision(config: WorkerConfig, loaded: Any) -> str:
+    """What the weights are: --dtype as resolved, --quantize and --offload where set."""
+    parts = [str(getattr(loaded.pipe, "dtype", config.dtype)).removeprefix("torch.")]
+    if config.quantize != "none":
+        parts.append(f"{config.quantize} denoiser")
+    if config.offload != "none":
+        parts.append(f"{config.offload} CPU offload")
+    return ", ".join(parts)
+
+
 def setup_logging(config: WorkerConfig) -> None:
     """A worker's log lines name it and its process, in whatever process hosts it (subprocess or actor)."""
     logging.basicConfig(
@@ -162,6 +208,10 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torchao (--quantize), imported by diffusers where installed, warns about kernels for other GPUs
+    # and about torch's pytree registrations it makes.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
@@ -201,15 +251,18 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
         from muse.worker.pipeline import load_pipeline, warm_up
 
         start = time.perf_counter()
-        loaded = load_pipeline(config.model, config.device)
-        batching = choose_batching(config.batching, loaded.pipe)
+        loaded = load_pipeline(
+            config.model, config.device, dtype=config.dtype, quantize=config.quantize, offload=config.offload
+        )
+        batching, why = batching_and_why(config.batching, loaded.pipe)
+        check_compile(config, loaded.pipe)
         fast = compile_pipeline(channel, config, loaded, batching) if config.compile else None
         warm_up(loaded)
         capacity = warm(channel, config, loaded, fast) if fast else config.capacity
         load_s = time.perf_counter() - start
     except BaseException as exc:
-        reason = f"cannot load model {config.model!r} on {config.device}: {type(exc).__name__}: {exc}"
-        log.error("%s\n%s", reason, traceback.format_exc())
+        reason = f"cannot load model {config.model!r} on {config.device}: {one_line(exc)}"
+        log.error("%s", reason, exc_info=not ours(exc))
         channel.send(BootFailure(reason))
         return BOOT_FAILURE_EXIT
 
@@ -228,7 +281,16 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
             type(loaded.pipe).__name__,
         )
     )
-    log.info("ready on %s in %.1f s (%s batching)", config.device, load_s, batching)
+    log.info(
+        "ready on %s in %.1f s: %s, %s batching (%s); %s; %s of weights per worker",
+        config.device,
+        load_s,
+        type(loaded.pipe).__name__,
+        "step" if batching == Batching.STEP else "whole-call",
+        why,
+        describe_precision(config, loaded),
+        size(loaded.weight_bytes),
+    )
     if batching == Batching.STEP:
         from muse.worker.steploop import run_steps
 

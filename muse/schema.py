@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from muse.errors import InvalidRequest
 from muse.messages import GenerateRequest
 from muse.model_info import Limits, ModelInfo
-from muse.schedulers import MIN_STEPS, SCHEDULERS, canonical
+from muse.schedulers import MIN_STEPS, canonical
 
+# Stable Diffusion's presets; a model's own are ModelInfo.steps_for(quality).
 QUALITY_STEPS = {"fast": 25, "quality": 50}
 MAX_PROMPT = 2000
 MAX_SEED = 2**32 - 1
@@ -42,8 +43,12 @@ class GenerateBody(BaseModel):
     prompt: Prompt
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     quality: Literal["fast", "quality"] = "fast"
-    # Before steps, which are checked against it.
-    scheduler: str | None = Field(None, description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's)")
+    scheduler: str | None = Field(
+        None,
+        max_length=100,
+        description="Sampler name, e.g. 'DDIM', 'Euler a' (default: the model's own). Flow-matching models (FLUX, "
+        "SD3) and pipelines Muse has no step loop for run only their own: 'default' or its class name.",
+    )
     steps: int | None = Field(None, ge=1, le=150)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     guidance_scale: float | None = Field(None, ge=0, le=30)
@@ -55,43 +60,73 @@ class GenerateBody(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str | None) -> str | None:
+    def _canonical_scheduler(cls, value: str | None) -> str | None:
+        # Names Muse knows become their canonical spelling; whether the served model can run the name is
+        # for to_request to say, which knows the model.
         name = canonical(value)
-        if name is None:
-            raise ValueError(f"unknown scheduler {value!r}; one of: {', '.join(SCHEDULERS)}")
-        return name
-
-    @field_validator("steps")
-    @classmethod
-    def _enough_steps_for_the_scheduler(cls, value: int | None, info: ValidationInfo) -> int | None:
-        scheduler = info.data.get("scheduler") or ""
-        least = MIN_STEPS.get(scheduler, 1)
-        if value is not None and value < least:
-            raise ValueError(f"the {scheduler} sampler needs at least {least} steps")
-        return value
+        return value if name is None else name
 
     def to_request(self, model: ModelInfo, dialect: Dialect | None = None) -> GenerateRequest:
-        """The request with the model's defaults filled in, refused (in `dialect`) if over its cost limits."""
+        """The request with the model's defaults filled in, refused (in `dialect`) if the model cannot do what
+        it asks or it is over the model's cost limits."""
+        dialect = dialect or NATIVE
+        steps = self.steps if self.steps is not None else model.steps_for(self.quality)
+        scheduler = check_model(self, steps, model, dialect)
         request = GenerateRequest(
             prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            steps=self.steps if self.steps is not None else QUALITY_STEPS[self.quality],
+            negative_prompt=self.negative_prompt if model.negative_prompt else "",
+            steps=steps,
             seed=self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1),
             guidance_scale=self.guidance_scale if self.guidance_scale is not None else model.guidance_scale,
             width=self.width or model.width,
             height=self.height or model.height,
             n=self.n,
             timeout_s=self.timeout_s,
-            scheduler=self.scheduler or "",
+            scheduler=scheduler,
         )
-        check_limits(request, model.cost_limits, dialect or NATIVE)
+        check_limits(request, model.cost_limits, dialect)
         return request
+
+
+def refusal(dialect: Dialect, param: str, message: str, code: str) -> InvalidRequest:
+    """An InvalidRequest made at the edge, naming the field the way the front end does."""
+    name = dialect.name(param)
+    return InvalidRequest(f"{name}: {message}", param=name, code=code, status=dialect.status)
+
+
+def check_model(body: GenerateBody, steps: int, model: ModelInfo, dialect: Dialect) -> str:
+    """What the model's family cannot do is refused before it is queued: a negative prompt where there is no
+    negative conditioning (FLUX), a sampler it cannot run (flow-matching families run only their own), too
+    few steps for the sampler. Returns the sampler as the worker gets it ("" for the model's own)."""
+    if body.negative_prompt.strip() and not model.negative_prompt:
+        raise refusal(
+            dialect,
+            "negative_prompt",
+            f"this model ({model.label}, {model.pipeline or 'its pipeline'}) has no negative conditioning, so a "
+            "negative prompt would be ignored; leave it empty and describe what you want instead",
+            "unsupported_by_model",
+        )
+    scheduler = model.sampler(body.scheduler)
+    if scheduler is None:
+        if model.samplers:
+            message = f"unknown scheduler {body.scheduler!r}; one of: {', '.join(model.samplers)}"
+        else:
+            own = model.scheduler
+            message = (
+                f"{body.scheduler!r} does not work with this {model.label} model, which samples only with its own "
+                f"scheduler{f' ({own})' if own else ''}: leave the field out, or send 'default'"
+                + (f" or {own!r}" if own else "")
+            )
+        raise refusal(dialect, "scheduler", message, "unsupported_by_model")
+    least = MIN_STEPS.get(scheduler, 1)
+    if steps < least:
+        raise refusal(dialect, "steps", f"the {scheduler} sampler needs at least {least} steps", "invalid_value")
+    return scheduler
 
 
 def check_limits(request: GenerateRequest, limits: Limits, dialect: Dialect) -> None:
     def refuse(param: str, message: str) -> InvalidRequest:
-        name = dialect.name(param)
-        return InvalidRequest(f"{name}: {message}", param=name, code="over_limit", status=dialect.status)
+        return refusal(dialect, param, message, "over_limit")
 
     for param, side in (("width", request.width), ("height", request.height)):
         if side > limits.max_side:
@@ -104,7 +139,12 @@ def check_limits(request: GenerateRequest, limits: Limits, dialect: Dialect) -> 
             f"limit of {limits.max_pixels:,} per request (--max-pixels)",
         )
     if request.steps > limits.max_steps:
-        raise refuse("steps", f"{request.steps} steps is over this server's limit of {limits.max_steps} (--max-steps)")
+        where = (
+            "this model's limit of {} (max_steps in its muse.json; --max-steps overrides it)"
+            if limits.steps_from_model
+            else "this server's limit of {} (--max-steps)"
+        )
+        raise refuse("steps", f"{request.steps} steps is over {where.format(limits.max_steps)}")
 
 
 @dataclass(frozen=True)

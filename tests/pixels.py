@@ -25,8 +25,8 @@ def plain(loaded: LoadedPipeline, body: dict[str, Any], seed: int) -> np.ndarray
                 negative_prompt=[body.get("negative_prompt", "")],
                 num_inference_steps=body["steps"],
                 guidance_scale=body.get("guidance_scale", loaded.guidance_scale),
-                width=loaded.width,
-                height=loaded.height,
+                width=body.get("width", loaded.width),
+                height=body.get("height", loaded.height),
                 generator=[torch.Generator(device="cpu").manual_seed(seed)],
             ).images[0]
     finally:

@@ -27,6 +27,7 @@ from muse.core.tickets import Ticket, TicketState
 from muse.errors import Cancelled
 from muse.http.auth import viewer_of
 from muse.http.common import client_of, service
+from muse.model_info import ModelInfo
 from muse.schedulers import SCHEDULERS
 
 
@@ -86,20 +87,31 @@ async def skip(request: Request) -> Response:
 
 async def sd_models(request: Request) -> Response:
     muse = service(request)
-    name = muse.model.name
+    model = muse.model
     card = {
-        "title": name,
-        "model_name": name,
+        "title": model.name,
+        "model_name": model.name,
         "hash": None,
         "sha256": None,
         "filename": muse.settings.model,
         "config": None,
+        # Muse's own: what kind of pipeline it is (A1111 clients read the fields they know).
+        "family": model.family,
+        "pipeline": model.pipeline,
     }
     return JSONResponse([card])
 
 
+def sampler_list(model: ModelInfo) -> list[dict[str, Any]]:
+    """A1111's sampler list for this model: Muse's samplers for Stable Diffusion; for a family that runs only
+    its own scheduler (FLUX, SD3, a pipeline Muse has no step loop for), that one, named by its class."""
+    if not model.samplers:
+        return [{"name": model.scheduler or "default", "aliases": ["default"], "options": {}}]
+    return [{"name": name, "aliases": [SCHEDULERS[name]], "options": {}} for name in model.samplers]
+
+
 async def samplers(request: Request) -> Response:
-    return JSONResponse([{"name": name, "aliases": [cls], "options": {}} for name, cls in SCHEDULERS.items()])
+    return JSONResponse(sampler_list(service(request).model))
 
 
 async def schedulers(request: Request) -> Response:

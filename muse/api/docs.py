@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -95,6 +95,8 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    family: str = Field(description="sd, sdxl, flux, sd3, or the pipeline class for any other")
+    pipeline: str = Field(description="The diffusers pipeline class ('' when unknown before a worker loaded it)")
 
 
 class ModelList(BaseModel):
@@ -156,7 +158,7 @@ DOCS: dict[Endpoint, Doc] = {
     a1111_state.interrupt: CANCEL_RUNNING,
     a1111_state.skip: CANCEL_RUNNING,
     a1111_state.sd_models: Doc("The served model"),
-    a1111_state.samplers: Doc("Supported samplers"),
+    a1111_state.samplers: Doc("The samplers the served model runs (a flow-matching model: only its own)"),
     a1111_state.schedulers: Doc("Noise schedules: each sampler's own, which A1111 calls Automatic"),
     a1111_state.options: Doc("Settings (the served model's name)"),
 }

@@ -1,7 +1,8 @@
 """OpenAI-compatible Images API: `POST /v1/images/generations`, `GET /v1/models`.
 
 Point the official `openai` client at `http://host:8000/v1`. Muse's own knobs travel in
-`extra_body` (negative_prompt, seed, steps, guidance_scale). Errors use OpenAI's shape and status
+`extra_body` (negative_prompt, seed, steps, guidance_scale; a negative prompt to a model without negative
+conditioning, FLUX, is a 400 naming it). Errors use OpenAI's shape and status
 codes so the client raises its typed exceptions; once a request is accepted, a failure carries
 `x-should-retry: false` so the client does not submit a duplicate.
 """
@@ -21,6 +22,7 @@ from starlette.routing import Route
 from muse.errors import InvalidRequest, MuseError, NotFound
 from muse.http.common import client_of, error_response, service, wait_unless_disconnected
 from muse.links import LinkSigner
+from muse.model_info import ModelInfo
 from muse.schema import MAX_PROMPT, MAX_SEED, Dialect, GenerateBody, Prompt, parse_json, validate
 
 SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")
@@ -126,21 +128,24 @@ async def generations(request: Request) -> Response:
     return JSONResponse(ImagesResponse(created=int(time.time()), data=data).model_dump(), headers=headers)
 
 
-def model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "muse"}
+def model_card(model: ModelInfo) -> dict[str, Any]:
+    """OpenAI's model object, and what Muse adds: the family (sd, sdxl, flux, sd3, or the pipeline class) and
+    the pipeline class."""
+    card = {"id": model.name, "object": "model", "created": 0, "owned_by": "muse"}
+    return card | {"family": model.family, "pipeline": model.pipeline}
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [model_card(service(request).model.name)]})
+    return JSONResponse({"object": "list", "data": [model_card(service(request).model)]})
 
 
 async def get_model(request: Request) -> Response:
-    name = service(request).model.name
-    if request.path_params["model"] != name:
+    model = service(request).model
+    if request.path_params["model"] != model.name:
         raise NotFound(
             f"The model '{request.path_params['model']}' does not exist", param="model", code="model_not_found"
         )
-    return JSONResponse(model_card(name))
+    return JSONResponse(model_card(model))
 
 
 routes = [

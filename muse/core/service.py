@@ -104,7 +104,7 @@ class Muse:
     def model(self) -> ModelInfo:
         """The served model; once a worker has loaded it, its own report of size and guidance wins.
         Its cost limits are derived from that native size, where --max-side/--max-pixels/--max-steps
-        leave them open."""
+        leave them open (and the model's muse.json, for steps)."""
         model = self._model
         ready = self.pool.info
         if ready is not None:
@@ -114,7 +114,12 @@ class Muse:
             )
         s = self.settings
         limits = Limits.around(
-            model.width, model.height, max_side=s.max_side, max_pixels=s.max_pixels, max_steps=s.max_steps
+            model.width,
+            model.height,
+            max_side=s.max_side,
+            max_pixels=s.max_pixels,
+            max_steps=s.max_steps,
+            model_steps=model.max_steps,  # the model's muse.json, where --max-steps is left at its default
         )
         return dataclasses.replace(model, limits=limits)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,16 @@ log = logging.getLogger("muse.demo_model.train")
 # Chosen with benchmarks/demo_model_eval.py --sweep on the trained model; stored in muse.json.
 DEFAULT_GUIDANCE = 2.5
 DEFAULT_STEPS = 25
+# What the page suggests (muse.json's "prompts"): sentences of the scenes' grammar, which the model draws.
+PROMPTS: dict[str, Any] = {
+    "placeholder": "a small blue triangle in the top right on a yellow background",
+    "examples": [
+        "a red circle on a blue background",
+        "a large yellow triangle on a black background",
+        "a small green square in the top left on a white background",
+        "a small white circle in the bottom right on a purple background",
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -280,13 +291,14 @@ def train_denoiser(
     text_encoder.eval().requires_grad_(False)
 
 
-def serving_defaults(cfg: TrainConfig, pipe: Pipeline) -> dict[str, float | int]:
+def serving_defaults(cfg: TrainConfig, pipe: Pipeline) -> dict[str, Any]:
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return {
         "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": DEFAULT_STEPS,
         "width": native,
         "height": native,
+        "prompts": PROMPTS,
     }
 
 

@@ -211,7 +211,7 @@ class SlackBot:
         except CommandError as exc:
             return replies.invalid(str(exc), name), None
         if isinstance(parsed, Help):
-            return replies.usage(name), None
+            return replies.usage(name, self.muse.model), None
         try:
             body: GenerateBody = validate(GenerateBody, parsed.body(), SLACK)
         except InvalidRequest as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from muse.errors import MuseError
 from muse.messages import GenerateRequest
+from muse.model_info import ModelInfo
 from muse.schema import QUALITY_STEPS
 from muse.words import Kind, in_words
 
@@ -24,19 +25,22 @@ def shown(prompt: str) -> str:
     return f"_{escape(prompt)}_"
 
 
-def usage(command: str = "/muse") -> str:
-    return "\n".join(
-        [
-            f"*{command} <prompt> [options]* makes an image from a text prompt and posts it in this channel.",
-            f"• `--fast` ({QUALITY_STEPS['fast']} steps, the default) or "
-            f"`--quality` ({QUALITY_STEPS['quality']} steps)",
-            "• `--seed N`: the same prompt and seed give the same image",
-            "• `--n K`: K images at once (seeds N, N+1, …)",
-            '• `--negative "…"`: what to keep out of the image',
-            "• `--steps N`: an exact number of denoising steps",
-            f'Example: `{command} a lighthouse at dusk, oil painting --seed 7 --negative "people"`',
-        ]
-    )
+def usage(command: str = "/muse", model: ModelInfo | None = None) -> str:
+    """How to use the command, with the served model's own presets and options (no --negative for a model
+    without negative conditioning) and one of its example prompts."""
+    fast, quality = (model.steps, model.quality_steps) if model else (QUALITY_STEPS["fast"], QUALITY_STEPS["quality"])
+    negative = model is None or model.negative_prompt
+    example = model.prompts.examples[0] if model and model.prompts.examples else "a lighthouse at dusk, oil painting"
+    lines = [
+        f"*{command} <prompt> [options]* makes an image from a text prompt and posts it in this channel.",
+        f"• `--fast` ({fast} steps, the default) or `--quality` ({quality} steps)",
+        "• `--seed N`: the same prompt and seed give the same image",
+        "• `--n K`: K images at once (seeds N, N+1, …)",
+        *(['• `--negative "…"`: what to keep out of the image'] if negative else []),
+        "• `--steps N`: an exact number of denoising steps",
+        f"Example: `{command} {example} --seed 7" + (' --negative "people"`' if negative else "`"),
+    ]
+    return "\n".join(lines)
 
 
 def invalid(problem: str, command: str = "/muse") -> str:

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from muse.errors import InvalidRequest, MuseError
 from muse.messages import GenerateRequest
 from muse.model_info import ModelInfo
-from muse.schema import QUALITY_STEPS, GenerateBody, validate
+from muse.schema import GenerateBody, validate
 from muse.words import Kind, in_words
 
 TIMES = "\u00d7"  # the multiplication sign, for sizes as people write them
@@ -54,7 +54,7 @@ class FormValues:
 
     @classmethod
     def from_request(cls, request: GenerateRequest, model: ModelInfo, *, keep_seed: bool) -> FormValues:
-        quality = next((q for q, steps in QUALITY_STEPS.items() if steps == request.steps), None)
+        quality = next((q for q in ("fast", "quality") if model.steps_for(q) == request.steps), None)
         native = (request.width, request.height) == (model.width, model.height)
         return cls(
             prompt=request.prompt,
@@ -122,6 +122,12 @@ def _number(name: str, value: str) -> float:
     if not math.isfinite(number):
         raise InvalidRequest(f"{name}: must be a number, not {value!r}", param=name)
     return number
+
+
+def sampler_options(model: ModelInfo) -> list[tuple[str, str]]:
+    """(value, label) of the sampler select: the model's own first (the blank value), then the others it runs."""
+    own = f"{model.scheduler} (the model's own)" if not model.samplers and model.scheduler else "Model default"
+    return [("", own), *((name, name) for name in model.samplers)]
 
 
 def size_options(model: ModelInfo) -> list[tuple[str, str]]:

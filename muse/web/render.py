@@ -18,10 +18,9 @@ from starlette.templating import Jinja2Templates
 from muse.errors import MuseError
 from muse.http.auth import viewer_of
 from muse.http.common import service
-from muse.schedulers import SCHEDULERS
 from muse.storage import Gallery
 from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, SSE_CDN, SSE_INTEGRITY, TEMPLATES_DIR
-from muse.web.forms import FormValues, problem, size_options
+from muse.web.forms import FormValues, problem, sampler_options, size_options
 
 log = logging.getLogger("muse.pages")
 
@@ -123,7 +122,7 @@ def studio_context(request: Request, form: FormValues) -> dict[str, Any]:
     return {
         "form": form,
         "sizes": size_options(service(request).model),
-        "samplers": list(SCHEDULERS),
+        "samplers": sampler_options(service(request).model),
         "recent": [] if gallery is None else gallery.page(limit=RECENT, owner=viewer_of(request).owner_filter).images,
         "jobs": [],
     }

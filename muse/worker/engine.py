@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from muse.worker.families import Conditioning, Family, family_for, supports
+from muse.worker.families import family_for, supports
+from muse.worker.families.base import Conditioning, Family
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.pipeline import LoadedPipeline
 from muse.worker.samplers import fused_step, linear_steps

@@ -1,4 +1,5 @@
-"""What the step engine needs of one pipeline family, behind one small interface.
+"""What the step engine needs of one pipeline family, behind one small interface (the registry of families
+is the package, muse.worker.families).
 
 The engine (muse.worker.engine) knows slots, rows, guidance and samplers; a family knows its pipeline:
 how prompts become conditioning rows, what the starting noise looks like, how its scheduler is set up for
@@ -68,20 +69,3 @@ class Family(Protocol):
     def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
         """Finished latents to the image processor's denormalised `(n, C, H, W)` tensor in [0, 1]."""
         ...
-
-
-def family_for(pipe: Any) -> Family | None:
-    """The step engine's family for this pipeline, or None when it runs whole calls."""
-    from muse.worker.families.flux import FluxFamily
-    from muse.worker.families.sd import StableDiffusionFamily
-    from muse.worker.families.sd3 import SD3Family
-
-    for family in (StableDiffusionFamily, FluxFamily, SD3Family):
-        if family.knows(pipe):
-            return family(pipe)
-    return None
-
-
-def supports(pipe: Any) -> bool:
-    """Whether the step engine knows this pipeline (its class and its denoiser's conditioning)."""
-    return family_for(pipe) is not None

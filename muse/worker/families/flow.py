@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from muse.worker.families import VaeDecode
+from muse.worker.families.base import VaeDecode
 
 FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
 
@@ -33,7 +33,7 @@ def shift(scheduler: Any, image_tokens: int, max_shift: float) -> float:
     )
 
 
-def decode(pipe: Any, latents: torch.Tensor, vae_decode: VaeDecode) -> torch.Tensor:
+def decode_flow(pipe: Any, latents: torch.Tensor, vae_decode: VaeDecode) -> torch.Tensor:
     """Unscaled, unshifted latents through the VAE, then the image processor's denormalising."""
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor

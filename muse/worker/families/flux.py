@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families import Conditioning, VaeDecode, flow
+from muse.worker.families.base import Conditioning, VaeDecode
+from muse.worker.families.flow import decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
@@ -32,7 +33,7 @@ class FluxFamily:
     @staticmethod
     def knows(pipe: Any) -> bool:
         has_transformer = getattr(pipe, "transformer", None) is not None
-        return type(pipe).__name__ == "FluxPipeline" and has_transformer and flow.is_flow(pipe)
+        return type(pipe).__name__ == "FluxPipeline" and has_transformer and is_flow(pipe)
 
     def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
         embeds, pooled, self.text_ids = self.pipe.encode_prompt(
@@ -56,7 +57,7 @@ class FluxFamily:
         steps = request.steps
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
         height, width = self._latent_size(request.width, request.height)
-        mu = flow.shift(scheduler, (height // 2) * (width // 2), 1.15)
+        mu = shift(scheduler, (height // 2) * (width // 2), 1.15)
         if sigmas is None:
             scheduler.set_timesteps(steps, device=self.device, mu=mu)
         else:
@@ -97,4 +98,4 @@ class FluxFamily:
     def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
         width, height = size
         latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
-        return flow.decode(self.pipe, latents, vae_decode)
+        return decode_flow(self.pipe, latents, vae_decode)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families import Conditioning, VaeDecode, guided_rows
+from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
 from muse.worker.slots import SlotRequest
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families import Conditioning, VaeDecode, flow, guided_rows
+from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
+from muse.worker.families.flow import decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
@@ -28,7 +29,7 @@ class SD3Family:
         return (
             type(pipe).__name__ == "StableDiffusion3Pipeline"
             and getattr(pipe, "transformer", None) is not None
-            and flow.is_flow(pipe)
+            and is_flow(pipe)
         )
 
     def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
@@ -56,7 +57,7 @@ class SD3Family:
         if scheduler.config.get("use_dynamic_shifting"):
             patch = self.pipe.transformer.config.patch_size
             height, width = self._latent_size(request)
-            kwargs["mu"] = flow.shift(scheduler, (height // patch) * (width // patch), 1.16)
+            kwargs["mu"] = shift(scheduler, (height // patch) * (width // patch), 1.16)
         scheduler.set_timesteps(request.steps, device=self.device, **kwargs)
 
     def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
@@ -80,4 +81,4 @@ class SD3Family:
         )[0]
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
-        return flow.decode(self.pipe, latents, vae_decode)
+        return decode_flow(self.pipe, latents, vae_decode)

@@ -124,12 +124,13 @@ class DirectPipeline:
         self.loaded = load_pipeline(model, "cpu")
         warm_up(self.loaded)
 
-    def run(self, batch: int, steps: int, seed: int = 0) -> float:
-        """One batch; returns seconds."""
+    def run(self, batch: int, steps: int, seed: int = 0, size: int | None = None) -> float:
+        """One batch (of `size`-pixel squares, else the model's native size); returns seconds."""
         from muse.messages import Assignment, BatchKey, ImageSpec
 
         images = [ImageSpec("a red circle on a blue background", "", seed + i) for i in range(batch)]
-        key = BatchKey(self.loaded.width, self.loaded.height, steps, self.loaded.guidance_scale)
+        width, height = (size, size) if size else (self.loaded.width, self.loaded.height)
+        key = BatchKey(width, height, steps, self.loaded.guidance_scale)
         job = Assignment("direct", images, key)
         from muse.worker.pipeline import run_batch
 
@@ -137,11 +138,11 @@ class DirectPipeline:
         run_batch(self.loaded, job, lambda step: True)
         return time.perf_counter() - start
 
-    def throughput(self, batch: int, steps: int, duration: float) -> float:
+    def throughput(self, batch: int, steps: int, duration: float, size: int | None = None) -> float:
         """Images per second over at least `duration` seconds (whole batches)."""
         images, spent = 0, 0.0
         while spent < duration:
-            spent += self.run(batch, steps, seed=images)
+            spent += self.run(batch, steps, seed=images, size=size)
             images += batch
         return images / spent
 

@@ -52,12 +52,19 @@ PATHS = {
 }
 
 
-def body_for(index: int, rng: random.Random, steps: int, mix: bool, size: int | None = None) -> dict[str, Any]:
+def body_for(
+    index: int,
+    rng: random.Random,
+    steps: int,
+    mix: bool,
+    size: int | None = None,
+    mix_steps: tuple[int, int] = (25, 50),
+) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": "a red circle on a blue background", "seed": index, "steps": steps}
     if size is not None:
         body["width"] = body["height"] = size
     if mix:
-        body["steps"] = 25 if rng.random() < 0.5 else 50
+        body["steps"] = mix_steps[0] if rng.random() < 0.5 else mix_steps[1]
         body["guidance_scale"] = round(rng.uniform(2, 7), 2)
     return body
 
@@ -72,6 +79,7 @@ async def open_loop(
     mix: bool,
     size: int | None = None,
     seed: int = 0,
+    mix_steps: tuple[int, int] = (25, 50),
 ) -> dict[str, Any]:
     """Send at `rate` per second (exponential gaps) for warmup + duration; count those sent after the warm-up.
     Returns the window's raw figures (see `summarize`); the same seed gives the same arrivals and bodies."""
@@ -114,7 +122,7 @@ async def open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)  # the arrival clock itself, not a synchronisation
             # Bodies drawn here, in arrival order: every system gets the same requests at the same times.
-            body = body_for(index, rng, steps, mix, size)
+            body = body_for(index, rng, steps, mix, size, mix_steps)
             tasks.append(asyncio.create_task(one(client, body, measured=next_at >= warmup)))
             index += 1
             next_at += rng.expovariate(rate)

@@ -136,6 +136,9 @@ class Ready:
     batching: str = Batching.REQUEST
     capacity: int = 1  # images a step worker runs at once
     pipeline: str = ""  # the pipeline's class name
+    # False for a pipeline whose call takes no step callback: no progress until it ends, so the pool takes
+    # its heartbeats as its sign of life (the requests' deadlines still bound it).
+    reports_steps: bool = True
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,23 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "families"
+    command = [
+        sys.executable, str(BENCH / "families.py"), "--size", "64", "--batch", "2", "--duration", "4",
+        "--tries", "1", "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["direct_before"] > 0 and report["direct_after"] > 0 and report["served"]["throughput"] > 0
+    assert 0 < report["admission"]["short_alone_ms"] < report["admission"]["long_alone_ms"]
+    for system in ("step", "request"):
+        row = report["open_loop"][system]
+        assert row["errors"] == {} and row["completed"] > 0 and row["p50_ms"] <= row["p99_ms"], (system, row)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_load_generator_only_targets_loopback() -> None:
     sys.path.insert(0, str(BENCH))
     try:

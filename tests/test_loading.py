@@ -138,6 +138,21 @@ def test_a_pipeline_without_step_callbacks_runs_with_only_the_arguments_it_names
     assert call["prompt"] == ["a", "b"] and call["num_inference_steps"] == 3 and len(call["generator"]) == 2
 
 
+def test_a_worker_whose_calls_report_no_steps_is_kept_alive_by_its_heartbeats() -> None:
+    """Its steps cannot move `last_step` (the hang check's clock), so its heartbeats do; others' never do."""
+    from muse.messages import Heartbeat, Ready
+    from muse.pools.handles import WorkerHandle
+    from muse.pools.inbox import WorkerMessages
+
+    assert not bare_loaded(Bare()).reports_steps and bare_loaded(OldStyle()).reports_steps
+    for reports, moves in ((False, True), (True, False)):
+        worker = WorkerHandle(1, 0, "cpu")
+        worker.info = Ready("m", "cpu", 8, 8, 1.0, 0.1, 1, reports_steps=reports)
+        worker.last_step = 0.0
+        WorkerMessages()._handle(worker, Heartbeat())
+        assert (worker.last_step > 0) is moves, reports
+
+
 def test_an_old_style_callback_reports_steps_and_stops_the_call() -> None:
     loaded = bare_loaded(OldStyle())
     assert generate(loaded, ImageSpec("a", "", 1), steps=4)[1] == [1, 2, 3, 4]

@@ -48,6 +48,8 @@ class WorkerMessages:
         worker.last_seen = time.monotonic()
         if isinstance(message, Progress | Steps | Result | Failure):
             worker.last_step = worker.last_seen
+        elif isinstance(message, Heartbeat) and worker.info is not None and not worker.info.reports_steps:
+            worker.last_step = worker.last_seen  # its calls say nothing until they end: alive is all we learn
         if isinstance(message, Progress):
             self.listener.assignment_progress(message)
         elif isinstance(message, Steps):

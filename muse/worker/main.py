@@ -279,6 +279,7 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
             batching,
             capacity,
             type(loaded.pipe).__name__,
+            batching == Batching.STEP or loaded.reports_steps,
         )
     )
     log.info(

@@ -59,6 +59,13 @@ class LoadedPipeline:
     # and the step engine makes one scheduler per image.
     _pristine: dict[str, Any] = field(default_factory=dict, repr=False)
     accepts: frozenset[str] = frozenset()  # the keyword arguments the pipeline's __call__ names
+
+    @property
+    def reports_steps(self) -> bool:
+        """Whether a call can report each step (and be stopped between steps)."""
+        accepts = self.accepts or frozenset(inspect.signature(self.pipe.__call__).parameters)
+        return "callback_on_step_end" in accepts or {"callback", "callback_steps"} <= accepts
+
     weight_bytes: int = 0  # parameters and buffers of every module, wherever they sit
 
     def new_scheduler(self, name: str) -> Any:

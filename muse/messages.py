@@ -7,7 +7,7 @@ Pipe protocol (parent ⇄ worker), all pickled dataclasses:
     parent → worker:  Assignment | Interrupt | Stop
 A "request" worker (whole pipeline calls) gets an Assignment only while idle. A "step" worker gets one Assignment
 per request whenever it has free slots for it (its images join the running ones at the next step
-boundary), all of one latent shape at a time; several of its Assignments run at once, each answered alone.
+boundary), all of one StepKey at a time; several of its Assignments run at once, each answered alone.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ BOOT_FAILURE_EXIT = 3
 
 
 @dataclass(frozen=True)
+class StepKey:
+    """Which images may share a step worker's model calls: the one place that says so, read by the batcher's
+    policy, the pool's views, the step loop and the engine. Today the latent shape; whatever else one call must
+    agree on (an input image's kind, a family's conditioning) belongs here too."""
+
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class BatchKey:
     """Requests can share a pipeline call only when all of these match."""
 
@@ -27,6 +37,10 @@ class BatchKey:
     steps: int
     guidance_scale: float
     scheduler: str = ""
+
+    @property
+    def step_key(self) -> StepKey:
+        return StepKey(self.width, self.height)
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,10 @@ class GenerateRequest:
     @property
     def key(self) -> BatchKey:
         return BatchKey(self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+
+    @property
+    def step_key(self) -> StepKey:
+        return self.key.step_key
 
     def seeds(self) -> list[int]:
         # Image i of a request uses seed + i, so any single image can be reproduced alone.

@@ -11,7 +11,7 @@ import pytest
 from muse.core.batcher import Batcher
 from muse.core.tickets import Ticket, TicketState
 from muse.errors import Cancelled
-from muse.messages import Assignment, Failure, GenerateRequest, Progress, Result
+from muse.messages import Assignment, Failure, GenerateRequest, Progress, Result, StepKey
 
 pytestmark = pytest.mark.anyio
 
@@ -28,9 +28,9 @@ class FakeStepWorker:
         return sum(len(b.images) for b in self.assignments.values())
 
     @property
-    def shape(self) -> tuple[int, int] | None:
+    def step_key(self) -> StepKey | None:
         for b in self.assignments.values():
-            return b.key.width, b.key.height
+            return b.key.step_key
         return None
 
 

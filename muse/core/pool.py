@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from muse.messages import Assignment, Ready
+from muse.messages import Assignment, Ready, StepKey
 
 
 class StepWorker(Protocol):
@@ -18,7 +18,7 @@ class StepWorker(Protocol):
     @property
     def capacity(self) -> int: ...
     @property
-    def shape(self) -> tuple[int, int] | None: ...  # (width, height) of what runs; None when idle
+    def step_key(self) -> StepKey | None: ...  # what its running images share (muse.messages); None when idle
     @property
     def last_seen(self) -> float: ...
 

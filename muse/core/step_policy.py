@@ -28,15 +28,15 @@ class StepPolicy:
         return None if worker is None else (worker, [head])
 
     def _room_for(self, ticket: Ticket) -> StepWorker | None:
-        """An idle worker, or one running this request's shape with free slots for its images: the one
+        """An idle worker, or one running this request's StepKey with free slots for its images: the one
         with the most free slots (every image more makes each step of a worker longer), then the one
         idle longest. An idle worker takes a request bigger than its capacity, or it could never run."""
         request = ticket.request
-        shape = (request.width, request.height)
+        key = request.step_key
         fits = [
             w
             for w in self.c.pool.open_workers()
-            if w.images == 0 or (w.shape == shape and w.images + request.n <= w.capacity + self.prefetch)
+            if w.images == 0 or (w.step_key == key and w.images + request.n <= w.capacity + self.prefetch)
         ]
         return min(fits, key=lambda w: (w.images - w.capacity, w.last_seen), default=None)
 

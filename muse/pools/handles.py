@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from muse.messages import Assignment, Batching, Failure, Progress, Ready, Result
+from muse.messages import Assignment, Batching, Failure, Progress, Ready, Result, StepKey
 
 
 def describe_batching(ready: Ready) -> str:
@@ -84,10 +84,10 @@ class WorkerHandle:
         return sum(len(b.images) for b in self.assignments.values())
 
     @property
-    def shape(self) -> tuple[int, int] | None:
-        """(width, height) of the Assignments running on it; a step worker runs one shape at a time."""
+    def step_key(self) -> StepKey | None:
+        """What the Assignments running on it share; a step worker runs one StepKey at a time."""
         for batch in self.assignments.values():
-            return batch.key.width, batch.key.height
+            return batch.key.step_key
         return None
 
     @property

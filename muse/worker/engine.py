@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from muse.messages import StepKey
 from muse.worker.families import family_for, supports
 from muse.worker.families.base import Conditioning, Family
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
@@ -165,9 +166,9 @@ class StepEngine:
         self._layout: Layout | None = None
 
     @property
-    def shape(self) -> tuple[int, int] | None:
-        """(width, height) of the running slots; new slots must match it."""
-        return (self.slots[0].request.width, self.slots[0].request.height) if self.slots else None
+    def step_key(self) -> StepKey | None:
+        """What the running slots share (muse.messages.StepKey); new slots must match it."""
+        return self.slots[0].request.step_key if self.slots else None
 
     # ---- joining --------------------------------------------------------------------------------------
 
@@ -176,8 +177,8 @@ class StepEngine:
         """Prepare and add slots (their text encoded together); they take their first step at the next `step()`."""
         if not requests:
             return []
-        shapes = {(r.width, r.height) for r in requests} | ({self.shape} if self.shape else set())
-        assert len(shapes) == 1, f"one latent shape at a time, not {sorted(shapes)}"
+        keys = {r.step_key for r in requests} | ({self.step_key} if self.step_key else set())
+        assert len(keys) == 1, f"one StepKey at a time, not {keys}"
         conditioning = self.family.encode(requests)
         dtype = next(iter(conditioning[0].rows.values())).dtype
         admitted = []
@@ -290,8 +291,8 @@ class StepEngine:
             sample, timestep = pad(sample), pad(timestep)
             rows = {key: pad(value) for key, value in rows.items()}
         model = self.compiled or self.family.denoiser
-        assert self.shape is not None
-        return self.family.predict(model, sample, timestep, rows, self.shape)[:real]
+        first = self.slots[0].request
+        return self.family.predict(model, sample, timestep, rows, (first.width, first.height))[:real]
 
     def remove(self, slot_ids: Iterable[str]) -> list[Slot]:
         """Cancelled or expired images leave at once (between steps); returns those removed."""

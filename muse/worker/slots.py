@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from muse.messages import StepKey
+
 
 @dataclass(frozen=True)
 class SlotRequest:
@@ -21,3 +23,7 @@ class SlotRequest:
     scheduler: str = ""  # "" = the model's own
     owner: str = ""
     index: int = 0
+
+    @property
+    def step_key(self) -> StepKey:
+        return StepKey(self.width, self.height)

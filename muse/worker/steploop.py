@@ -136,17 +136,16 @@ class StepLoop:
     # ---- joining ----------------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Waiting Assignments of the running shape join, oldest first, while their images fit."""
+        """Waiting Assignments of the running StepKey join, oldest first, while their images fit."""
         if not self.pending:
             return
-        first = self.pending[0].key
-        shape = self.engine.shape or (first.width, first.height)
+        key = self.engine.step_key or self.pending[0].key.step_key
         room = self.capacity - len(self.engine.slots)
         budget = self.encoding_budget() if self.engine.slots else room
         joining: list[Assignment] = []
         for work in list(self.pending):
-            if (work.key.width, work.key.height) != shape:
-                continue  # waits until the running shape drains (the parent does not send it before)
+            if work.key.step_key != key:
+                continue  # waits until the running key's images drain (the parent does not send it before)
             n = len(work.images)
             # An empty engine takes an Assignment bigger than its capacity, or it could never run; a running
             # one takes the first Assignment that fits, however long its prompts take to encode.

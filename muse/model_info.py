@@ -222,8 +222,22 @@ def model_name(model: str, embedded: str) -> str:
     return path.name if path.is_dir() else model
 
 
+def local_folder(model: str) -> Path:
+    """The folder to read: `model` itself, or a hub id's snapshot where a worker has already fetched it into the
+    user's cache (the parent never downloads; before the first fetch a hub id reads as an empty folder)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        return folder
+
+
 def inspect(model: str, embedded: str) -> ModelInfo:
-    folder = Path(model)
+    folder = local_folder(model)
     index = _read_json(folder / "model_index.json") or {}
     pipeline = str(index.get("_class_name") or "")
     denoiser = _denoiser(folder)
@@ -249,7 +263,7 @@ def inspect(model: str, embedded: str) -> ModelInfo:
         uses_guidance=family.uses_guidance,
         samplers=() if family.own_sampler_only else tuple(SCHEDULERS),
     )
-    return with_defaults(info, read_defaults(model))
+    return with_defaults(info, read_defaults(str(folder)))
 
 
 def with_defaults(info: ModelInfo, defaults: Mapping[str, Any]) -> ModelInfo:

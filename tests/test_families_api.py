@@ -145,6 +145,23 @@ def test_a_hub_id_is_served_as_before() -> None:
     assert (model.family, model.pipeline, model.width, model.guidance_scale) == ("sd", "", 512, 7.5)
 
 
+def test_a_hub_id_a_worker_fetched_is_read_from_the_users_cache(
+    tiny_flux_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's cache layout (refs/main names the snapshot), as a worker's download leaves it."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--acme--tiny-flux"
+    shutil.copytree(tiny_flux_model, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model = info("acme/tiny-flux")
+    assert (model.family, model.pipeline, model.negative_prompt) == ("flux", "FluxPipeline", False)
+
+
 # ---- muse.json ----------------------------------------------------------------------------------------
 
 

@@ -105,8 +105,11 @@ class Muse:
         """The served model; once a worker has loaded it, its own report of size and guidance wins.
         Its cost limits are derived from that native size, where --max-side/--max-pixels/--max-steps
         leave them open (and the model's muse.json, for steps)."""
-        model = self._model
         ready = self.pool.info
+        if ready is not None and ready.pipeline and not self._model.pipeline:
+            # A hub id the parent could not read before a worker fetched it: its family is known now.
+            self._model = inspect(self.settings.model, EMBEDDED_MODEL)
+        model = self._model
         if ready is not None:
             # replace(), not a new ModelInfo: fields the worker does not report (name, scheduler) are kept.
             model = dataclasses.replace(

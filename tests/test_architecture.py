@@ -159,3 +159,13 @@ def test_cycles_finds_a_circle() -> None:
 def test_no_import_circles() -> None:
     graph = {name: {i for i in imported if i in MODULES and i != name} for name, imported in IMPORTS.items()}
     assert cycles(graph) == []
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """A package missing from pyproject's list works from a checkout and fails in the installed wheel."""
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "muse").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

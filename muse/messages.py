@@ -28,6 +28,30 @@ class StepKey:
     height: int
 
 
+@dataclass(frozen=True, repr=False)
+class SourceImage:
+    """A picture a request starts from (img2img), fitted at the edge to the request's width and height: RGB
+    PNG bytes, and for inpainting a mask of the same size (grayscale PNG, white = repaint). `strength` is how
+    far from the picture the result may go: 1 starts from pure noise, 0.5 runs the last half of the steps."""
+
+    image: bytes
+    strength: float
+    mask: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def __repr__(self) -> str:
+        mask = f", mask {len(self.mask):,} B" if self.mask is not None else ""
+        return f"SourceImage({len(self.image):,} B, strength {self.strength:g}{mask})"
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """The steps a request starting from a picture runs, as diffusers' img2img pipelines count them."""
+    return min(int(steps * strength), steps)
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """Requests can share a pipeline call only when all of these match."""
@@ -37,6 +61,8 @@ class BatchKey:
     steps: int
     guidance_scale: float
     scheduler: str = ""
+    source: str = ""  # "", "img2img" or "inpaint": a whole call takes its pictures or none
+    strength: float = 1.0
 
     @property
     def step_key(self) -> StepKey:
@@ -57,10 +83,21 @@ class GenerateRequest:
     negative_prompt: str = ""
     timeout_s: float | None = None
     scheduler: str = ""  # "" = the model's own
+    source: SourceImage | None = None
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+        if self.source is None:
+            return BatchKey(self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+        source = self.source
+        return BatchKey(
+            self.width, self.height, self.steps, self.guidance_scale, self.scheduler, source.kind, source.strength
+        )
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps it runs: fewer than `steps` when it starts from a picture at strength < 1."""
+        return self.steps if self.source is None else denoising_steps(self.steps, self.source.strength)
 
     @property
     def step_key(self) -> StepKey:
@@ -104,6 +141,8 @@ class ImageSpec:
     prompt: str
     negative_prompt: str
     seed: int
+    # One request's images share one SourceImage object, which pickling sends once per Assignment.
+    source: SourceImage | None = None
 
 
 @dataclass(frozen=True)

@@ -345,7 +345,11 @@ class Batcher:
             self._emit_positions()
 
     def _dispatch(self, worker: Any, tickets: list[Ticket]) -> None:
-        images = [ImageSpec(t.request.prompt, t.request.negative_prompt, s) for t in tickets for s in t.request.seeds()]
+        images = [
+            ImageSpec(t.request.prompt, t.request.negative_prompt, s, t.request.source)
+            for t in tickets
+            for s in t.request.seeds()
+        ]
         batch = Assignment(secrets.token_hex(6), images, tickets[0].request.key)
         now = time.monotonic()
         # A step worker that has no free slot for it takes it ahead: it stays queued until it starts there.

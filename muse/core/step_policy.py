@@ -43,7 +43,7 @@ class StepPolicy:
     def queued_eta(self, ticket: Ticket) -> float | None:
         c = self.c
         running = [f.steps_left for f in c.inflight.values() for _ in f.assignment.images]
-        ahead = [(t.request.n, t.request.steps) for t in c.queue.through(ticket)]
+        ahead = [(t.request.n, t.request.denoising_steps) for t in c.queue.through(ticket)]
         slots = sum(w.capacity for w in c.pool.open_workers()) or c.max_batch_size
         return c.speed.slots_eta(running, slots, ahead)
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from muse.messages import StepKey
+from muse.messages import StepKey, denoising_steps
 from muse.worker.families import family_for, supports
-from muse.worker.families.base import Conditioning, Family
+from muse.worker.families.base import Blend, Conditioning, Family
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.pipeline import LoadedPipeline
 from muse.worker.samplers import fused_step, linear_steps
@@ -52,6 +52,8 @@ class Slot:
     # coefficients per timestep (muse.worker.samplers): then its own scheduler instance is not stepped.
     times: list[float] = field(default_factory=list)
     linear: list[tuple[float, float]] | None = None
+    skipped: int = 0  # timesteps a picture's strength skips (img2img): the schedule's first ones
+    blend: Blend | None = None  # inpainting: the picture kept outside the mask after each step
 
     @property
     def guided(self) -> bool:
@@ -68,9 +70,10 @@ class Slot:
 
     @property
     def progress(self) -> tuple[int, int]:
-        """(steps done, steps) as the request counts them, for second-order samplers too."""
-        total = len(self.timesteps)
-        return (self.index * self.request.steps) // total if total else 0, self.request.steps
+        """(steps done, steps) as the request counts them, for second-order samplers too; an image started
+        from a picture counts the steps its strength skips as done."""
+        total = self.skipped + len(self.timesteps)
+        return ((self.skipped + self.index) * self.request.steps) // total if total else 0, self.request.steps
 
 
 @dataclass(eq=False)
@@ -188,20 +191,42 @@ class StepEngine:
             self.family.schedule(scheduler, request)
             generator = torch.Generator(device="cpu").manual_seed(request.seed)
             times, linear = self._schedule(request, scheduler)
+            timesteps, skip, blend = list(scheduler.timesteps), 0, None
+            if request.source is None:
+                latents = self.family.noise(request, scheduler, generator, dtype)
+            else:
+                skip = self._skip(scheduler, request)
+                start = self.family.start(request, scheduler, scheduler.timesteps[skip : skip + 1], generator, dtype)
+                latents, blend = start.latents, start.blend
+                timesteps, times = timesteps[skip:], times[skip:]
+                linear = linear[skip:] if linear is not None else None
             slot = Slot(
                 request=request,
                 scheduler=scheduler,
-                timesteps=list(scheduler.timesteps),
+                timesteps=timesteps,
                 times=times,
                 linear=linear,
-                latents=self.family.noise(request, scheduler, generator, dtype),
+                latents=latents,
                 conditioning=rows,
                 generator=generator,
                 step_kwargs=_step_kwargs(scheduler, generator),
+                skipped=skip,
+                blend=blend,
             )
             admitted.append(slot)
         self.slots.extend(admitted)
         return admitted
+
+    @staticmethod
+    def _skip(scheduler: Any, request: SlotRequest) -> int:
+        """The timesteps a picture's strength skips, as diffusers' img2img pipelines cut them (their
+        `get_timesteps`), with the scheduler told where it begins."""
+        assert request.source is not None
+        runs = denoising_steps(request.steps, request.source.strength)
+        skip = (request.steps - runs) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skip)
+        return skip
 
     def _schedule(self, request: SlotRequest, scheduler: Any) -> tuple[list[float], list[tuple[float, float]] | None]:
         """The slot's timesteps as floats, and its sampler's per-row twin if it has one; the same for every
@@ -246,6 +271,9 @@ class StepEngine:
         prediction = torch.cat([uncond + layout.scales * (text - uncond), noise[2 * g :]]) if g else noise
         stepped = self._scheduler_steps(order, latents, prediction, layout.fused)
         for slot, latent in zip(order, stepped, strict=True):
+            if slot.blend is not None:
+                following = slot.timesteps[slot.index + 1] if slot.index + 1 < len(slot.timesteps) else None
+                latent = slot.blend.apply(slot.scheduler, latent, following)
             slot.latents = latent
             slot.index += 1
         finished = [s for s in self.slots if s.done]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from muse.messages import StepKey
+from muse.messages import SourceImage, StepKey
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class SlotRequest:
     scheduler: str = ""  # "" = the model's own
     owner: str = ""
     index: int = 0
+    source: SourceImage | None = None  # img2img or inpainting: the picture it starts from
 
     @property
     def step_key(self) -> StepKey:

@@ -66,6 +66,7 @@ def slot_requests(work: Assignment) -> list[SlotRequest]:
             key.scheduler,
             owner=work.assignment_id,
             index=i,
+            source=spec.source,
         )
         for i, spec in enumerate(work.images)
     ]

@@ -38,9 +38,36 @@ def guided_rows(negative: torch.Tensor, positive: torch.Tensor, guided: bool) ->
     return torch.cat([negative, positive]) if guided else positive
 
 
+@dataclass(eq=False)
+class Blend:
+    """Inpainting with a standard UNet, as diffusers' inpaint pipeline does it: after each step, where the mask
+    is black the latents are the picture's own, noised to the next timestep (exactly the picture's after
+    the last step)."""
+
+    mask: torch.Tensor  # (1, 1, h, w): 1 = repaint
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+
+    def apply(self, scheduler: Any, latents: torch.Tensor, next_timestep: Any | None) -> torch.Tensor:
+        kept = self.image_latents
+        if next_timestep is not None:
+            kept = scheduler.add_noise(kept, self.noise, torch.tensor([next_timestep]))
+        return (1 - self.mask) * kept + self.mask * latents
+
+
+@dataclass(eq=False)
+class Start:
+    """Where an image that starts from a picture begins: its latents at its first timestep, and for
+    inpainting the blend applied after every step."""
+
+    latents: torch.Tensor
+    blend: Blend | None = None
+
+
 class Family(Protocol):
     name: str
     denoiser: torch.nn.Module  # called once per step over every slot's rows
+    takes_images: bool  # whether `start` can begin an image from a picture (img2img, inpainting)
 
     def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
         """Conditioning for each request, their prompts encoded together."""
@@ -52,6 +79,13 @@ class Family(Protocol):
 
     def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
         """The image's starting latents, `(1, …)`: the draws `prepare_latents` makes from its generator."""
+        ...
+
+    def start(
+        self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
+    ) -> Start:
+        """For a request with a source picture: its starting latents at `first_timestep` (the scheduler's
+        timesteps already cut to the steps it runs), with the generator's draws in the pipeline's order."""
         ...
 
     def predict(
@@ -69,3 +103,14 @@ class Family(Protocol):
     def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:
         """Finished latents to the image processor's denormalised `(n, C, H, W)` tensor in [0, 1]."""
         ...
+
+
+class TextOnly:
+    """For a family that starts every image from noise (the parent refuses pictures for it before queueing)."""
+
+    takes_images = False
+
+    def start(
+        self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
+    ) -> Start:
+        raise ValueError(f"{type(self).__name__} starts images from text only, not from a picture")

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families.base import Conditioning, VaeDecode
+from muse.worker.families.base import Conditioning, TextOnly, VaeDecode
 from muse.worker.families.flow import decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
 
 
-class FluxFamily:
+class FluxFamily(TextOnly):
     name = "flux"
 
     def __init__(self, pipe: Any) -> None:

@@ -3,12 +3,16 @@ also takes the pooled text embeddings and the size conditioning per row."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
-from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
+from muse.worker.families.base import Blend, Conditioning, Start, VaeDecode, guided_rows
 from muse.worker.slots import SlotRequest
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -22,6 +26,12 @@ class StableDiffusionFamily:
         self.name = "sdxl" if self.xl else "sd"
         self.denoiser = pipe.unet
         self.device = pipe._execution_device
+        # SDXL's img2img conditions on the picture differently (aesthetic scores, its VAE's upcast): not yet.
+        self.takes_images = not self.xl
+        # What StableDiffusionInpaintPipeline makes of a mask: grayscale in [0, 1], then 0 or 1.
+        self.masks = VaeImageProcessor(
+            vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
 
     @staticmethod
     def knows(pipe: Any) -> bool:
@@ -80,6 +90,37 @@ class StableDiffusionFamily:
         scale = pipe.vae_scale_factor
         shape = (1, pipe.unet.config.in_channels, request.height // scale, request.width // scale)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype) * scheduler.init_noise_sigma
+
+    def start(
+        self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
+    ) -> Start:
+        """As StableDiffusionImg2ImgPipeline (no mask) or StableDiffusionInpaintPipeline with a 4-channel UNet
+        (a mask) prepare their latents, with the generator's draws in their order: the picture's latents, the
+        noise, then (inpainting) the masked picture's latents, drawn though a 4-channel UNet never reads them."""
+        source = request.source
+        assert source is not None and self.takes_images
+        pipe = self.pipe
+        picture = pipe.image_processor.preprocess(Image.open(io.BytesIO(source.image)).convert("RGB"))
+        picture = picture.to(device=self.device, dtype=dtype)
+        image_latents = self._encode(picture, generator)
+        noise = randn_tensor(image_latents.shape, generator=generator, device=self.device, dtype=dtype)
+        if source.mask is None:
+            return Start(scheduler.add_noise(image_latents, noise, first_timestep))
+        if source.strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, first_timestep)
+        mask = self.masks.preprocess(Image.open(io.BytesIO(source.mask)), height=request.height, width=request.width)
+        self._encode(picture * (mask < 0.5).to(picture.dtype), generator)  # its draws only (see above)
+        scale = pipe.vae_scale_factor
+        mask = torch.nn.functional.interpolate(mask, size=(request.height // scale, request.width // scale))
+        return Start(latents, Blend(mask.to(device=self.device, dtype=dtype), image_latents, noise))
+
+    def _encode(self, picture: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The VAE's latents for a picture in [-1, 1] (a sample, drawn from the generator), scaled as the
+        pipelines scale them."""
+        vae = self.pipe.vae
+        return retrieve_latents(vae.encode(picture), generator=generator) * vae.config.scaling_factor
 
     def predict(
         self,

@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
+from muse.worker.families.base import Conditioning, TextOnly, VaeDecode, guided_rows
 from muse.worker.families.flow import decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 
 
-class SD3Family:
+class SD3Family(TextOnly):
     name = "sd3"
 
     def __init__(self, pipe: Any) -> None:

@@ -26,7 +26,7 @@ from muse.errors import MethodNotAllowed, MuseError, NotFound
 from muse.http.auth import ApiKeyAuth, KeyRing, load_keys
 from muse.http.common import error_response
 from muse.http.csrf import CsrfCheck
-from muse.http.middleware import BodyLimit, SecurityHeaders
+from muse.http.middleware import BodyLimit, SecurityHeaders, body_limit
 from muse.http.sessions import Sessions
 from muse.links import LinkSigner, load_secret
 from muse.pools.factory import build_pool, devices_of, worker_range
@@ -101,7 +101,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
         # Other Host headers (a DNS-rebinding page) get 400 before anything else runs.
         Middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names(), www_redirect=False),
         Middleware(SecurityHeaders, page_csp=PAGE_CSP),
-        Middleware(BodyLimit),
+        Middleware(BodyLimit, limit=body_limit(settings.max_upload)),
     ]
     if origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"]))

@@ -69,6 +69,9 @@ class Settings:
     max_steps: int = _opt(
         0, "Most denoising steps one request may ask for, at most 150 (0 = the model's muse.json max_steps, else 150)."
     )
+    max_upload: int = _opt(
+        8 << 20, "Most bytes of one picture a request starts from (init_image, mask_image, an edit's image)."
+    )
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
     job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")

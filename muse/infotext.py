@@ -48,6 +48,7 @@ class Infotext:
     width: int
     height: int
     model: str
+    strength: float = 0.0  # an image started from a picture: its denoising strength (0: from text)
 
     def text(self) -> str:
         lines = [inert(self.prompt)]
@@ -56,6 +57,7 @@ class Infotext:
         lines.append(
             f"Steps: {self.steps}, Sampler: {self.sampler or DEFAULT_SAMPLER}, CFG scale: {self.cfg_scale:g}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}"
+            + (f", Denoising strength: {self.strength:g}" if self.strength else "")
         )
         return "\n".join(lines)
 

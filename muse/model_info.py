@@ -30,6 +30,9 @@ NATIVE_STEPS = 25  # a "fast" image: the unit of cost, and Stable Diffusion's de
 FLOOR_STEPS = 5
 
 
+DEFAULT_MAX_UPLOAD = 8 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may cost, checked before it is queued: a request over them is a 422."""
@@ -38,6 +41,7 @@ class Limits:
     max_pixels: int  # width x height x n
     max_steps: int
     steps_from_model: bool = False  # max_steps is the model's muse.json's, not --max-steps
+    max_upload: int = DEFAULT_MAX_UPLOAD  # bytes of one uploaded picture (--max-upload)
 
     @classmethod
     def around(
@@ -49,6 +53,7 @@ class Limits:
         max_pixels: int = 0,
         max_steps: int = 0,
         model_steps: int = 0,
+        max_upload: int = 0,
     ) -> Limits:
         """Limits derived from a model's native size where not given: sides up to twice the native
         (128 for a 64-px model, 1024 for a 512-px one; the API's smallest side, 64, counts as native for
@@ -59,7 +64,7 @@ class Limits:
         side = max_side or 2 * max(width, height, MIN_SIDE)
         from_model = bool(model_steps) and not max_steps
         steps = model_steps if from_model else max_steps or DEFAULT_MAX_STEPS
-        return cls(side, max_pixels or 2 * side * side, steps, from_model)
+        return cls(side, max_pixels or 2 * side * side, steps, from_model, max_upload or DEFAULT_MAX_UPLOAD)
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,11 @@ class Family:
     uses_guidance: bool = True
     # The latent side the pipeline draws when its denoiser's config has no `sample_size` (FLUX's has none).
     default_sample_size: int | None = None
+    # It can start from a picture (img2img, inpainting): on the step engine and in whole calls alike.
+    image_inputs: bool = False
 
 
-SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS)
+SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True)
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": SD,
     # Muse served SDXL at SD's guidance before it knew families; it still does (diffusers' own is 5.0).
@@ -145,6 +152,7 @@ class ModelInfo:
     max_steps: int = 0  # muse.json's own limit (0: none; --max-steps then)
     negative_prompt: bool = True
     uses_guidance: bool = True
+    image_inputs: bool = True  # it takes init_image / mask_image
     # Sampler names a request may pick besides the model's own (which "" or "default" asks for).
     samplers: tuple[str, ...] = tuple(SCHEDULERS)
     prompts: Prompts = field(default=GENERIC_PROMPTS)
@@ -261,6 +269,7 @@ def inspect(model: str, embedded: str) -> ModelInfo:
         quality_steps=2 * family.steps,
         negative_prompt=family.negative_prompt,
         uses_guidance=family.uses_guidance,
+        image_inputs=family.image_inputs,
         samplers=() if family.own_sampler_only else tuple(SCHEDULERS),
     )
     return with_defaults(info, read_defaults(str(folder)))

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from muse import pictures
 from muse.errors import InvalidRequest
-from muse.messages import GenerateRequest
+from muse.messages import GenerateRequest, SourceImage, denoising_steps
 from muse.model_info import Limits, ModelInfo
 from muse.schedulers import MIN_STEPS, canonical
 
@@ -57,6 +58,20 @@ class GenerateBody(BaseModel):
     height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
     n: int = Field(1, ge=1, le=8)
     timeout_s: float | None = Field(None, gt=0, le=86400)
+    init_image: str | None = Field(
+        None,
+        description="A picture to start from (img2img): PNG, JPEG or WebP, in base64 or as a data: URL. The "
+        "request's width and height default to its size (down to a multiple of 8).",
+    )
+    mask_image: str | None = Field(
+        None, description="Inpainting: a mask of init_image's size, white where to repaint (same encodings)."
+    )
+    strength: float | None = Field(
+        None, gt=0, le=1, description="How far from init_image to go: 1 repaints fully; default 0.75."
+    )
+    resize_mode: int = Field(
+        0, ge=0, le=3, description="How init_image meets width x height: 0 stretch, 1 crop, 2 fill, as A1111."
+    )
 
     @field_validator("scheduler")
     @classmethod
@@ -66,26 +81,108 @@ class GenerateBody(BaseModel):
         name = canonical(value)
         return value if name is None else name
 
-    def to_request(self, model: ModelInfo, dialect: Dialect | None = None) -> GenerateRequest:
+    def picture(self, limits: Limits, dialect: Dialect) -> Picture | None:
+        """The picture this body starts from (base64 fields decoded), or None."""
+        for param in ("mask_image", "strength"):
+            if getattr(self, param) is not None and self.init_image is None:
+                raise refusal(dialect, param, "only with init_image (the picture to start from)", "invalid_value")
+        if self.init_image is None:
+            return None
+        sizes = pictures.PictureLimits(limits.max_upload, limits.max_pixels)
+        try:
+            image = pictures.from_base64("init_image", self.init_image, sizes)
+            mask = pictures.from_base64("mask_image", self.mask_image, sizes) if self.mask_image is not None else None
+        except pictures.PictureError as exc:
+            raise refusal(dialect, exc.param, str(exc), "invalid_image") from None
+        strength = self.strength if self.strength is not None else DEFAULT_STRENGTH
+        return Picture(image, mask, strength, self.resize_mode)
+
+    def to_request(
+        self, model: ModelInfo, dialect: Dialect | None = None, picture: Picture | None = None
+    ) -> GenerateRequest:
         """The request with the model's defaults filled in, refused (in `dialect`) if the model cannot do what
-        it asks or it is over the model's cost limits."""
+        it asks or it is over the model's cost limits. `picture`: what a front end that takes files received
+        (else the body's own base64 fields are read)."""
         dialect = dialect or NATIVE
         steps = self.steps if self.steps is not None else model.steps_for(self.quality)
         scheduler = check_model(self, steps, model, dialect)
+        picture = picture or self.picture(model.cost_limits, dialect)
+        source, size = None, (model.width, model.height)
+        if picture is not None:
+            source, size = start_from(picture, self, steps, model, dialect)
         request = GenerateRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt if model.negative_prompt else "",
             steps=steps,
             seed=self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1),
             guidance_scale=self.guidance_scale if self.guidance_scale is not None else model.guidance_scale,
-            width=self.width or model.width,
-            height=self.height or model.height,
+            width=self.width or size[0],
+            height=self.height or size[1],
             n=self.n,
             timeout_s=self.timeout_s,
             scheduler=scheduler,
+            source=source,
         )
         check_limits(request, model.cost_limits, dialect)
         return request
+
+
+DEFAULT_STRENGTH = 0.75
+
+
+@dataclass(frozen=True, repr=False)
+class Picture:
+    """A picture a request starts from, as a front end received it (bytes not yet decoded)."""
+
+    image: bytes
+    mask: bytes | None = None
+    strength: float = DEFAULT_STRENGTH
+    resize_mode: int = 0
+    mask_blur: int = 0
+    # OpenAI's edits: without a mask, the image's fully transparent pixels are what to repaint.
+    mask_from_alpha: bool = False
+
+
+def start_from(
+    picture: Picture, body: GenerateBody, steps: int, model: ModelInfo, dialect: Dialect
+) -> tuple[SourceImage, tuple[int, int]]:
+    """The decoded, checked and fitted picture, and the size the request takes from it where it names none."""
+    if not model.image_inputs:
+        raise refusal(
+            dialect,
+            "init_image",
+            f"this model ({model.label}, {model.pipeline or 'its pipeline'}) starts from text only here; "
+            "img2img and inpainting serve Stable Diffusion 1.x/2.x models",
+            "unsupported_by_model",
+        )
+    if denoising_steps(steps, picture.strength) < 1:
+        raise refusal(
+            dialect,
+            "strength",
+            f"{picture.strength:g} x {steps} steps runs no step: raise the strength or the steps",
+            "invalid_value",
+        )
+    limits = model.cost_limits
+    sizes = pictures.PictureLimits(limits.max_upload, limits.max_pixels)
+    try:
+        image = pictures.open_picture("init_image", picture.image, sizes)
+        mask = pictures.open_picture("mask_image", picture.mask, sizes) if picture.mask is not None else None
+        if mask is None and picture.mask_from_alpha:
+            mask = pictures.alpha_mask(image)
+        natural = pictures.natural_size(image)
+        size = (body.width or natural[0], body.height or natural[1])
+        source = pictures.source(
+            image,
+            mask,
+            picture.strength,
+            size,
+            picture.resize_mode,
+            picture.mask_blur,
+            picture_param=dialect.name("init_image") or "init_image",
+        )
+    except pictures.PictureError as exc:
+        raise refusal(dialect, exc.param, str(exc), "invalid_image") from None
+    return source, size
 
 
 def refusal(dialect: Dialect, param: str, message: str, code: str) -> InvalidRequest:

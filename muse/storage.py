@@ -48,17 +48,22 @@ CREATE TABLE IF NOT EXISTS images (
     compute_ms REAL NOT NULL,
     total_ms REAL NOT NULL,
     bytes INTEGER NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    strength REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
 """
 # Galleries made before images had owners get the column (their images belong to no key: admins see them).
-MIGRATIONS = {"owner": "ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT ''"}
+# Galleries made before img2img get the strength column (0: started from text).
+MIGRATIONS = {
+    "owner": "ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    "strength": "ALTER TABLE images ADD COLUMN strength REAL NOT NULL DEFAULT 0",
+}
 OWNER_INDEX = "CREATE INDEX IF NOT EXISTS images_by_owner ON images (owner, seq DESC)"
 
 COLUMNS = (
     "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, scheduler, model, "
-    "batch_size, queued_ms, compute_ms, total_ms, bytes, owner"
+    "batch_size, queued_ms, compute_ms, total_ms, bytes, owner, strength"
 )
 
 
@@ -81,6 +86,7 @@ class GalleryImage:
     total_ms: float
     bytes: int
     owner: str = ""  # who made it: an API key's fingerprint or a client address
+    strength: float = 0.0  # started from a picture at this denoising strength (0: from text)
 
     @property
     def parameters(self) -> str:
@@ -95,6 +101,7 @@ class GalleryImage:
             self.width,
             self.height,
             self.model,
+            self.strength,
         ).text()
 
 
@@ -174,6 +181,7 @@ class Gallery:
                 total_ms=t.total_ms,
                 bytes=0,
                 owner=owner,
+                strength=request.source.strength if request.source is not None else 0.0,
             )
             data = png_with_text(image.png, KEYWORD, record.parameters)
             self._write_file(record.id, data)

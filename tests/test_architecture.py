@@ -27,6 +27,7 @@ SHARED = (
     "muse.schedulers",
     "muse.model_info",
     "muse.schema",
+    "muse.pictures",
     "muse.periodic",
     "muse.words",
     "muse.averages",

@@ -14,6 +14,8 @@ import openai
 import pytest
 from PIL import Image
 
+from muse.http.middleware import body_limit
+from muse.model_info import DEFAULT_MAX_UPLOAD
 from tests.serving import LiveServer, live_server, settings
 
 KEY = "sk-test-key-123"
@@ -154,11 +156,12 @@ def test_page_login_sets_an_httponly_strict_cookie_and_unsafe_requests_need_csrf
 
 
 def test_body_over_the_limit_is_413_and_security_headers_are_set(server: LiveServer) -> None:
-    big = httpx.post(server.url + "/api/generate", content=b"{" + b" " * (2 << 20) + b"}", headers=AUTH)
+    over = body_limit(DEFAULT_MAX_UPLOAD)  # room for two base64 pictures of --max-upload's default, then some
+    big = httpx.post(server.url + "/api/generate", content=b"{" + b" " * over + b"}", headers=AUTH)
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
 
     def chunks() -> Iterator[bytes]:
-        for _ in range(40):
+        for _ in range(over // 65536 + 2):
             yield b" " * 65536
 
     streamed = httpx.post(server.url + "/api/generate", content=chunks(), headers=AUTH)

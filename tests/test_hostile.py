@@ -10,6 +10,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from muse.http.middleware import body_limit
+from muse.model_info import DEFAULT_MAX_UPLOAD
 from tests.serving import LiveServer, live_server
 from tests.serving import settings as muse_settings
 
@@ -64,8 +66,8 @@ def test_a_sampler_that_needs_more_steps_is_refused_before_it_runs(server: LiveS
 def test_a_chunked_form_over_the_limit_is_413_not_a_500_page(server: LiveServer) -> None:
     def chunks() -> Iterator[bytes]:
         yield b"prompt="
-        for _ in range(40):
-            yield b"a" * 65536  # 2.5 MiB in all, with no Content-Length
+        for _ in range(body_limit(DEFAULT_MAX_UPLOAD) // 65536 + 2):
+            yield b"a" * 65536  # just over the body limit, with no Content-Length
 
     response = httpx.post(
         f"{server.url}/jobs",

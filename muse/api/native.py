@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,7 +17,8 @@ from muse.core.tickets import Ticket, TicketState
 from muse.http.auth import viewer_of
 from muse.http.common import client_of, service, wait_unless_disconnected
 from muse.http.sse import Change, event_stream, sse
-from muse.messages import GenerateResult
+from muse.messages import GenerateRequest, GenerateResult
+from muse.model_info import ModelInfo
 from muse.schema import GenerateBody, parse_json, validate
 
 
@@ -41,10 +43,17 @@ async def read_body(request: Request) -> GenerateBody:
     return body
 
 
+async def to_request(body: GenerateBody, model: ModelInfo) -> GenerateRequest:
+    """The request; a picture's decoding and fitting (tens of milliseconds for a large one) off the event loop."""
+    if body.init_image is None:
+        return body.to_request(model)
+    return await anyio.to_thread.run_sync(body.to_request, model)
+
+
 async def generate(request: Request) -> Response:
     muse = service(request)
     body = await read_body(request)
-    ticket = muse.submit(body.to_request(muse.model), client=client_of(request))
+    ticket = muse.submit(await to_request(body, muse.model), client=client_of(request))
     result = await wait_unless_disconnected(request, ticket, muse)
     return JSONResponse(result_json(result))
 
@@ -76,7 +85,7 @@ def _round(value: float | None) -> float | None:
 async def create_job(request: Request) -> Response:
     muse = service(request)
     body = await read_body(request)
-    ticket = muse.submit(body.to_request(muse.model), keep=True, client=client_of(request))
+    ticket = muse.submit(await to_request(body, muse.model), keep=True, client=client_of(request))
     base = f"/api/jobs/{ticket.id}"
     return JSONResponse(
         {"id": ticket.id, "status_url": base, "events_url": f"{base}/events", "seed": ticket.request.seed},

@@ -123,6 +123,7 @@ class Muse:
             max_pixels=s.max_pixels,
             max_steps=s.max_steps,
             model_steps=model.max_steps,  # the model's muse.json, where --max-steps is left at its default
+            max_upload=s.max_upload,
         )
         return dataclasses.replace(model, limits=limits)
 

@@ -7,7 +7,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from muse.errors import PayloadTooLarge
 from muse.http.common import error_response
 
-MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; nothing we accept comes close
+MAX_BODY_BYTES = 1 << 20  # prompts are at most 2,000 characters; a body without pictures never comes close
+
+
+def body_limit(max_upload: int) -> int:
+    """The largest body: room for a picture and its mask of --max-upload bytes each, in base64 (4 characters
+    per 3 bytes), besides everything else. A picture over --max-upload in a body under this is refused by
+    name (422), not as a body (413)."""
+    return MAX_BODY_BYTES + 2 * (max_upload * 4 // 3 + 4)
+
 
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),

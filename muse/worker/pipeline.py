@@ -23,7 +23,8 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+from PIL import Image
 
 from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.model_info import inspect as inspect_model
@@ -59,6 +60,18 @@ class LoadedPipeline:
     # and the step engine makes one scheduler per image.
     _pristine: dict[str, Any] = field(default_factory=dict, repr=False)
     accepts: frozenset[str] = frozenset()  # the keyword arguments the pipeline's __call__ names
+    # The img2img and inpaint pipelines over the same components (diffusers' AutoPipeline...from_pipe), made
+    # when a request first needs one.
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def derived(self, kind: str) -> Any:
+        """The pipeline of the same components that starts from a picture: "img2img" or "inpaint"."""
+        if kind not in self._derived:
+            auto = AutoPipelineForInpainting if kind == "inpaint" else AutoPipelineForImage2Image
+            derived = auto.from_pipe(self.pipe)
+            derived.set_progress_bar_config(disable=True)
+            self._derived[kind] = derived
+        return self._derived[kind]
 
     @property
     def reports_steps(self) -> bool:
@@ -272,7 +285,14 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
     """
     key = batch.key
     loaded.use_scheduler(key.scheduler)
-    accepts = loaded.accepts or frozenset(inspect.signature(loaded.pipe.__call__).parameters)
+    pipe = loaded.derived(key.source) if key.source else loaded.pipe
+    if key.source:
+        pipe.scheduler = loaded.pipe.scheduler  # from_pipe shares components, but not a swapped-in scheduler
+    accepts = (
+        loaded.accepts
+        if pipe is loaded.pipe and loaded.accepts
+        else frozenset(inspect.signature(pipe.__call__).parameters)
+    )
     interrupted = False
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +319,12 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
     }
     if any(spec.negative_prompt for spec in batch.images):
         wanted["negative_prompt"] = [spec.negative_prompt for spec in batch.images]
+    if key.source:
+        sources = [spec.source for spec in batch.images]
+        wanted["image"] = [picture(source.image) for source in sources if source is not None]
+        wanted["strength"] = key.strength
+        if key.source == "inpaint":
+            wanted["mask_image"] = [picture(source.mask) for source in sources if source and source.mask]
     if "callback_on_step_end" in accepts:
         wanted["callback_on_step_end"] = callback
     elif "callback" in accepts and "callback_steps" in accepts:
@@ -306,7 +332,7 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
     arguments = {name: value for name, value in wanted.items() if name in accepts}
     try:
         with torch.inference_mode():
-            output = loaded.pipe(**arguments)
+            output = pipe(**arguments)
     except _Interrupted:
         return None
     if interrupted:
@@ -317,6 +343,11 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
             f"{type(loaded.pipe).__name__} is not a text-to-image pipeline (it returned {type(output).__name__})"
         )
     return [encode_png(image) for image in images]
+
+
+def picture(data: bytes) -> Any:
+    """A PIL image from the PNG bytes the parent sent (fitted to the request's size there)."""
+    return Image.open(io.BytesIO(data))
 
 
 def encode_png(image: Any) -> bytes:

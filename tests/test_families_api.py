@@ -4,6 +4,8 @@ front end makes before a request is queued (a negative prompt for FLUX, a UNet s
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ import httpx
 import openai
 import pytest
 import webuiapi
+from PIL import Image
 from starlette.testclient import TestClient
 
 from muse.app import create_app
@@ -256,6 +259,20 @@ def test_validation_refuses_what_the_family_cannot_do(tiny_flux_model: str, tiny
             assert refused.value.param == "scheduler" and FLOW_SCHEDULER in refused.value.message
         for name in ("", "default", FLOW_SCHEDULER, FLOW_SCHEDULER.lower()):
             assert request_for(model, scheduler=name).scheduler == ""
+
+
+def test_only_stable_diffusion_starts_from_a_picture(
+    tiny_model: str, tiny_sdxl_model: str, tiny_flux_model: str, tiny_sd3_model: str
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    picture = base64.b64encode(buffer.getvalue()).decode()
+    assert request_for(info(tiny_model), init_image=picture).source is not None
+    for model in (tiny_sdxl_model, tiny_flux_model, tiny_sd3_model):
+        with pytest.raises(InvalidRequest) as refused:
+            request_for(info(model), init_image=picture)
+        assert (refused.value.param, refused.value.status) == ("init_image", 422)
+        assert "text only" in refused.value.message
 
 
 def test_slack_names_its_own_option(tiny_flux_model: str) -> None:

@@ -118,6 +118,7 @@ async def txt2img(request: Request) -> Response:
             generate.width,
             generate.height,
             muse.model.name,
+            generate.source.strength if generate.source is not None else 0.0,
         ).text()
         for image in result.images
     ]

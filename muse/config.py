@@ -72,6 +72,14 @@ class Settings:
     max_upload: int = _opt(
         8 << 20, "Most bytes of one picture a request starts from (init_image, mask_image, an edit's image)."
     )
+    lora_dir: str = _opt(
+        "",
+        "Folder of LoRA adapters (.safetensors, diffusers/PEFT or kohya/A1111 layout) requests may name; files "
+        "added later are found without a restart. Off if empty.",
+        metavar="DIR",
+    )
+    lora_cache: int = _opt(8, "LoRA adapters each worker keeps loaded (least recently used unloaded first).")
+    max_loras_per_request: int = _opt(4, "Most LoRA adapters one request may name.")
     max_queue: int = _opt(256, "Most images waiting; beyond it requests get 503 with Retry-After.")
     request_timeout: float = _opt(300.0, "Seconds a request may take, queue included (504 after).")
     job_ttl: float = _opt(600.0, "Seconds a finished job stays readable at /api/jobs/{id}.")
@@ -187,6 +195,8 @@ class Settings:
             raise ValueError("--gpu-memory-fraction must be more than 0 and at most 1")
         if self.progress_interval < 0:
             raise ValueError("--progress-interval must be 0 or more seconds")
+        if self.lora_cache < 1 or self.max_loras_per_request < 1:
+            raise ValueError("--lora-cache and --max-loras-per-request must be at least 1")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -265,6 +275,13 @@ def check_backends(settings: Settings) -> None:
         missing = [lib for lib in libraries if local and find_spec(lib) is None]
         if missing:
             raise ValueError(f"{flag} needs {' and '.join(missing)}: pip install 'muse[quant]'")
+    if settings.lora_dir:
+        if not Path(settings.lora_dir).is_dir():
+            raise ValueError(f"--lora-dir {settings.lora_dir}: not a folder")
+        if settings.compile:
+            raise ValueError("--lora-dir with --compile: a compiled UNet would not see the adapters; choose one")
+        if local and find_spec("peft") is None:
+            raise ValueError("--lora-dir needs peft: pip install peft")
     if settings.compile and denoiser_of(settings.model) == "transformer":
         raise ValueError(
             "--compile compiles UNet models only; this model's denoiser is a transformer: serve it without --compile"

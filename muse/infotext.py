@@ -49,9 +49,10 @@ class Infotext:
     height: int
     model: str
     strength: float = 0.0  # an image started from a picture: its denoising strength (0: from text)
+    lora_tags: str = ""  # its LoRAs as A1111 writes them in the prompt: "<lora:name:0.8> …"
 
     def text(self) -> str:
-        lines = [inert(self.prompt)]
+        lines = [inert(self.prompt) + (f" {self.lora_tags}" if self.lora_tags else "")]
         if self.negative_prompt:
             lines.append(f"{NEGATIVE}{inert(self.negative_prompt)}")
         lines.append(

@@ -47,6 +47,19 @@ class SourceImage:
         return f"SourceImage({len(self.image):,} B, strength {self.strength:g}{mask})"
 
 
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA adapter a request asks for: a file's name in --lora-dir (without .safetensors), at a scale."""
+
+    name: str
+    scale: float = 1.0
+
+    @property
+    def tag(self) -> str:
+        """As A1111 writes it in a prompt."""
+        return f"<lora:{self.name}:{self.scale:g}>"
+
+
 def denoising_steps(steps: int, strength: float) -> int:
     """The steps a request starting from a picture runs, as diffusers' img2img pipelines count them."""
     return min(int(steps * strength), steps)
@@ -63,6 +76,7 @@ class BatchKey:
     scheduler: str = ""
     source: str = ""  # "", "img2img" or "inpaint": a whole call takes its pictures or none
     strength: float = 1.0
+    loras: tuple[LoraUse, ...] = ()  # a whole call's images share their adapters (a step worker mixes them)
 
     @property
     def step_key(self) -> StepKey:
@@ -84,14 +98,14 @@ class GenerateRequest:
     timeout_s: float | None = None
     scheduler: str = ""  # "" = the model's own
     source: SourceImage | None = None
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def key(self) -> BatchKey:
-        if self.source is None:
-            return BatchKey(self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
         source = self.source
+        kind, strength = (source.kind, source.strength) if source is not None else ("", 1.0)
         return BatchKey(
-            self.width, self.height, self.steps, self.guidance_scale, self.scheduler, source.kind, source.strength
+            self.width, self.height, self.steps, self.guidance_scale, self.scheduler, kind, strength, self.loras
         )
 
     @property
@@ -143,6 +157,7 @@ class ImageSpec:
     seed: int
     # One request's images share one SourceImage object, which pickling sends once per Assignment.
     source: SourceImage | None = None
+    loras: tuple[LoraUse, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -241,6 +256,9 @@ class Failure:
     assignment_id: str
     message: str
     interrupted: bool = False
+    # The request's own fault, found in the worker (a LoRA file for another architecture): the field to name
+    # in a 4xx, instead of a failed generation.
+    param: str = ""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Limits:
     max_steps: int
     steps_from_model: bool = False  # max_steps is the model's muse.json's, not --max-steps
     max_upload: int = DEFAULT_MAX_UPLOAD  # bytes of one uploaded picture (--max-upload)
+    max_loras: int = 4  # LoRA adapters one request may name (--max-loras-per-request)
 
     @classmethod
     def around(
@@ -54,6 +55,7 @@ class Limits:
         max_steps: int = 0,
         model_steps: int = 0,
         max_upload: int = 0,
+        max_loras: int = 4,
     ) -> Limits:
         """Limits derived from a model's native size where not given: sides up to twice the native
         (128 for a 64-px model, 1024 for a 512-px one; the API's smallest side, 64, counts as native for
@@ -64,7 +66,7 @@ class Limits:
         side = max_side or 2 * max(width, height, MIN_SIDE)
         from_model = bool(model_steps) and not max_steps
         steps = model_steps if from_model else max_steps or DEFAULT_MAX_STEPS
-        return cls(side, max_pixels or 2 * side * side, steps, from_model, max_upload or DEFAULT_MAX_UPLOAD)
+        return cls(side, max_pixels or 2 * side * side, steps, from_model, max_upload or DEFAULT_MAX_UPLOAD, max_loras)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,16 @@ class Family:
     default_sample_size: int | None = None
     # It can start from a picture (img2img, inpainting): on the step engine and in whole calls alike.
     image_inputs: bool = False
+    takes_loras: bool = False  # LoRA adapters from --lora-dir (UNet families)
 
 
-SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True)
+SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True, takes_loras=True)
 FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": SD,
     # Muse served SDXL at SD's guidance before it knew families; it still does (diffusers' own is 5.0).
-    "StableDiffusionXLPipeline": Family("sdxl", "Stable Diffusion XL", FALLBACK_GUIDANCE, NATIVE_STEPS),
+    "StableDiffusionXLPipeline": Family(
+        "sdxl", "Stable Diffusion XL", FALLBACK_GUIDANCE, NATIVE_STEPS, takes_loras=True
+    ),
     "FluxPipeline": Family(
         "flux", "FLUX.1", 3.5, 28, negative_prompt=False, own_sampler_only=True, default_sample_size=128
     ),
@@ -153,6 +158,9 @@ class ModelInfo:
     negative_prompt: bool = True
     uses_guidance: bool = True
     image_inputs: bool = True  # it takes init_image / mask_image
+    takes_loras: bool = True  # its family loads LoRA adapters
+    # The LoRA adapters requests may name now (--lora-dir), None without a folder or for a family that takes none.
+    loras: tuple[str, ...] | None = None
     # Sampler names a request may pick besides the model's own (which "" or "default" asks for).
     samplers: tuple[str, ...] = tuple(SCHEDULERS)
     prompts: Prompts = field(default=GENERIC_PROMPTS)
@@ -270,6 +278,7 @@ def inspect(model: str, embedded: str) -> ModelInfo:
         negative_prompt=family.negative_prompt,
         uses_guidance=family.uses_guidance,
         image_inputs=family.image_inputs,
+        takes_loras=family.takes_loras,
         samplers=() if family.own_sampler_only else tuple(SCHEDULERS),
     )
     return with_defaults(info, read_defaults(str(folder)))

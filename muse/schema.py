@@ -8,6 +8,7 @@ rewrite an error after the fact.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from muse import pictures
 from muse.errors import InvalidRequest
-from muse.messages import GenerateRequest, SourceImage, denoising_steps
+from muse.messages import GenerateRequest, LoraUse, SourceImage, denoising_steps
 from muse.model_info import Limits, ModelInfo
 from muse.schedulers import MIN_STEPS, canonical
 
@@ -36,6 +37,36 @@ def _not_blank(value: str) -> str:
 
 # Shared by every API that takes a prompt, so all refuse the same prompts the same way.
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT), AfterValidator(_not_blank)]
+
+
+# A1111's prompt syntax for an adapter: <lora:name> or <lora:name:scale> (a text-encoder/UNet pair of scales
+# takes the first).
+LORA_TAG = re.compile(r"<lora:([^:<>]+?)(?::([^:<>]*))?(?::[^<>]*)?>", re.IGNORECASE)
+MAX_LORA_SCALE = 4.0
+
+
+class LoraBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200, description="A file's name in --lora-dir, without .safetensors")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+
+def split_tags(prompt: str) -> tuple[str, list[LoraUse]]:
+    """A prompt without its <lora:…> tags, and the adapters they name (scale 1 when they give none)."""
+    uses = []
+    for match in LORA_TAG.finditer(prompt):
+        name, scale = match.group(1).strip(), (match.group(2) or "").strip()
+        try:
+            value = float(scale) if scale else 1.0
+        except ValueError:
+            raise InvalidRequest(
+                f"prompt: {match.group(0)} has no number for its scale", param="prompt", code="invalid_value"
+            ) from None
+        uses.append(LoraUse(name, value))
+    if not uses:
+        return prompt, []
+    return " ".join(LORA_TAG.sub(" ", prompt).split()), uses
 
 
 class GenerateBody(BaseModel):
@@ -72,6 +103,11 @@ class GenerateBody(BaseModel):
     resize_mode: int = Field(
         0, ge=0, le=3, description="How init_image meets width x height: 0 stretch, 1 crop, 2 fill, as A1111."
     )
+    loras: list[LoraBody] | None = Field(
+        None,
+        description="LoRA adapters from the server's --lora-dir, each at a scale (GET /api/loras lists them); "
+        "a prompt's A1111 tags (<lora:name:0.8>) count too.",
+    )
 
     @field_validator("scheduler")
     @classmethod
@@ -80,6 +116,42 @@ class GenerateBody(BaseModel):
         # for to_request to say, which knows the model.
         name = canonical(value)
         return value if name is None else name
+
+    def adapters(self, model: ModelInfo, dialect: Dialect) -> tuple[str, tuple[LoraUse, ...]]:
+        """The prompt without its <lora:…> tags, and every adapter asked for (the `loras` field's, then the
+        tags'), each checked against the LoRA folder as it is now."""
+        try:
+            prompt, tagged = split_tags(self.prompt)
+        except InvalidRequest as exc:
+            raise refusal(dialect, "prompt", exc.message.removeprefix("prompt: "), "invalid_value") from None
+        uses = [LoraUse(lora.name, lora.scale) for lora in self.loras or []] + tagged
+        if not uses:
+            return self.prompt, ()
+        if not prompt.strip():
+            raise refusal(dialect, "prompt", "nothing but LoRA tags: describe the picture too", "invalid_value")
+
+        def refuse(message: str) -> InvalidRequest:
+            return refusal(dialect, "loras", message, "invalid_value")
+
+        if model.loras is None:
+            where = "no LoRA folder (--lora-dir)" if model.takes_loras else f"no LoRAs for {model.label} models"
+            raise refuse(f"this server has {where}; leave out loras and <lora:…> tags")
+        limit = model.cost_limits.max_loras
+        if len(uses) > limit:
+            raise refuse(f"{len(uses)} LoRAs, over this server's limit of {limit} (--max-loras-per-request)")
+        seen: set[str] = set()
+        for use in uses:
+            if use.name not in model.loras:
+                known = ", ".join(model.loras[:20]) or "none"
+                raise refuse(f"no LoRA named {use.name!r} (GET /api/loras lists them: {known})")
+            if use.name in seen:
+                raise refuse(f"{use.name!r} is named twice")
+            if not -MAX_LORA_SCALE <= use.scale <= MAX_LORA_SCALE or use.scale != use.scale:
+                raise refuse(
+                    f"{use.name!r} at scale {use.scale:g}: scales go from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}"
+                )
+            seen.add(use.name)
+        return prompt, tuple(uses)
 
     def picture(self, limits: Limits, dialect: Dialect) -> Picture | None:
         """The picture this body starts from (base64 fields decoded), or None."""
@@ -110,8 +182,9 @@ class GenerateBody(BaseModel):
         source, size = None, (model.width, model.height)
         if picture is not None:
             source, size = start_from(picture, self, steps, model, dialect)
+        prompt, loras = self.adapters(model, dialect)
         request = GenerateRequest(
-            prompt=self.prompt,
+            prompt=prompt,
             negative_prompt=self.negative_prompt if model.negative_prompt else "",
             steps=steps,
             seed=self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1),
@@ -122,6 +195,7 @@ class GenerateBody(BaseModel):
             timeout_s=self.timeout_s,
             scheduler=scheduler,
             source=source,
+            loras=loras,
         )
         check_limits(request, model.cost_limits, dialect)
         return request

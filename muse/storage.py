@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS images (
     total_ms REAL NOT NULL,
     bytes INTEGER NOT NULL,
     owner TEXT NOT NULL DEFAULT '',
-    strength REAL NOT NULL DEFAULT 0
+    strength REAL NOT NULL DEFAULT 0,
+    loras TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
 """
@@ -58,12 +59,13 @@ CREATE INDEX IF NOT EXISTS images_newest ON images (seq DESC);
 MIGRATIONS = {
     "owner": "ALTER TABLE images ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
     "strength": "ALTER TABLE images ADD COLUMN strength REAL NOT NULL DEFAULT 0",
+    "loras": "ALTER TABLE images ADD COLUMN loras TEXT NOT NULL DEFAULT ''",
 }
 OWNER_INDEX = "CREATE INDEX IF NOT EXISTS images_by_owner ON images (owner, seq DESC)"
 
 COLUMNS = (
     "id, created, prompt, negative_prompt, seed, steps, width, height, guidance_scale, scheduler, model, "
-    "batch_size, queued_ms, compute_ms, total_ms, bytes, owner, strength"
+    "batch_size, queued_ms, compute_ms, total_ms, bytes, owner, strength, loras"
 )
 
 
@@ -87,6 +89,7 @@ class GalleryImage:
     bytes: int
     owner: str = ""  # who made it: an API key's fingerprint or a client address
     strength: float = 0.0  # started from a picture at this denoising strength (0: from text)
+    loras: str = ""  # its LoRAs as A1111 tags: "<lora:name:0.8> …"
 
     @property
     def parameters(self) -> str:
@@ -102,6 +105,7 @@ class GalleryImage:
             self.height,
             self.model,
             self.strength,
+            self.loras,
         ).text()
 
 
@@ -182,6 +186,7 @@ class Gallery:
                 bytes=0,
                 owner=owner,
                 strength=request.source.strength if request.source is not None else 0.0,
+                loras=" ".join(use.tag for use in request.loras),
             )
             data = png_with_text(image.png, KEYWORD, record.parameters)
             self._write_file(record.id, data)

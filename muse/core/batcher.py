@@ -31,6 +31,7 @@ from muse.core.tickets import Ticket, TicketState, results_of
 from muse.errors import (
     Cancelled,
     GenerationFailed,
+    InvalidRequest,
     MuseError,
     Overloaded,
     ShuttingDown,
@@ -274,11 +275,13 @@ class Batcher:
         # Only clients still waiting get an answer now and may send again; cancelled ones will not.
         self.policy.finished(sum(not t.done for t in flight.tickets))
         if isinstance(message, Failure):
-            error = (
-                Cancelled("interrupted: every request of the batch was gone")
-                if message.interrupted
-                else GenerationFailed(f"generation failed: {message.message}")
-            )
+            error: MuseError
+            if message.interrupted:
+                error = Cancelled("interrupted: every request of the batch was gone")
+            elif message.param:
+                error = InvalidRequest(message.message, param=message.param, code="unusable")
+            else:
+                error = GenerationFailed(f"generation failed: {message.message}")
             if message.interrupted:
                 for callback in self.on_interrupt:
                     callback()
@@ -346,7 +349,7 @@ class Batcher:
 
     def _dispatch(self, worker: Any, tickets: list[Ticket]) -> None:
         images = [
-            ImageSpec(t.request.prompt, t.request.negative_prompt, s, t.request.source)
+            ImageSpec(t.request.prompt, t.request.negative_prompt, s, t.request.source, t.request.loras)
             for t in tickets
             for s in t.request.seeds()
         ]

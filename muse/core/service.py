@@ -16,6 +16,7 @@ from typing import Protocol
 from muse.config import EMBEDDED_MODEL, Settings
 from muse.core.autoscaler import Autoscaler
 from muse.core.batcher import Batcher
+from muse.core.loras import LoraFile, LoraFolder
 from muse.core.metrics import Metrics
 from muse.core.pool import ServedPool
 from muse.core.ratelimit import RateLimiter
@@ -57,6 +58,7 @@ class Muse:
         self.gallery = gallery
         self.pool = pool
         self._model = inspect(settings.model, EMBEDDED_MODEL)
+        self.lora_folder = LoraFolder(settings.lora_dir) if settings.lora_dir else None
         self.jobs: dict[str, Ticket] = {}
         self.metrics = Metrics()
         self.limiter = RateLimiter(settings.rate_limit)
@@ -124,8 +126,16 @@ class Muse:
             max_steps=s.max_steps,
             model_steps=model.max_steps,  # the model's muse.json, where --max-steps is left at its default
             max_upload=s.max_upload,
+            max_loras=s.max_loras_per_request,
         )
-        return dataclasses.replace(model, limits=limits)
+        loras = self.lora_folder.names() if self.lora_folder is not None and model.takes_loras else None
+        return dataclasses.replace(model, limits=limits, loras=loras)
+
+    def lora_files(self) -> tuple[LoraFile, ...]:
+        """The LoRA adapters requests may name (none without --lora-dir, or for a model that takes none)."""
+        if self.lora_folder is None or not self._model.takes_loras:
+            return ()
+        return self.lora_folder.files()
 
     # ---- lifecycle --------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ def build_pool(settings: Settings) -> BasePool:
             "dtype": settings.dtype,
             "quantize": settings.quantize,
             "offload": settings.offload,
+            "lora_dir": str(Path(settings.lora_dir).resolve()) if settings.lora_dir else "",
+            "lora_cache": settings.lora_cache,
         },
     }
     pool: BasePool

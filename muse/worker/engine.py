@@ -20,6 +20,7 @@ Nothing here knows about pipes or asyncio; the step worker's loop (muse.worker.s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from muse.messages import StepKey, denoising_steps
 from muse.worker.families import family_for, supports
 from muse.worker.families.base import Blend, Conditioning, Family
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
+from muse.worker.loras import Plan, RowLoras
 from muse.worker.pipeline import LoadedPipeline
 from muse.worker.samplers import fused_step, linear_steps
 from muse.worker.slots import SlotRequest
@@ -53,6 +55,7 @@ class Slot:
     times: list[float] = field(default_factory=list)
     linear: list[tuple[float, float]] | None = None
     skipped: int = 0  # timesteps a picture's strength skips (img2img): the schedule's first ones
+    adapters: tuple[tuple[str, float], ...] = ()  # its LoRAs: the model's adapter names, and scales
     blend: Blend | None = None  # inpainting: the picture kept outside the mask after each step
 
     @property
@@ -120,6 +123,13 @@ class Layout:
     scales: torch.Tensor  # (guided, 1, …)
     fused: list[int]  # places in `order` of the slots stepped by their per-row twin
     scaling: bool  # whether any slot's sampler scales its model input
+    adapters: list[tuple[tuple[str, float], ...]]  # each row's LoRAs
+    plans: dict[int, Plan | None] = field(default_factory=dict)  # by the call's rows (padding included)
+
+    def plan(self, rows: int, device: Any) -> Plan | None:
+        if rows not in self.plans:
+            self.plans[rows] = Plan.of(self.adapters, rows, device)
+        return self.plans[rows]
 
     @classmethod
     def of(cls, slots: list[Slot]) -> Layout:
@@ -139,7 +149,8 @@ class Layout:
         scales = torch.tensor([s.request.guidance_scale for s in guided], dtype=latents.dtype, device=latents.device)
         scales = scales.view(-1, *([1] * (latents.dim() - 1)))
         fused = [i for i, s in enumerate(order) if s.linear is not None]
-        return cls(list(slots), order, g, laid, scales, fused, any(s.scales_input for s in order))
+        adapters = [s.adapters for s in guided] + [s.adapters for s in order]
+        return cls(list(slots), order, g, laid, scales, fused, any(s.scales_input for s in order), adapters)
 
 
 class StepEngine:
@@ -149,10 +160,12 @@ class StepEngine:
         buckets: Sequence[int] = (),
         compiled: CompiledUNet | None = None,
         decoder: ShapeCompiled | None = None,
+        loras: RowLoras | None = None,
     ) -> None:
         """`buckets`: denoiser batch sizes to pad each call to; `compiled`: the UNet's compiled twin, used for
         the shapes it was warmed at; `decoder`: the VAE decode's, which then decodes images one by one
-        (muse.worker.fastpath). None of them: plain eager calls."""
+        (muse.worker.fastpath). None of them: plain eager calls. `loras`: the adapters requests may name
+        (muse.worker.loras), each already loaded when its request is admitted."""
         family = family_for(loaded.pipe)
         assert family is not None, f"{type(loaded.pipe).__name__} runs whole calls, not steps"
         self.family: Family = family
@@ -160,6 +173,7 @@ class StepEngine:
         self.buckets = sorted(buckets)
         self.compiled = compiled
         self.decoder = decoder
+        self.loras = loras
         self.pipe = loaded.pipe
         self.slots: list[Slot] = []
         # Read once: the pipeline's `_execution_device` walks every module (~5 ms on the embedded model,
@@ -182,10 +196,12 @@ class StepEngine:
             return []
         keys = {r.step_key for r in requests} | ({self.step_key} if self.step_key else set())
         assert len(keys) == 1, f"one StepKey at a time, not {keys}"
-        conditioning = self.family.encode(requests)
+        adapters = [self.loras.adapters(r.loras) if self.loras and r.loras else () for r in requests]
+        with self._rows(Plan.of(adapters, len(requests), self.device)):
+            conditioning = self.family.encode(requests)
         dtype = next(iter(conditioning[0].rows.values())).dtype
         admitted = []
-        for request, rows in zip(requests, conditioning, strict=True):
+        for request, rows, rows_adapters in zip(requests, conditioning, adapters, strict=True):
             # One instance per image: multistep samplers (DPM++ 2M, UniPC) keep history inside it.
             scheduler = self.loaded.new_scheduler(request.scheduler)
             self.family.schedule(scheduler, request)
@@ -212,6 +228,7 @@ class StepEngine:
                 step_kwargs=_step_kwargs(scheduler, generator),
                 skipped=skip,
                 blend=blend,
+                adapters=rows_adapters,
             )
             admitted.append(slot)
         self.slots.extend(admitted)
@@ -320,7 +337,13 @@ class StepEngine:
             rows = {key: pad(value) for key, value in rows.items()}
         model = self.compiled or self.family.denoiser
         first = self.slots[0].request
-        return self.family.predict(model, sample, timestep, rows, (first.width, first.height))[:real]
+        plan = self._layout.plan(size, self.device) if self._layout is not None else None
+        with self._rows(plan):
+            return self.family.predict(model, sample, timestep, rows, (first.width, first.height))[:real]
+
+    def _rows(self, plan: Plan | None) -> contextlib.AbstractContextManager[None]:
+        """The LoRAs of the next model call's rows (none without a LoRA folder)."""
+        return self.loras.rows(plan) if self.loras is not None else contextlib.nullcontext()
 
     def remove(self, slot_ids: Iterable[str]) -> list[Slot]:
         """Cancelled or expired images leave at once (between steps); returns those removed."""

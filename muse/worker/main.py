@@ -10,6 +10,7 @@ fighting over the cores.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import signal
@@ -61,6 +62,8 @@ class WorkerConfig:
     dtype: str = "auto"  # --dtype
     quantize: str = "none"  # --quantize
     offload: str = "none"  # --offload
+    lora_dir: str = ""  # --lora-dir
+    lora_cache: int = 8  # --lora-cache
 
 
 def heartbeat(channel: Channel, interval: float) -> None:
@@ -83,8 +86,10 @@ def serve_batch(channel: Channel, loaded: object, batch: Assignment) -> None:
     try:
         pngs = run_batch(loaded, batch, on_step)  # type: ignore[arg-type]
     except Exception as exc:
+        from muse.worker.loras import failure
+
         log.exception("batch %s failed", batch.assignment_id)
-        channel.send(Failure(batch.assignment_id, f"{type(exc).__name__}: {exc}"))
+        channel.send(failure(batch.assignment_id, exc))
         return
     if pngs is None:
         channel.send(Failure(batch.assignment_id, "interrupted", interrupted=True))
@@ -122,6 +127,20 @@ def check_compile(config: WorkerConfig, pipe: object) -> None:
             f"--compile: {type(pipe).__name__} has no UNet (compiling its transformer is not supported); "
             "serve it without --compile"
         )
+
+
+def take_loras(config: WorkerConfig, pipe: Any) -> Any:
+    """--lora-dir: the adapters requests may name (muse.worker.loras), for a pipeline diffusers loads LoRAs into."""
+    from muse.worker.loras import RowLoras
+    from muse.worker.pipeline import LoadError
+
+    if not hasattr(pipe, "load_lora_weights"):
+        raise LoadError(f"--lora-dir: {type(pipe).__name__} cannot load LoRA adapters; serve it without --lora-dir")
+    if config.compile:
+        raise LoadError("--lora-dir with --compile: a compiled UNet would not see the adapters; choose one")
+    if importlib.util.find_spec("peft") is None:
+        raise LoadError("--lora-dir needs peft: pip install peft")
+    return RowLoras(pipe, config.lora_dir, config.lora_cache)
 
 
 def compile_pipeline(channel: Channel, config: WorkerConfig, loaded: Any, batching: str) -> FastPath | None:
@@ -256,6 +275,8 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
         )
         batching, why = batching_and_why(config.batching, loaded.pipe)
         check_compile(config, loaded.pipe)
+        if config.lora_dir:
+            loaded.loras = take_loras(config, loaded.pipe)
         fast = compile_pipeline(channel, config, loaded, batching) if config.compile else None
         warm_up(loaded)
         capacity = warm(channel, config, loaded, fast) if fast else config.capacity

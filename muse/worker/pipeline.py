@@ -10,6 +10,7 @@ Nothing here knows about asyncio or HTTP; it runs inside a worker subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -29,6 +30,7 @@ from PIL import Image
 from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.model_info import inspect as inspect_model
 from muse.schedulers import SCHEDULERS
+from muse.worker.loras import LoraError, Plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Parameters through which a pipeline takes the picture it transforms: img2img, inpainting, ControlNet, edits.
@@ -63,6 +65,7 @@ class LoadedPipeline:
     # The img2img and inpaint pipelines over the same components (diffusers' AutoPipeline...from_pipe), made
     # when a request first needs one.
     _derived: dict[str, Any] = field(default_factory=dict, repr=False)
+    loras: Any = None  # --lora-dir: muse.worker.loras.RowLoras
 
     def derived(self, kind: str) -> Any:
         """The pipeline of the same components that starts from a picture: "img2img" or "inpaint"."""
@@ -330,8 +333,14 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
     elif "callback" in accepts and "callback_steps" in accepts:
         wanted.update(callback=old_callback, callback_steps=1)
     arguments = {name: value for name, value in wanted.items() if name in accepts}
+    rows: Any = contextlib.nullcontext()
+    if key.loras:
+        if loaded.loras is None:
+            raise LoraError("loras: this server has no LoRA folder (--lora-dir)")
+        loaded.loras.load_now(key.loras)
+        rows = loaded.loras.rows(Plan.every_row(loaded.loras.adapters(key.loras)))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), rows:
             output = pipe(**arguments)
     except _Interrupted:
         return None

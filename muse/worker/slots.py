@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from muse.messages import SourceImage, StepKey
+from muse.messages import LoraUse, SourceImage, StepKey
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class SlotRequest:
     owner: str = ""
     index: int = 0
     source: SourceImage | None = None  # img2img or inpainting: the picture it starts from
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def step_key(self) -> StepKey:

@@ -27,6 +27,7 @@ from muse.messages import Assignment, Failure, Interrupt, Progress, Result, Step
 from muse.worker.channel import Channel
 from muse.worker.engine import Decoded, Slot, SlotRequest, StepEngine
 from muse.worker.fastpath import FastPath
+from muse.worker.loras import LoraError, RowLoras, failure
 from muse.worker.pipeline import LoadedPipeline, encode_png
 
 log = logging.getLogger("muse.worker")
@@ -67,6 +68,7 @@ def slot_requests(work: Assignment) -> list[SlotRequest]:
             owner=work.assignment_id,
             index=i,
             source=spec.source,
+            loras=spec.loras,
         )
         for i, spec in enumerate(work.images)
     ]
@@ -79,7 +81,11 @@ def owner_of(slot: Slot) -> tuple[str, int]:
 class StepLoop:
     def __init__(self, channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None = None) -> None:
         self.channel = channel
-        self.engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder) if fast else StepEngine(loaded)
+        self.loras: RowLoras | None = loaded.loras
+        if fast:
+            self.engine = StepEngine(loaded, fast.buckets, fast.unet, fast.decoder, loras=self.loras)
+        else:
+            self.engine = StepEngine(loaded, loras=self.loras)
         self.capacity = max(1, capacity)
         self.pending: deque[Assignment] = deque()
         self.running: dict[str, Running] = {}
@@ -112,6 +118,8 @@ class StepLoop:
                 self.admit()
                 if self.engine.slots:
                     self.step()
+                elif self.pending and self.loras is not None:
+                    self.loras.wait(0.05)  # nothing runs: wait for the LoRA a waiting request needs
         finally:
             self.encoder.shutdown(wait=True)
 
@@ -147,6 +155,8 @@ class StepLoop:
         for work in list(self.pending):
             if work.key.step_key != key:
                 continue  # waits until the running key's images drain (the parent does not send it before)
+            if not self.loras_ready(work):
+                continue  # its adapter is being read (running images go on stepping), or it failed
             n = len(work.images)
             # An empty engine takes an Assignment bigger than its capacity, or it could never run; a running
             # one takes the first Assignment that fits, however long its prompts take to encode.
@@ -178,6 +188,27 @@ class StepLoop:
             return
         for work in joining:
             self.running[work.assignment_id] = Running(work, started)
+
+    def loras_ready(self, work: Assignment) -> bool:
+        """Whether the LoRAs an Assignment names are loaded (reading them if not); one that cannot be is the
+        Assignment's failure."""
+        uses = {use for spec in work.images for use in spec.loras}
+        if not uses:
+            return True
+        try:
+            if self.loras is None:
+                raise LoraError("loras: this server has no LoRA folder (--lora-dir)")
+            if not self.loras.ready(uses):
+                return False
+            self.loras.evict(self.loras_in_use() | {use.name for use in uses})
+            return True
+        except LoraError as exc:
+            self.pending.remove(work)
+            self.fail(work.assignment_id, exc)
+            return False
+
+    def loras_in_use(self) -> set[str]:
+        return {use.name for slot in self.engine.slots for use in slot.request.loras}
 
     def encoding_budget(self) -> int:
         """Images whose admission takes no longer than one UNet call: every running image waits for it."""
@@ -261,7 +292,7 @@ class StepLoop:
     def fail(self, assignment_id: str, exc: BaseException) -> None:
         self.running.pop(assignment_id, None)
         log.error("assignment %s failed", assignment_id, exc_info=exc)
-        self.channel.send(Failure(assignment_id, f"{type(exc).__name__}: {exc}"))
+        self.channel.send(failure(assignment_id, exc))
 
 
 def run_steps(channel: Channel, loaded: LoadedPipeline, capacity: int, fast: FastPath | None) -> None:

@@ -1,0 +1,70 @@
+"""Small LoRA files for a Stable Diffusion folder, built offline for tests and benchmarks: random low-rank
+deltas on the UNet's attention projections (and the text encoder's), saved as diffusers writes LoRAs, or with
+kohya/A1111's key names. They change the pictures visibly without ruining them.
+
+    python -m muse.demo_model.loras MODEL_FOLDER OUT_FOLDER [--count 4] [--kohya]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_lora(model: str, path: Path, seed: int, *, rank: int = 4, kohya: bool = False, strength: float = 0.3) -> Path:
+    """Write a LoRA for the pipeline in `model` to `path` (a .safetensors file); returns `path`."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    torch.manual_seed(seed)
+    layers: dict[str, torch.Tensor] = {}
+    for prefix, module, targets in (
+        ("unet", pipe.unet, UNET_TARGETS),
+        ("text_encoder", pipe.text_encoder, TEXT_TARGETS),
+    ):
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+        inject_adapter_in_model(config, module)
+        for key, value in get_peft_model_state_dict(module).items():
+            # Random A and B, scaled so a delta moves each projection by a fraction of its own size.
+            scale = strength / rank**0.5 if "lora_B" in key else 1.0
+            layers[f"{prefix}.{key}"] = (value * scale).contiguous()
+    if kohya:
+        layers = to_kohya(layers, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(layers, str(path))
+    return path
+
+
+def to_kohya(layers: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """diffusers' key names as kohya's scripts (and A1111) write them: `lora_unet_…_to_q.lora_down.weight`,
+    `lora_te_…`, with an alpha per layer."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():
+        prefix, rest = key.split(".", 1)
+        module, kind = rest.rsplit(".lora_", 1)
+        name = ("lora_unet_" if prefix == "unet" else "lora_te_") + module.replace(".", "_")
+        converted[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        converted[f"{name}.alpha"] = torch.tensor(float(rank))
+    return converted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--kohya", action="store_true", help="kohya/A1111 key names")
+    args = parser.parse_args()
+    for i in range(args.count):
+        print(make_lora(args.model, Path(args.out) / f"style{i}.safetensors", seed=i, kohya=args.kohya))
+
+
+if __name__ == "__main__":
+    main()

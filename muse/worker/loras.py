@@ -1,0 +1,270 @@
+"""LoRA adapters per request, several different ones in one model call.
+
+Adapters are loaded into the pipeline by diffusers (`load_lora_weights`: its PEFT layers, diffusers/PEFT and
+kohya/A1111 key layouts alike), never merged into the weights. Every PEFT LoRA layer of the pipeline then
+computes its base output plus, for each group of rows that asked for an adapter, that adapter's delta at the
+row's own scale (the technique of PEFT's mixed-adapter batches, with a scale per row): images with different
+adapters, or none, share each denoiser call and each text encoding. The rows of the next call are a `Plan`,
+set around the call; no plan, no adapter.
+
+Adapter files are read on a side thread (their bytes are most of a load) while the step loop goes on; the
+read weights are put into the model between steps. At most `cache` adapters stay loaded, least recently used
+first out, never one that a running image uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import types
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muse.messages import Failure, LoraUse
+
+log = logging.getLogger(__name__)
+
+
+class LoraError(Exception):
+    """An adapter that cannot be used here (missing, unreadable, for another architecture): the request's fault."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which rows of the next model call take which adapter at which scale: `rows` in the call, and per group
+    the adapter, its scale, and its rows (None: every row)."""
+
+    rows: int | None
+    groups: tuple[tuple[str, float, torch.Tensor | None], ...]
+
+    @classmethod
+    def of(cls, per_row: Sequence[Sequence[tuple[str, float]]], rows: int, device: Any) -> Plan | None:
+        """`per_row[i]`: the (adapter, scale) pairs of row i; rows past `per_row` (padding) take none."""
+        grouped: dict[tuple[str, float], list[int]] = {}
+        for row, uses in enumerate(per_row):
+            for use in uses:
+                grouped.setdefault(use, []).append(row)
+        if not grouped:
+            return None
+        groups = tuple(
+            (name, scale, torch.tensor(indices, dtype=torch.long, device=device))
+            for (name, scale), indices in grouped.items()
+        )
+        return cls(rows, groups)
+
+    @classmethod
+    def every_row(cls, uses: Iterable[tuple[str, float]]) -> Plan | None:
+        groups = tuple((name, scale, None) for name, scale in uses)
+        return cls(None, groups) if groups else None
+
+
+@dataclass
+class Loaded:
+    adapter: str  # its name inside the model
+    stamp: tuple[int, int]  # the file's (mtime_ns, size) when read: a changed file is a new adapter
+
+
+class RowLoras:
+    def __init__(self, pipe: Any, folder: str, cache: int) -> None:
+        self.pipe = pipe
+        self.folder = Path(folder)
+        self.cache = max(1, cache)
+        self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # by request name, least recently used first
+        self.reads: dict[str, tuple[tuple[int, int], Future[dict[str, torch.Tensor]]]] = {}
+        self.failed: dict[str, tuple[tuple[int, int], str]] = {}
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="muse-lora")
+        self.plan: Plan | None = None
+        self._count = 0
+
+    # ---- which adapters are ready -------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def stamp(self, name: str) -> tuple[int, int]:
+        try:
+            stat = self.path(name).stat()
+        except OSError:
+            raise LoraError(f"loras: no LoRA named {name!r} in the LoRA folder (was it deleted?)") from None
+        return stat.st_mtime_ns, stat.st_size
+
+    def ready(self, uses: Iterable[LoraUse]) -> bool:
+        """Whether every adapter is loaded; starts reading those that are not. LoraError for one that cannot
+        be (its read or its load failed)."""
+        done = True
+        for use in uses:
+            if not self._ready(use.name):
+                done = False
+        return done
+
+    def _ready(self, name: str) -> bool:
+        known = self.loaded.get(name)
+        stamp = self.stamp(name) if known is None else known.stamp
+        if known is not None:
+            self.loaded.move_to_end(name)
+            return True
+        failed = self.failed.get(name)
+        if failed is not None and failed[0] == stamp:
+            raise LoraError(failed[1])
+        read = self.reads.get(name)
+        if read is None or read[0] != stamp:
+            self.reads[name] = (stamp, self.reader.submit(self._read, name))
+            return False
+        if not read[1].done():
+            return False
+        del self.reads[name]
+        try:
+            self._install(name, stamp, read[1].result())  # a read's failure too
+        except Exception as exc:
+            message = f"loras: {name!r} cannot be used with this model ({type(exc).__name__}: {first_line(exc)})"
+            self.failed[name] = (stamp, message)
+            raise LoraError(message) from exc
+        return True
+
+    def wait(self, timeout: float) -> None:
+        """Block until a read finishes or `timeout` passes: a step loop with nothing else to do waits here."""
+        pending = [future for _, future in self.reads.values() if not future.done()]
+        if pending:
+            futures.wait(pending, timeout, return_when=futures.FIRST_COMPLETED)  # a failed read is _ready's to say
+
+    def load_now(self, uses: Iterable[LoraUse]) -> None:
+        """Every adapter loaded before returning (whole pipeline calls have no steps to overlap a read with)."""
+        uses = list(uses)
+        while not self.ready(uses):
+            self.wait(60.0)
+
+    def _read(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(name)))
+
+    def _install(self, name: str, stamp: tuple[int, int], weights: dict[str, torch.Tensor]) -> None:
+        self._count += 1
+        adapter = f"muse_{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"[:64]
+        try:
+            load_adapter(self.pipe, weights, adapter)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self.pipe.delete_adapters([adapter])  # whatever part of it went in
+            raise
+        self.loaded[name] = Loaded(adapter, stamp)
+        wrap_layers(self.pipe, self)
+        log.info("LoRA %s loaded (%d in memory)", name, len(self.loaded))
+
+    def evict(self, in_use: set[str]) -> None:
+        """Unload the least recently used adapters beyond the cache's size that no image uses."""
+        for name in list(self.loaded):
+            if len(self.loaded) <= self.cache:
+                return
+            if name in in_use:
+                continue
+            adapter = self.loaded.pop(name).adapter
+            self.pipe.delete_adapters([adapter])
+            log.info("LoRA %s unloaded (%d in memory)", name, len(self.loaded))
+
+    # ---- the rows of a call -------------------------------------------------------------------------
+
+    def adapters(self, uses: Iterable[LoraUse]) -> tuple[tuple[str, float], ...]:
+        """The model's adapter names and scales for a request's LoRAs (all loaded)."""
+        return tuple((self.loaded[use.name].adapter, use.scale) for use in uses)
+
+    @contextlib.contextmanager
+    def rows(self, plan: Plan | None) -> Iterator[None]:
+        self.plan = plan
+        try:
+            yield
+        finally:
+            self.plan = None
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def load_adapter(pipe: Any, weights: dict[str, torch.Tensor], adapter: str) -> None:
+    """Put a LoRA file's weights into the pipeline as `adapter`: diffusers converts its key layout (diffusers,
+    PEFT, kohya/A1111) and loads its UNet part; its text encoders' parts go in through PEFT itself, as
+    diffusers' own text-encoder path does (that path asks transformers for a newer PEFT than may be installed).
+    A file for another architecture fails here: missing modules or mismatched shapes."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    state, alphas = pipe.lora_state_dict(dict(weights))
+    if not state or not all("lora" in key for key in state):
+        raise ValueError("not a LoRA file (its tensors are not named as LoRA layers)")
+    unet_part = {k: v for k, v in state.items() if k.startswith(f"{pipe.unet_name}.")}
+    if unet_part:
+        pipe.load_lora_into_unet(unet_part, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter, _pipeline=pipe)
+    for name in TEXT_ENCODERS:
+        encoder = getattr(pipe, name, None)
+        part = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        if encoder is None or not part:
+            continue
+        part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        if not hasattr(encoder, "text_model"):  # CLIPTextModel is flat in newer transformers
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        ranks = {k: v.shape[1] for k, v in part.items() if k.endswith("lora_B.weight")}
+        own_alphas = None
+        if alphas:
+            own_alphas = {k.removeprefix(f"{name}."): v for k, v in alphas.items() if k.startswith(f"{name}.")}
+        config = _create_lora_config(part, own_alphas, None, ranks, is_unet=False)
+        inject_adapter_in_model(config, encoder, adapter_name=adapter)
+        result = set_peft_model_state_dict(encoder, part, adapter_name=adapter)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter in k or "lora" in k]
+        if unexpected:
+            raise ValueError(f"{len(unexpected)} of its {name} tensors fit no layer, e.g. {unexpected[0]}")
+    if not unet_part and not any(k.startswith(TEXT_ENCODERS) for k in state):
+        raise ValueError("none of its layers belongs to this pipeline's UNet or text encoders")
+
+
+def wrap_layers(pipe: Any, owner: RowLoras) -> None:
+    """Every PEFT LoRA layer of the pipeline's modules computes with `owner.plan` (those wrapped before stay)."""
+    from peft.tuners.lora import LoraLayer
+
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            if isinstance(module, LoraLayer) and not getattr(module, "_muse_rows", False):
+                module.forward = types.MethodType(_row_forward, module)
+                setattr(module, "_muse_rows", owner)  # noqa: B010 (a module attribute mypy cannot see)
+
+
+def _row_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The base layer's output plus each planned adapter's delta on its rows, at its row's scale."""
+    result = self.base_layer(x, *args, **kwargs)
+    plan: Plan | None = self._muse_rows.plan
+    if plan is None:
+        return result
+    if plan.rows is not None and x.shape[0] != plan.rows:
+        raise RuntimeError(f"LoRA layer {type(self.base_layer).__name__} saw {x.shape[0]} rows, not {plan.rows}")
+    for adapter, scale, rows in plan.groups:
+        if adapter not in self.lora_A:
+            continue  # this adapter does not touch this layer
+        lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+        part = x if rows is None else x.index_select(0, rows)
+        delta = lora_b(lora_a(self.lora_dropout[adapter](part.to(lora_a.weight.dtype))))
+        delta = (delta * (self.scaling[adapter] * scale)).to(result.dtype)
+        result = result + delta if rows is None else result.index_add(0, rows, delta)
+    return result
+
+
+def failure(assignment_id: str, exc: BaseException) -> Failure:
+    """What the parent is told of a failed Assignment: a LoRA the request named that cannot be used is the
+    request's fault (a 4xx naming `loras`), anything else a failed generation."""
+    if isinstance(exc, LoraError):
+        return Failure(assignment_id, str(exc), param="loras")
+    return Failure(assignment_id, f"{type(exc).__name__}: {exc}")
+
+
+def first_line(exc: BaseException) -> str:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return text[:200]

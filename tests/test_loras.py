@@ -1,0 +1,149 @@
+"""LoRA adapters in the worker: images with different adapters (or none, or one adapter at different scales) share
+each model call and each get the pixels of the pipeline with that one adapter loaded alone (within 2/255), in
+diffusers' and kohya's key layouts; whole calls too; the cache unloads what no image uses; a file that is not a
+LoRA for this model is the request's error, not the worker's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from muse.config import EMBEDDED_MODEL
+from muse.demo_model.loras import make_lora
+from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
+from muse.worker.engine import SlotRequest, StepEngine
+from muse.worker.loras import LoraError, RowLoras, failure
+from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
+
+TOLERANCE = 2
+SIDE = 64
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    make_lora(tiny_model, folder / "ink.safetensors", seed=1)
+    make_lora(tiny_model, folder / "glow.safetensors", seed=2, kohya=True)
+    make_lora(EMBEDDED_MODEL, folder / "other.safetensors", seed=3)  # another UNet's shapes
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model: str, folder: Path) -> Iterator[LoadedPipeline]:
+    torch.set_num_threads(2)
+    loaded = load_pipeline(tiny_model, "cpu")
+    loaded.loras = RowLoras(loaded.pipe, str(folder), cache=4)
+    yield loaded
+
+
+def ready(loaded: LoadedPipeline, *uses: LoraUse) -> None:
+    loras = loaded.loras
+    assert loras is not None
+    while not loras.ready(uses):
+        loras.wait(30)
+
+
+def request(slot_id: str, seed: int, *loras: LoraUse, **kw: Any) -> SlotRequest:
+    base: dict[str, Any] = {"steps": 8, "guidance_scale": 2.5, "width": SIDE, "height": SIDE}
+    return SlotRequest(slot_id, PROMPT, "", seed, **(base | kw), loras=loras)
+
+
+def alone(tiny_model: str, folder: Path, r: SlotRequest) -> np.ndarray:
+    """The plain pipeline with the request's one adapter (if any) loaded by diffusers, at its scale."""
+    pipe = load_pipeline(tiny_model, "cpu").pipe
+    extra: dict[str, Any] = {}
+    if r.loras:
+        (use,) = r.loras
+        pipe.load_lora_weights(str(folder / f"{use.name}.safetensors"), adapter_name="only")
+        extra["cross_attention_kwargs"] = {"scale": use.scale}
+    with torch.inference_mode():
+        image = pipe(
+            [r.prompt],
+            negative_prompt=[r.negative_prompt],
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            width=r.width,
+            height=r.height,
+            generator=[torch.Generator().manual_seed(r.seed)],
+            **extra,
+        ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def run(engine: StepEngine, joins: dict[int, list[SlotRequest]]) -> dict[str, np.ndarray]:
+    images: dict[str, np.ndarray] = {}
+    step = 0
+    while step in joins or engine.slots or any(k > step for k in joins):
+        engine.admit(joins.get(step, []))
+        finished = engine.step()
+        for slot, image in zip(finished, engine.decode(finished), strict=True):
+            images[slot.request.slot_id] = np.asarray(image, dtype=np.int16)
+        step += 1
+    return images
+
+
+def test_different_adapters_share_every_call_and_each_image_is_its_adapters(
+    loaded: LoadedPipeline, tiny_model: str, folder: Path
+) -> None:
+    ready(loaded, LoraUse("ink"), LoraUse("glow"))
+    from peft.tuners.lora import LoraLayer
+
+    assert any(isinstance(m, LoraLayer) for m in loaded.pipe.text_encoder.modules()), "the text encoder's part too"
+    plain = request("plain", 1)
+    ink = request("ink", 2, LoraUse("ink", 0.8))
+    ink_half = request("ink-half", 3, LoraUse("ink", 0.4), guidance_scale=1.0)
+    glow = request("glow", 4, LoraUse("glow", 1.0), steps=6)
+    calls: list[int] = []
+    hook = loaded.pipe.unet.register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[0]))
+    try:
+        images = run(StepEngine(loaded, loras=loaded.loras), {0: [plain, ink], 2: [ink_half, glow]})
+    finally:
+        hook.remove()
+    assert max(calls) == 2 * 3 + 1, "the four images' rows shared calls (three guided, one not)"
+    for r in (plain, ink, ink_half, glow):
+        expected = alone(tiny_model, folder, r)
+        assert np.abs(images[r.slot_id] - expected).max() <= TOLERANCE, r.slot_id
+    assert np.abs(images["ink"] - alone(tiny_model, folder, request("x", 2))).max() > 2 * TOLERANCE, "the adapter shows"
+
+
+def test_a_whole_call_takes_its_adapters(loaded: LoadedPipeline, tiny_model: str, folder: Path) -> None:
+    use = LoraUse("glow", 0.7)
+    key = BatchKey(SIDE, SIDE, 8, 2.5, loras=(use,))
+    pngs = run_batch(loaded, Assignment("a", [ImageSpec(PROMPT, "", 9, loras=(use,))], key), lambda step: True)
+    assert pngs is not None
+    import io
+
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
+    assert np.abs(image - alone(tiny_model, folder, request("w", 9, use))).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["other", "broken", "missing"])
+def test_a_file_that_is_no_lora_for_this_model_is_the_requests_error(loaded: LoadedPipeline, name: str) -> None:
+    with pytest.raises(LoraError, match="loras: ") as raised:
+        ready(loaded, LoraUse(name))
+    assert failure("x", raised.value).param == "loras"
+    with pytest.raises(LoraError):  # remembered: not read again while the file is unchanged
+        ready(loaded, LoraUse(name))
+    images = run(StepEngine(loaded, loras=loaded.loras), {0: [request("after", 5)]})
+    assert set(images) == {"after"}, "the model still serves"
+
+
+def test_the_cache_unloads_the_least_recently_used_adapter_no_image_uses(tiny_model: str, folder: Path) -> None:
+    loaded = load_pipeline(tiny_model, "cpu")
+    loras = loaded.loras = RowLoras(loaded.pipe, str(folder), cache=1)
+    ready(loaded, LoraUse("ink"))
+    ready(loaded, LoraUse("glow"))
+    loras.evict(in_use={"ink", "glow"})
+    assert list(loras.loaded) == ["ink", "glow"], "in use: kept beyond the cache's size"
+    loras.evict(in_use={"glow"})
+    assert list(loras.loaded) == ["glow"]
+    assert all("ink" not in name for name in loaded.pipe.unet.peft_config), "unloaded from the model"

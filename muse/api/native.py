@@ -159,8 +159,21 @@ async def metrics(request: Request) -> Response:
     return Response(service(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+async def list_loras(request: Request) -> Response:
+    """The LoRA adapters requests may name (--lora-dir), as the folder is now."""
+    muse = service(request)
+    files = muse.lora_files()
+    return JSONResponse(
+        {
+            "enabled": muse.model.loras is not None,
+            "loras": [{"name": f.name, "bytes": f.bytes, "modified": f.modified} for f in files],
+        }
+    )
+
+
 routes = [
     Route("/api/generate", generate, methods=["POST"]),
+    Route("/api/loras", list_loras, methods=["GET"]),
     Route("/api/jobs", create_job, methods=["POST"]),
     Route("/api/jobs/{id}", get_job, methods=["GET"]),
     Route("/api/jobs/{id}", delete_job, methods=["DELETE"]),

@@ -1,0 +1,123 @@
+"""LoRA adapters served end to end: the folder is listed and watched, requests name adapters by field or by A1111
+prompt tag, images with different adapters share a step worker's calls and each is the pipeline's with that
+adapter alone; everything wrong about an adapter is a 422 naming `loras`, and the worker goes on serving."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from muse.config import EMBEDDED_MODEL
+from muse.demo_model.loras import make_lora
+from muse.errors import InvalidRequest
+from muse.messages import LoraUse
+from muse.model_info import ModelInfo
+from muse.schema import GenerateBody, validate
+from tests.pixels import TOLERANCE, pixels
+from tests.serving import LiveServer, live_server, settings, submit_job, wait_job
+from tests.test_loras import alone, request
+
+SIZE = {"width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Path:
+    folder = tmp_path_factory.mktemp("served-loras")
+    make_lora(tiny_model, folder / "ink.safetensors", seed=1)
+    make_lora(tiny_model, folder / "glow.safetensors", seed=2, kohya=True)
+    make_lora(EMBEDDED_MODEL, folder / "other.safetensors", seed=3)  # for another UNet
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: str, folder: Path) -> Iterator[LiveServer]:
+    overrides: dict[str, Any] = {"lora_dir": str(folder), "max_loras_per_request": 2, "threads_per_worker": 2}
+    with live_server(settings(tiny_model, **overrides)) as s:
+        yield s
+
+
+def generate(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(server.url + "/api/generate", json={"steps": 8, **SIZE} | body, timeout=120)
+
+
+def test_the_folder_is_listed_and_a_file_added_later_is_usable(server: LiveServer, folder: Path) -> None:
+    listed = httpx.get(server.url + "/api/loras").json()
+    assert listed["enabled"] and [f["name"] for f in listed["loras"]] == ["glow", "ink", "other"]
+    shutil.copy(folder / "ink.safetensors", folder / "late.safetensors")
+    try:
+        assert "late" in [f["name"] for f in httpx.get(server.url + "/api/loras").json()["loras"]]
+        response = generate(server, {"prompt": "a cat", "loras": [{"name": "late", "scale": 0.5}]})
+        assert response.status_code == 200, response.text
+    finally:
+        (folder / "late.safetensors").unlink()
+    gone = generate(server, {"prompt": "a cat", "loras": [{"name": "late"}]})
+    assert gone.status_code == 422 and gone.json()["error"]["param"] == "loras"
+
+
+def test_different_adapters_at_once_each_get_their_own_pixels(
+    server: LiveServer, tiny_model: str, folder: Path
+) -> None:
+    bodies = [
+        {"prompt": "a red circle on a blue background", "seed": 2, "loras": [{"name": "ink", "scale": 0.8}]},
+        {"prompt": "a red circle on a blue background <lora:glow:1>", "seed": 4},
+        {"prompt": "a red circle on a blue background", "seed": 1},
+    ]
+    jobs = [submit_job(server, {"steps": 8, "guidance_scale": 2.5, **SIZE} | body) for body in bodies]
+    results = [wait_job(server, job, {"succeeded", "failed"}) for job in jobs]
+    expected = [
+        request("a", 2, LoraUse("ink", 0.8)),
+        request("b", 4, LoraUse("glow", 1.0)),
+        request("c", 1),
+    ]
+    for result, r in zip(results, expected, strict=True):
+        assert result["status"] == "succeeded", result
+        served = pixels(result["result"]["images"][0]["png_base64"])
+        assert np.abs(served - alone(tiny_model, folder, r)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"loras": [{"name": "nope"}]}, "loras", "no LoRA named 'nope'"),
+        ({"prompt": "a cat <lora:nope:0.5>"}, "loras", "no LoRA named 'nope'"),
+        ({"loras": [{"name": "ink"}, {"name": "glow"}, {"name": "other"}]}, "loras", "--max-loras-per-request"),
+        ({"loras": [{"name": "ink"}, {"name": "ink", "scale": 0.5}]}, "loras", "named twice"),
+        ({"loras": [{"name": "ink", "scale": 9}]}, "loras.0.scale", ""),
+        ({"prompt": "a cat <lora:ink:9>"}, "loras", "scales go from"),
+        ({"prompt": "a cat <lora:ink:lots>"}, "prompt", "no number"),
+        ({"prompt": "<lora:ink:0.5>"}, "prompt", "nothing but LoRA tags"),
+    ],
+)
+def test_bad_adapter_requests_are_refused_before_queueing(
+    server: LiveServer, body: dict[str, Any], param: str, words: str
+) -> None:
+    response = generate(server, {"prompt": "a cat"} | body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_an_adapter_for_another_model_is_a_422_and_the_worker_goes_on(server: LiveServer) -> None:
+    pids = server.read(lambda m: [w.pid for w in m.pool.workers])
+    refused = generate(server, {"prompt": "a cat", "loras": [{"name": "other"}]})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["param"] == "loras" and "cannot be used" in refused.json()["error"]["message"]
+    assert generate(server, {"prompt": "a cat", "loras": [{"name": "ink"}]}).status_code == 200
+    assert server.read(lambda m: [w.pid for w in m.pool.workers]) == pids, "no worker died"
+
+
+def test_a_server_without_a_folder_or_a_family_without_loras_refuses_them() -> None:
+    body: GenerateBody = validate(GenerateBody, {"prompt": "a cat", "loras": [{"name": "ink"}]})
+    for model, words in (
+        (ModelInfo("m", 64, 64, 7.5), "--lora-dir"),
+        (ModelInfo("m", 64, 64, 7.5, takes_loras=False, label="FLUX.1", loras=None), "FLUX.1"),
+    ):
+        with pytest.raises(InvalidRequest) as refused:
+            body.to_request(model)
+        assert refused.value.param == "loras" and words in refused.value.message

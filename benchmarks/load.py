@@ -14,6 +14,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -60,14 +61,15 @@ async def run_level(
     url: str,
     concurrency: int,
     duration: float,
-    body: dict[str, Any],
+    body: dict[str, Any] | Callable[[int], dict[str, Any]],
     *,
     max_requests: int | None = None,
     path: str = "/api/generate",
     warmup: float = 0.0,
 ) -> LevelResult:
     """Clients send back to back; after `warmup` seconds (the pipeline filling up, not counted) the
-    window of `duration` seconds opens, and only completions inside it count."""
+    window of `duration` seconds opens, and only completions inside it count. `body` may be a function of the
+    request's number (a mix of bodies)."""
     check_loopback(url)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
@@ -86,7 +88,7 @@ async def run_level(
             sent += 1
             t0 = time.perf_counter()
             try:
-                response = await http.post(path, json=body)
+                response = await http.post(path, json=body(sent) if callable(body) else body)
             except httpx.HTTPError as exc:
                 errors[type(exc).__name__] += 1
                 continue

@@ -49,6 +49,8 @@ def generate(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
 def test_the_folder_is_listed_and_a_file_added_later_is_usable(server: LiveServer, folder: Path) -> None:
     listed = httpx.get(server.url + "/api/loras").json()
     assert listed["enabled"] and [f["name"] for f in listed["loras"]] == ["glow", "ink", "other"]
+    a1111 = httpx.get(server.url + "/sdapi/v1/loras").json()
+    assert [(f["name"], f["path"]) for f in a1111][:1] == [("glow", "glow.safetensors")]
     shutil.copy(folder / "ink.safetensors", folder / "late.safetensors")
     try:
         assert "late" in [f["name"] for f in httpx.get(server.url + "/api/loras").json()["loras"]]

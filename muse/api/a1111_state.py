@@ -124,6 +124,14 @@ async def options(request: Request) -> Response:
     return JSONResponse({"sd_model_checkpoint": service(request).model.name})
 
 
+async def loras(request: Request) -> Response:
+    """The LoRA adapters in --lora-dir, as A1111 lists its own (a prompt names one as <lora:name:scale>)."""
+    files = service(request).lora_files()
+    return JSONResponse(
+        [{"name": f.name, "alias": f.name, "path": f"{f.name}.safetensors", "metadata": {}} for f in files]
+    )
+
+
 def constant(value: Any) -> Any:
     async def endpoint(request: Request) -> Response:
         return JSONResponse(value)
@@ -133,7 +141,6 @@ def constant(value: Any) -> Any:
 
 # What A1111 answers when it has none of these installed; its clients read the lists and move on.
 NOTHING_INSTALLED = {
-    "/sdapi/v1/loras": [],
     "/sdapi/v1/upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}],
     "/sdapi/v1/latent-upscale-modes": [],
     "/sdapi/v1/sd-vae": [],
@@ -154,5 +161,8 @@ routes = [
     Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
     Route("/sdapi/v1/options", options, methods=["GET"]),
     Route("/sdapi/v1/refresh-checkpoints", constant(None), methods=["POST"]),
+    Route("/sdapi/v1/loras", loras, methods=["GET"]),
+    # The folder is read whenever it changes: nothing to refresh.
+    Route("/sdapi/v1/refresh-loras", constant(None), methods=["POST"]),
     *(Route(path, constant(value), methods=["GET"]) for path, value in NOTHING_INSTALLED.items()),
 ]

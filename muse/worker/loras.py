@@ -54,8 +54,9 @@ class Plan:
                 grouped.setdefault(use, []).append(row)
         if not grouped:
             return None
+        # A group that covers every row adds its delta to the whole output: no gather, no scatter.
         groups = tuple(
-            (name, scale, torch.tensor(indices, dtype=torch.long, device=device))
+            (name, scale, None if len(indices) == rows else torch.tensor(indices, dtype=torch.long, device=device))
             for (name, scale), indices in grouped.items()
         )
         return cls(rows, groups)
@@ -251,9 +252,13 @@ def _row_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
             continue  # this adapter does not touch this layer
         lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
         part = x if rows is None else x.index_select(0, rows)
-        delta = lora_b(lora_a(self.lora_dropout[adapter](part.to(lora_a.weight.dtype))))
-        delta = (delta * (self.scaling[adapter] * scale)).to(result.dtype)
-        result = result + delta if rows is None else result.index_add(0, rows, delta)
+        if part.dtype != lora_a.weight.dtype:
+            part = part.to(lora_a.weight.dtype)
+        # No dropout: serving is inference, where PEFT's dropout is the identity.
+        delta = lora_b(lora_a(part)).mul_(self.scaling[adapter] * scale)
+        if delta.dtype != result.dtype:
+            delta = delta.to(result.dtype)
+        result = result.add_(delta) if rows is None else result.index_add_(0, rows, delta)
     return result
 
 

@@ -118,6 +118,14 @@ FAMILIES: dict[str, Family] = {
         "flux", "FLUX.1", 3.5, 28, negative_prompt=False, own_sampler_only=True, default_sample_size=128
     ),
     "StableDiffusion3Pipeline": Family("sd3", "Stable Diffusion 3", 7.0, 28, own_sampler_only=True),
+    "StableDiffusionInpaintPipeline": Family(
+        "sd-inpaint",
+        "Stable Diffusion inpainting",
+        FALLBACK_GUIDANCE,
+        NATIVE_STEPS,
+        image_inputs=True,
+        takes_loras=True,
+    ),
 }
 # A FluxPipeline whose transformer embeds no guidance (FLUX.1 schnell): guidance does nothing, 4 steps suffice.
 SCHNELL = replace(FAMILIES["FluxPipeline"], label="FLUX.1 schnell", guidance_scale=0.0, steps=4, uses_guidance=False)

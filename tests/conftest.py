@@ -48,3 +48,9 @@ def tiny_schnell_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny StableDiffusion3Pipeline (two CLIP encoders and a T5, pooled projections, flow matching)."""
     return _family(tmp_path_factory, "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An inpainting checkpoint's shape (StableDiffusionInpaintPipeline, a 9-channel UNet)."""
+    return _family(tmp_path_factory, "sd-inpaint")

@@ -159,3 +159,59 @@ def test_outside_the_mask_the_picture_is_kept() -> None:
     assert (
         np.abs(image[:, kept] - original[:, kept]).mean() < np.abs(image[:, repainted] - original[:, repainted]).mean()
     )
+
+
+# ---- an inpainting checkpoint (9-channel UNet) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inpainting(tiny_inpainting_model: str) -> LoadedPipeline:
+    torch.set_num_threads(2)
+    return load_pipeline(tiny_inpainting_model, "cpu")
+
+
+def inpainting_plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
+    """What the checkpoint's own StableDiffusionInpaintPipeline gives: from text (or from a picture without a
+    mask) with a white mask, everything repainted."""
+    size = (r.width, r.height)
+    source = r.source
+    image = Image.open(io.BytesIO(source.image)) if source else Image.new("RGB", size)
+    mask = Image.open(io.BytesIO(source.mask)) if source and source.mask else Image.new("L", size, 255)
+    with torch.inference_mode():
+        result = loaded.pipe(
+            prompt=[r.prompt],
+            negative_prompt=[r.negative_prompt],
+            image=image,
+            mask_image=mask,
+            strength=source.strength if source else 1.0,
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            width=r.width,
+            height=r.height,
+            generator=[torch.Generator(device="cpu").manual_seed(r.seed)],
+        ).images[0]
+    return np.asarray(result, dtype=np.int16)
+
+
+def test_an_inpainting_checkpoint_draws_from_text_and_pictures_in_one_batch(inpainting: LoadedPipeline) -> None:
+    text = request("text", inpainting, None, steps=9)
+    masked = request("masked", inpainting, 1.0, masked=True, seed=4)
+    partial = request("partial", inpainting, 0.6, masked=True, seed=5, guidance_scale=1.0)
+    whole = request("whole", inpainting, 0.7, seed=6)
+    images = run(StepEngine(inpainting), {0: [text, masked], 2: [partial, whole]})
+    for r in (text, masked, partial, whole):
+        assert worst(images[r.slot_id], inpainting_plain(inpainting, r)) <= TOLERANCE, r.slot_id
+
+
+def test_an_inpainting_checkpoint_in_whole_calls(inpainting: LoadedPipeline) -> None:
+    from muse.messages import Assignment, BatchKey, ImageSpec
+    from muse.worker.pipeline import run_batch
+
+    for r in (request("text", inpainting, None), request("masked", inpainting, 0.8, masked=True)):
+        key = BatchKey(r.width, r.height, r.steps, r.guidance_scale, "", r.source.kind if r.source else "",
+                       r.source.strength if r.source else 1.0)  # fmt: skip
+        spec = ImageSpec(r.prompt, r.negative_prompt, r.seed, r.source)
+        pngs = run_batch(inpainting, Assignment("a", [spec], key), lambda step: True)
+        assert pngs is not None
+        image = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
+        assert worst(image, inpainting_plain(inpainting, r)) <= TOLERANCE, r.slot_id

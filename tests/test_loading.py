@@ -213,7 +213,7 @@ def test_a_folder_without_model_index_is_no_pipeline_folder(tmp_path: Path) -> N
     ("pipeline", "why"),
     [
         ("StableDiffusionImg2ImgPipeline", "its __call__ takes an input image"),
-        ("StableDiffusionInpaintPipeline", "its __call__ takes an input image, mask_image"),
+        ("StableDiffusionInstructPix2PixPipeline", "its __call__ takes an input image"),
         ("DDPMPipeline", "its __call__ takes no prompt"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Tiny random-weight pipelines of the families people self-host (SDXL, FLUX.1, SD3), built offline from configs.
+"""Tiny random-weight pipelines of the families people self-host (SDXL, FLUX.1, SD3, SD inpainting), built offline
+from configs.
 
 They exercise every code path a real checkpoint of the family takes (two or three text encoders, pooled
 projections, packed latents, flow-matching schedules) in seconds on a CPU: the tests and the benchmarks serve
@@ -19,12 +20,14 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -88,6 +91,22 @@ def tiny_sdxl() -> Any:
     )  # fmt: skip
 
 
+def tiny_sd_inpaint() -> Any:
+    """An inpainting checkpoint's shape: a UNet of 9 input channels (latents, mask, masked picture's latents)."""
+    tokenizer = _tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=9, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=WIDTH, norm_num_groups=8,
+    )  # fmt: skip
+    return StableDiffusionInpaintPipeline(
+        vae=_vae(4, flow=False), text_encoder=CLIPTextModel(_clip(tokenizer)), tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
 def tiny_flux(guidance_embeds: bool = True) -> Any:
     """FLUX.1-dev shaped (guidance embedded in the transformer); `guidance_embeds=False` is schnell's shape.
     Latents of 4 channels pack 2x2 into 16-wide tokens."""
@@ -126,6 +145,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "flux": tiny_flux,
     "flux-schnell": lambda: tiny_flux(guidance_embeds=False),
     "sd3": tiny_sd3,
+    "sd-inpaint": tiny_sd_inpaint,
 }
 
 

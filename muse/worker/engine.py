@@ -30,7 +30,7 @@ import torch
 
 from muse.messages import StepKey, denoising_steps
 from muse.worker.families import family_for, supports
-from muse.worker.families.base import Blend, Conditioning, Family
+from muse.worker.families.base import Blend, Conditioning, Family, guided_rows
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
 from muse.worker.loras import Plan, RowLoras
 from muse.worker.pipeline import LoadedPipeline
@@ -216,6 +216,11 @@ class StepEngine:
                 latents, blend = start.latents, start.blend
                 timesteps, times = timesteps[skip:], times[skip:]
                 linear = linear[skip:] if linear is not None else None
+            extra = self.family.extra_inputs(request, generator, dtype)
+            if extra:
+                rows = Conditioning(
+                    rows.rows | {k: guided_rows(v, v, rows.guided) for k, v in extra.items()}, rows.guided
+                )
             slot = Slot(
                 request=request,
                 scheduler=scheduler,

@@ -188,8 +188,15 @@ def check_folder(folder: Path) -> dict[str, Any]:
     return index
 
 
+# Pipelines that take a picture but draw from text too: an inpainting checkpoint given a white mask repaints all.
+DRAW_FROM_TEXT = ("StableDiffusionInpaintPipeline",)
+
+
 def check_text_to_image(cls: type) -> None:
-    """A pipeline serves if its `__call__` takes a prompt and no picture to start from."""
+    """A pipeline serves if its `__call__` takes a prompt and no picture to start from (or is an inpainting
+    checkpoint's)."""
+    if cls.__name__ in DRAW_FROM_TEXT:
+        return
     params = inspect.signature(cls.__call__).parameters
     images = [p for p in IMAGE_INPUTS if p in params]
     if "prompt" not in params:
@@ -288,8 +295,10 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
     """
     key = batch.key
     loaded.use_scheduler(key.scheduler)
-    pipe = loaded.derived(key.source) if key.source else loaded.pipe
-    if key.source:
+    # An inpainting checkpoint's own pipeline takes pictures (and masks) itself.
+    own = type(loaded.pipe).__name__ in DRAW_FROM_TEXT
+    pipe = loaded.derived(key.source) if key.source and not own else loaded.pipe
+    if pipe is not loaded.pipe:
         pipe.scheduler = loaded.pipe.scheduler  # from_pipe shares components, but not a swapped-in scheduler
     accepts = (
         loaded.accepts
@@ -328,6 +337,11 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
         wanted["strength"] = key.strength
         if key.source == "inpaint":
             wanted["mask_image"] = [picture(source.mask) for source in sources if source and source.mask]
+    if "mask_image" in accepts and "mask_image" not in wanted:
+        # An inpainting checkpoint drawing from text, or from a whole picture: everything is repainted.
+        count, size = len(batch.images), (key.width, key.height)
+        wanted.setdefault("image", [Image.new("RGB", size) for _ in range(count)])
+        wanted["mask_image"] = [Image.new("L", size, 255) for _ in range(count)]
     if "callback_on_step_end" in accepts:
         wanted["callback_on_step_end"] = callback
     elif "callback" in accepts and "callback_steps" in accepts:

@@ -88,6 +88,11 @@ class Family(Protocol):
         timesteps already cut to the steps it runs), with the generator's draws in the pipeline's order."""
         ...
 
+    def extra_inputs(self, request: SlotRequest, generator: torch.Generator, dtype: Any) -> dict[str, torch.Tensor]:
+        """What the denoiser takes beside the latents for this image, one row each (a 9-channel inpainting UNet's
+        mask and masked picture), drawn after its starting latents; {} for most families."""
+        ...
+
     def predict(
         self,
         model: Any,
@@ -114,3 +119,6 @@ class TextOnly:
         self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
     ) -> Start:
         raise ValueError(f"{type(self).__name__} starts images from text only, not from a picture")
+
+    def extra_inputs(self, request: SlotRequest, generator: torch.Generator, dtype: Any) -> dict[str, torch.Tensor]:
+        return {}

@@ -16,7 +16,12 @@ from muse.worker.families.base import Blend, Conditioning, Start, VaeDecode, gui
 from muse.worker.slots import SlotRequest
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
-PIPELINES = {"StableDiffusionPipeline": None, "StableDiffusionXLPipeline": "text_time"}
+PIPELINES = {
+    "StableDiffusionPipeline": None,
+    "StableDiffusionXLPipeline": "text_time",
+    # An inpainting checkpoint: a 9-channel UNet (latents, mask, masked picture), which draws from text too.
+    "StableDiffusionInpaintPipeline": None,
+}
 
 
 class StableDiffusionFamily:
@@ -26,6 +31,8 @@ class StableDiffusionFamily:
         self.name = "sdxl" if self.xl else "sd"
         self.denoiser = pipe.unet
         self.device = pipe._execution_device
+        self.inpainting = pipe.unet.config.in_channels == 9
+        self.latent_channels = pipe.vae.config.latent_channels if self.inpainting else pipe.unet.config.in_channels
         # SDXL's img2img conditions on the picture differently (aesthetic scores, its VAE's upcast): not yet.
         self.takes_images = not self.xl
         # What StableDiffusionInpaintPipeline makes of a mask: grayscale in [0, 1], then 0 or 1.
@@ -88,7 +95,7 @@ class StableDiffusionFamily:
         pipeline's would scale by its own scheduler's init_noise_sigma)."""
         pipe = self.pipe
         scale = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, request.height // scale, request.width // scale)
+        shape = (1, self.latent_channels, request.height // scale, request.width // scale)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype) * scheduler.init_noise_sigma
 
     def start(
@@ -100,8 +107,9 @@ class StableDiffusionFamily:
         source = request.source
         assert source is not None and self.takes_images
         pipe = self.pipe
-        picture = pipe.image_processor.preprocess(Image.open(io.BytesIO(source.image)).convert("RGB"))
-        picture = picture.to(device=self.device, dtype=dtype)
+        picture = self._picture(request, dtype)
+        if self.inpainting:
+            return self._start_inpainting(request, scheduler, first_timestep, generator, dtype, picture)
         image_latents = self._encode(picture, generator)
         noise = randn_tensor(image_latents.shape, generator=generator, device=self.device, dtype=dtype)
         if source.mask is None:
@@ -115,6 +123,58 @@ class StableDiffusionFamily:
         scale = pipe.vae_scale_factor
         mask = torch.nn.functional.interpolate(mask, size=(request.height // scale, request.width // scale))
         return Start(latents, Blend(mask.to(device=self.device, dtype=dtype), image_latents, noise))
+
+    def _start_inpainting(
+        self,
+        request: SlotRequest,
+        scheduler: Any,
+        first_timestep: Any,
+        generator: torch.Generator,
+        dtype: Any,
+        picture: torch.Tensor,
+    ) -> Start:
+        """A 9-channel UNet's start, as StableDiffusionInpaintPipeline makes it: below full strength the picture's
+        latents then the noise, at full strength the noise alone; the UNet keeps the picture itself (its
+        masked picture is one of its inputs), so nothing is blended after the steps."""
+        assert request.source is not None
+        shape = (
+            1,
+            self.latent_channels,
+            request.height // self.pipe.vae_scale_factor,
+            request.width // self.pipe.vae_scale_factor,
+        )
+        if request.source.strength == 1.0:
+            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            return Start(noise * scheduler.init_noise_sigma)
+        image_latents = self._encode(picture, generator)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return Start(scheduler.add_noise(image_latents, noise, first_timestep))
+
+    def extra_inputs(self, request: SlotRequest, generator: torch.Generator, dtype: Any) -> dict[str, torch.Tensor]:
+        """A 9-channel UNet's mask (1 = repaint) and masked picture's latents, at latent size. From text, or
+        from a picture without a mask, everything is repainted: the mask is all ones and the masked picture
+        black, as the inpaint pipeline makes them for a white mask."""
+        if not self.inpainting:
+            return {}
+        height, width = request.height, request.width
+        source = request.source
+        if source is not None and source.mask is not None:
+            mask = self.masks.preprocess(Image.open(io.BytesIO(source.mask)), height=height, width=width)
+        else:
+            mask = torch.ones(1, 1, height, width)
+        picture = self._picture(request, dtype) if source is not None else torch.zeros(1, 3, height, width)
+        masked = picture.to(device=self.device, dtype=dtype) * (mask < 0.5).to(device=self.device, dtype=dtype)
+        masked_latents = self._encode(masked, generator)
+        scale = self.pipe.vae_scale_factor
+        mask = torch.nn.functional.interpolate(mask, size=(height // scale, width // scale))
+        return {"mask": mask.to(device=self.device, dtype=dtype), "masked_image_latents": masked_latents}
+
+    def _picture(self, request: SlotRequest, dtype: Any) -> torch.Tensor:
+        """The request's picture as the pipelines preprocess it: (1, 3, H, W) in [-1, 1] on the device."""
+        assert request.source is not None
+        image = Image.open(io.BytesIO(request.source.image)).convert("RGB")
+        picture = self.pipe.image_processor.preprocess(image, height=request.height, width=request.width)
+        return picture.to(device=self.device, dtype=dtype)
 
     def _encode(self, picture: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The VAE's latents for a picture in [-1, 1] (a sample, drawn from the generator), scaled as the
@@ -132,6 +192,8 @@ class StableDiffusionFamily:
     ) -> torch.Tensor:
         added = {"text_embeds": rows["text_embeds"], "time_ids": rows["time_ids"]} if self.xl else None
         hidden = rows["encoder_hidden_states"]
+        if self.inpainting:
+            sample = torch.cat([sample, rows["mask"], rows["masked_image_latents"]], dim=1)
         return model(sample, timestep, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int], vae_decode: VaeDecode) -> torch.Tensor:

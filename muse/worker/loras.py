@@ -18,6 +18,7 @@ import contextlib
 import logging
 import re
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
@@ -151,7 +152,10 @@ class RowLoras:
         self._count += 1
         adapter = f"muse_{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"[:64]
         try:
-            load_adapter(self.pipe, weights, adapter)
+            with warnings.catch_warnings():
+                # PEFT warns of a second adapter in one model: several side by side is the point, rows pick
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                load_adapter(self.pipe, weights, adapter)
         except Exception:
             with contextlib.suppress(Exception):
                 self.pipe.delete_adapters([adapter])  # whatever part of it went in

@@ -112,7 +112,7 @@ FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": SD,
     # Muse served SDXL at SD's guidance before it knew families; it still does (diffusers' own is 5.0).
     "StableDiffusionXLPipeline": Family(
-        "sdxl", "Stable Diffusion XL", FALLBACK_GUIDANCE, NATIVE_STEPS, takes_loras=True
+        "sdxl", "Stable Diffusion XL", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True, takes_loras=True
     ),
     "FluxPipeline": Family(
         "flux", "FLUX.1", 3.5, 28, negative_prompt=False, own_sampler_only=True, default_sample_size=128

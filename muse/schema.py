@@ -226,7 +226,7 @@ def start_from(
             dialect,
             "init_image",
             f"this model ({model.label}, {model.pipeline or 'its pipeline'}) starts from text only here; "
-            "img2img and inpainting serve Stable Diffusion 1.x/2.x models",
+            "img2img and inpainting serve Stable Diffusion 1.x/2.x and SDXL models",
             "unsupported_by_model",
         )
     if denoising_steps(steps, picture.strength) < 1:

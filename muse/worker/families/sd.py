@@ -33,8 +33,7 @@ class StableDiffusionFamily:
         self.device = pipe._execution_device
         self.inpainting = pipe.unet.config.in_channels == 9
         self.latent_channels = pipe.vae.config.latent_channels if self.inpainting else pipe.unet.config.in_channels
-        # SDXL's img2img conditions on the picture differently (aesthetic scores, its VAE's upcast): not yet.
-        self.takes_images = not self.xl
+        self.takes_images = True
         # What StableDiffusionInpaintPipeline makes of a mask: grayscale in [0, 1], then 0 or 1.
         self.masks = VaeImageProcessor(
             vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
@@ -110,7 +109,7 @@ class StableDiffusionFamily:
         picture = self._picture(request, dtype)
         if self.inpainting:
             return self._start_inpainting(request, scheduler, first_timestep, generator, dtype, picture)
-        image_latents = self._encode(picture, generator)
+        image_latents = self._encode(picture, generator, statistics=source.mask is None)
         noise = randn_tensor(image_latents.shape, generator=generator, device=self.device, dtype=dtype)
         if source.mask is None:
             return Start(scheduler.add_noise(image_latents, noise, first_timestep))
@@ -176,11 +175,25 @@ class StableDiffusionFamily:
         picture = self.pipe.image_processor.preprocess(image, height=request.height, width=request.width)
         return picture.to(device=self.device, dtype=dtype)
 
-    def _encode(self, picture: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _encode(self, picture: torch.Tensor, generator: torch.Generator, statistics: bool = False) -> torch.Tensor:
         """The VAE's latents for a picture in [-1, 1] (a sample, drawn from the generator), scaled as the
-        pipelines scale them."""
-        vae = self.pipe.vae
-        return retrieve_latents(vae.encode(picture), generator=generator) * vae.config.scaling_factor
+        pipelines scale them. SDXL's pipelines encode in float32 when the VAE asks (force_upcast), and its img2img
+        (`statistics`, not its inpainting) normalises by the VAE's latent statistics when it has them."""
+        vae, dtype = self.pipe.vae, picture.dtype
+        upcast = self.xl and vae.config.force_upcast
+        if upcast:
+            picture = picture.float()
+            vae.to(dtype=torch.float32)
+        latents = retrieve_latents(vae.encode(picture), generator=generator)
+        if upcast:
+            vae.to(dtype)
+        latents = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if self.xl and statistics and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, dtype)
+            return (latents - mean) * vae.config.scaling_factor / std
+        return vae.config.scaling_factor * latents
 
     def predict(
         self,

@@ -21,7 +21,7 @@ from muse.model_info import ModelInfo
 from muse.schema import GenerateBody, validate
 from tests.pixels import TOLERANCE, pixels
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_job
-from tests.test_loras import alone, request
+from tests.test_loras import PROMPT, alone, request
 
 SIZE = {"width": 64, "height": 64}
 
@@ -123,3 +123,42 @@ def test_a_server_without_a_folder_or_a_family_without_loras_refuses_them() -> N
         with pytest.raises(InvalidRequest) as refused:
             body.to_request(model)
         assert refused.value.param == "loras" and words in refused.value.message
+
+
+def test_the_drop_in_clients_name_adapters_as_their_apis_allow(
+    server: LiveServer, tiny_model: str, folder: Path
+) -> None:
+    """OpenAI's client in extra_body (its edits' form too), A1111's by prompt tag, and the infotext keeps it."""
+    import io
+
+    import openai
+    import webuiapi
+    from PIL import Image
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="any", max_retries=0) as client:
+        made = client.images.generate(
+            prompt=PROMPT,
+            size="64x64",
+            extra_body={"seed": 2, "steps": 8, "guidance_scale": 2.5, "loras": [{"name": "ink", "scale": 0.8}]},
+        )
+        assert made.data and made.data[0].b64_json
+        served = pixels(made.data[0].b64_json)
+        assert np.abs(served - alone(tiny_model, folder, request("a", 2, LoraUse("ink", 0.8)))).max() <= TOLERANCE
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (30, 60, 200)).save(picture, format="PNG")
+        edited = client.images.edit(
+            image=("p.png", picture.getvalue(), "image/png"),
+            prompt="a cat",
+            extra_body={"steps": 4, "loras": '[{"name": "glow"}]'},
+        )
+        assert edited.data and edited.data[0].b64_json
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.generate(prompt="a cat", size="64x64", extra_body={"loras": [{"name": "nope"}]})
+        assert refused.value.body["param"] == "loras"  # type: ignore[index]
+    api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", steps=4)
+    result = api.txt2img(prompt="a cat <lora:glow:0.7>", width=64, height=64, seed=3)
+    parameters = result.info["infotexts"][0]
+    assert parameters.startswith("a cat") and "<lora:glow:0.7>" in parameters
+    again = api.img2img(images=[result.image], prompt="a dog <lora:ink>", denoising_strength=0.5, width=64, height=64)
+    parameters = again.info["infotexts"][0]
+    assert "<lora:ink:1>" in parameters and "Denoising strength: 0.5" in parameters, parameters

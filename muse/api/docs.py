@@ -20,8 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from muse.api import a1111, a1111_state, native, openai
-from muse.api.a1111 import PngInfoRequest, PngInfoResponse, Txt2ImgRequest, Txt2ImgResponse
-from muse.api.openai import ImagesRequest, ImagesResponse
+from muse.api.a1111 import Img2ImgRequest, PngInfoRequest, PngInfoResponse, Txt2ImgRequest, Txt2ImgResponse
+from muse.api.openai import EditForm, ImagesRequest, ImagesResponse
 from muse.schema import GenerateBody
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -114,6 +114,7 @@ class Doc:
     status: int = 200
     errors: tuple[int, ...] = ()
     media: str = "application/json"
+    body_media: str = "application/json"  # the request body's media type
     # Other statuses that answer with `response` rather than an error, and what each means.
     also: Mapping[int, str] = field(default_factory=dict)
 
@@ -150,9 +151,19 @@ DOCS: dict[Endpoint, Doc] = {
     openai.generations: Doc(
         "OpenAI-compatible image generation", ImagesRequest, ImagesResponse, errors=(400, 404, 413, 429, 503, 504)
     ),
+    openai.edits: Doc(
+        "OpenAI-compatible image edit: img2img, or inpainting where the mask (or the image) is transparent",
+        EditForm,
+        ImagesResponse,
+        errors=(400, 404, 413, 429, 503, 504),
+        body_media="multipart/form-data",
+    ),
     openai.list_models: Doc("The served model, as OpenAI's model list", response=ModelList),
     openai.get_model: Doc("The served model's card (404 for any other name)", response=ModelCard, errors=(404,)),
     a1111.txt2img: Doc("AUTOMATIC1111-compatible txt2img", Txt2ImgRequest, Txt2ImgResponse, errors=GENERATING),
+    a1111.img2img: Doc(
+        "AUTOMATIC1111-compatible img2img and inpainting", Img2ImgRequest, Txt2ImgResponse, errors=GENERATING
+    ),
     a1111.png_info: Doc(body=PngInfoRequest, response=PngInfoResponse, errors=(413, 422)),
     a1111_state.progress: Doc("Jobs in progress (only the caller's, with API keys)"),
     a1111_state.interrupt: CANCEL_RUNNING,

@@ -104,7 +104,7 @@ def operation_object(operation: Operation, refs: Refs) -> dict[str, Any]:
         responses[str(status)] = {"description": ERROR_WORDS.get(status, "Error"), **error}
     result: dict[str, Any] = {"summary": summary(operation), "responses": responses}
     if doc.body is not None:
-        result["requestBody"] = {"required": True, **content("application/json", refs[doc.body, "validation"])}
+        result["requestBody"] = {"required": True, **content(doc.body_media, refs[doc.body, "validation"])}
     if is_open:
         result["security"] = []
     return result

@@ -22,7 +22,49 @@
       return;
     }
     var dismiss = event.target.closest("[data-dismiss]");
-    if (dismiss) dismiss.closest(".card").remove();
+    if (dismiss) {
+      dismiss.closest(".card").remove();
+      return;
+    }
+    // Without JavaScript the link reloads the form without its picture; here the rest of the form stays as typed.
+    var unpick = event.target.closest("[data-unpick]");
+    if (unpick && unpick.closest("form")) {
+      event.preventDefault();
+      var form = unpick.closest("form");
+      unpick.closest("[data-picked]").remove();
+      pictureChanged(form);
+    }
+  });
+
+  // The form's picture: a chosen file shows as a preview and stands in for a picture the form named (which
+  // comes back if the file is cleared); the Size's blank option says where the size then comes from.
+  function pictureChanged(form) {
+    var input = form.querySelector("input[type=file][name=init_image]");
+    var preview = form.querySelector("[data-preview]");
+    var picked = form.querySelector("[data-picked]");
+    var chosen = !!(input && input.files && input.files.length);
+    // Refused before it is sent: a file far over the limit would otherwise be cut off by the body limit,
+    // with a message that does not name the field.
+    if (input) {
+      var limit = Number(input.getAttribute("data-max-bytes")) || Infinity;
+      input.setCustomValidity(chosen && input.files[0].size > limit ? input.getAttribute("data-too-large") : "");
+    }
+    if (preview) {
+      if (preview.src) URL.revokeObjectURL(preview.src);
+      if (chosen) preview.src = URL.createObjectURL(input.files[0]);
+      else preview.removeAttribute("src");
+      preview.hidden = !chosen;
+    }
+    if (picked) picked.hidden = chosen;
+    var blank = form.querySelector("select[name=size] option[data-picture-label]");
+    if (blank) blank.textContent = blank.getAttribute(chosen || picked ? "data-picture-label" : "data-text-label");
+  }
+
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (input instanceof HTMLInputElement && input.type === "file" && input.name === "init_image" && input.form) {
+      pictureChanged(input.form);
+    }
   });
 
   function notice(text) {

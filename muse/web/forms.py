@@ -3,16 +3,21 @@ readable messages that name the form control at fault."""
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlencode
 
+from PIL import Image
+
+from muse import pictures
 from muse.errors import InvalidRequest, MuseError
 from muse.messages import GenerateRequest
 from muse.model_info import ModelInfo
-from muse.schema import GenerateBody, validate
+from muse.schema import DEFAULT_STRENGTH, GenerateBody, Picture, validate
 from muse.words import Kind, in_words
 
 TIMES = "\u00d7"  # the multiplication sign, for sizes as people write them
@@ -30,7 +35,16 @@ LABELS = {
     "guidance_scale": "Guidance",
     "n": "Images",
     "scheduler": "Sampler",
+    "init_image": "Picture",
+    "mask_image": "Picture",
+    "strength": "Strength",
 }
+
+# A picture meets a Size it does not fit by being scaled to cover it and cropped in the middle (A1111's
+# "crop and resize"): people expect their picture kept in proportion, not stretched.
+CROP = 1
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,11 @@ class FormValues:
     guidance_scale: str = ""
     scheduler: str = ""
     n: str = "1"
+    strength: str = ""  # only read with a picture
+    # The picture to start from when it is not uploaded: a gallery image's id, or the job whose picture to
+    # start from again ("Generate again", "Reuse seed" on an image made from a picture).
+    init_id: str = ""
+    init_job: str = ""
 
     @classmethod
     def from_pairs(cls, pairs: Mapping[str, str]) -> FormValues:
@@ -53,7 +72,8 @@ class FormValues:
         return cls(**{k: v for k, v in pairs.items() if k in known})
 
     @classmethod
-    def from_request(cls, request: GenerateRequest, model: ModelInfo, *, keep_seed: bool) -> FormValues:
+    def from_request(cls, request: GenerateRequest, model: ModelInfo, *, keep_seed: bool, job: str = "") -> FormValues:
+        """The form that asks for `request` again; `job`: its job's id, which carries its picture, if any."""
         quality = next((q for q in ("fast", "quality") if model.steps_for(q) == request.steps), None)
         native = (request.width, request.height) == (model.width, model.height)
         return cls(
@@ -66,14 +86,39 @@ class FormValues:
             guidance_scale="" if request.guidance_scale == model.guidance_scale else f"{request.guidance_scale:g}",
             scheduler=request.scheduler,
             n=str(request.n),
+            strength=f"{request.source.strength:g}" if request.source and job else "",
+            init_job=job if request.source else "",
         )
+
+    @classmethod
+    def starting_from(cls, image_id: str, prompt: str, negative_prompt: str) -> FormValues:
+        """A form that starts from a gallery image ("Use as init image"), with the prompt that made it: the seed
+        and size are left to the new image."""
+        return cls(prompt=prompt, negative_prompt=negative_prompt, init_id=image_id)
 
     @property
     def advanced(self) -> bool:
         """Open the advanced section when any of its fields holds something."""
         return any(
-            (self.negative_prompt, self.steps, self.seed, self.size, self.guidance_scale, self.n not in ("", "1"))
+            (
+                self.negative_prompt,
+                self.steps,
+                self.seed,
+                self.size,
+                self.guidance_scale,
+                self.n not in ("", "1"),
+                self.init_id,
+                self.init_job,
+            )
         )
+
+    @property
+    def picked(self) -> bool:
+        """It starts from a picture it names (not an upload)."""
+        return bool(self.init_id or self.init_job)
+
+    def without_picture(self) -> FormValues:
+        return replace(self, init_id="", init_job="", strength="")
 
     def items(self) -> list[tuple[str, str]]:
         return [(k, v) for k, v in asdict(self).items() if v != ""]
@@ -85,8 +130,10 @@ class FormValues:
         """These settings with one image's seed, n=1: generating gives back exactly that image."""
         return replace(self, seed=str(seed), n="1")
 
-    def to_request(self, model: ModelInfo) -> GenerateRequest:
-        """Validate like the JSON API does; raises InvalidRequest naming the field."""
+    def to_request(self, model: ModelInfo, image: bytes | None = None, mask: bytes | None = None) -> GenerateRequest:
+        """Validate like the JSON API does; raises InvalidRequest naming the field. `image` (and its `mask`): the
+        picture to start from, as received; with Size left blank the image takes the picture's size (scaled down
+        to the server's limits where it is over them), else the picture is cropped to fit the Size."""
         data: dict[str, Any] = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -103,8 +150,18 @@ class FormValues:
         if size := self.size.strip():
             width, _, height = size.lower().partition("x")
             data["width"], data["height"] = _integer("size", width), _integer("size", height)
+        picture = None
+        if image is not None:
+            strength = self.strength.strip()
+            if strength:
+                data["strength"] = _number("strength", strength)  # checked against the API's range below
+            if "width" not in data and (fitted := fitted_size(image, model, data["n"])):
+                data["width"], data["height"] = fitted
         body: GenerateBody = validate(GenerateBody, data)
-        return body.to_request(model)
+        if image is not None:
+            strength_value = body.strength if body.strength is not None else DEFAULT_STRENGTH
+            picture = Picture(image, mask, strength_value, resize_mode=CROP)
+        return body.to_request(model, picture=picture)
 
 
 def _integer(name: str, value: str) -> int:
@@ -122,6 +179,38 @@ def _number(name: str, value: str) -> float:
     if not math.isfinite(number):
         raise InvalidRequest(f"{name}: must be a number, not {value!r}", param=name)
     return number
+
+
+def fitted_size(data: bytes, model: ModelInfo, n: int) -> tuple[int, int] | None:
+    """The size of an image started from this picture when the form names none: None for the picture's own
+    (as the API takes it), or the largest size in its proportions within the server's limits where it is over
+    them. Reads only the picture's header; a picture it cannot read is refused later, by name."""
+    limits = model.cost_limits
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=pictures.FORMATS) as image:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION) in SIDEWAYS:
+                    width, height = height, width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    if width * height > limits.max_pixels or min(width, height) < 1:
+        return None  # refused as a picture (--max-pixels), whatever size the image would take
+    natural_w, natural_h = max(pictures.MIN_SIDE, width), max(pictures.MIN_SIDE, height)
+    scale = min(
+        1.0,
+        limits.max_side / natural_w,
+        limits.max_side / natural_h,
+        math.sqrt(limits.max_pixels / max(1, n) / (natural_w * natural_h)),
+    )
+    if scale >= 1.0:
+        return None
+    step = pictures.MULTIPLE
+    return (
+        max(pictures.MIN_SIDE, int(natural_w * scale) // step * step),
+        max(pictures.MIN_SIDE, int(natural_h * scale) // step * step),
+    )
 
 
 def sampler_options(model: ModelInfo) -> list[tuple[str, str]]:

@@ -65,6 +65,11 @@ async def image_page(request: Request) -> Response:
         "image": image,
         "filename": download_name(image.prompt, image.seed),
         "reuse": reuse_query(request, image),
+        "start_from": (
+            FormValues.starting_from(image.id, image.prompt, image.negative_prompt).query()
+            if service(request).model.image_inputs
+            else None
+        ),
     }
     return render(request, "image.html", context)
 

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from muse.core.service import Muse
 from muse.core.tickets import Ticket, TicketState
-from muse.errors import MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from muse.errors import InvalidRequest, MuseError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from muse.http.auth import viewer_of
 from muse.http.common import client_of
 from muse.web import gallery as gallery_pages
@@ -28,14 +31,20 @@ from muse.web.render import (
     content_disposition,
     download_name,
     friendly,
+    gallery_of,
     is_fragment,
+    picked_picture,
     problem_response,
     render,
     service,
     studio_context,
 )
 
-MAX_FORM_BYTES = 64 * 1024
+MAX_FORM_BYTES = 64 * 1024  # the form's text fields, all together (a picture comes on top, as a file)
+MAX_FORM_FIELDS = 40
+PICTURE_FIELD = "init_image"
+FORM_TYPE = "application/x-www-form-urlencoded"
+MULTIPART_TYPE = "multipart/form-data"
 
 
 @dataclass(frozen=True)
@@ -49,15 +58,17 @@ class ImageView:
     width: int
     height: int
     reuse: str  # query string that refills the form with this image's settings and seed
+    start_from: str | None  # query string of a form that starts from this image (it is in the gallery)
 
 
 def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
     request = ticket.request
     images: list[ImageView] = []
     result = ticket.result
+    # Made from a picture: the forms that ask again carry the job's id, which stands for its picture.
+    again = FormValues.from_request(request, muse.model, keep_seed=False, job=ticket.id)
     if result is not None:
         saved = ticket.saved if len(ticket.saved) == len(result.images) else []
-        base = FormValues.from_request(request, muse.model, keep_seed=False)
         for i, image in enumerate(result.images):
             # Gallery URLs outlive the job; without a gallery the job serves its own images until it expires.
             url = f"/gallery/{saved[i]}.png" if saved else f"/jobs/{ticket.id}/images/{i}.png"
@@ -71,7 +82,12 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
                     alt=request.prompt,
                     width=result.width,
                     height=result.height,
-                    reuse=base.reproducing(image.seed).query(),
+                    reuse=again.reproducing(image.seed).query(),
+                    start_from=(
+                        FormValues.starting_from(saved[i], request.prompt, request.negative_prompt).query()
+                        if saved and muse.model.image_inputs
+                        else None
+                    ),
                 )
             )
     position = muse.position(ticket)
@@ -89,21 +105,91 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
         "result": result,
         "images": images,
         "problem": problem(ticket.error) if ticket.error is not None else None,
-        "again": FormValues.from_request(request, muse.model, keep_seed=False),
+        "again": again,
+        "source": request.source,
     }
 
 
-async def read_form(request: Request) -> FormValues:
+@dataclass(frozen=True)
+class Posted:
+    """The generate form as posted: its fields, and the picture uploaded with it."""
+
+    form: FormValues
+    # At most --max-upload + 1 bytes: a larger file is cut there, which is enough for it to be refused by name.
+    picture: bytes | None = None
+    refusal: InvalidRequest | None = None  # the upload was unusable; shown beside the refilled form
+
+
+async def read_form(request: Request, max_upload: int) -> Posted:
+    """The form, sent urlencoded (no file) or as multipart (the page's with JavaScript on, or with a picture)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == MULTIPART_TYPE:
+        return await read_multipart(request, max_upload)
     declared = request.headers.get("content-length", "0")
     if declared.isdigit() and int(declared) > MAX_FORM_BYTES:
         raise PayloadTooLarge("the form is too large")
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/x-www-form-urlencoded":
-        raise UnsupportedMediaType("send the form as application/x-www-form-urlencoded")
+    if kind != FORM_TYPE:
+        raise UnsupportedMediaType(f"send the form as {FORM_TYPE} or {MULTIPART_TYPE}")
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         raise PayloadTooLarge("the form is too large")
-    return FormValues.from_pairs(dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)))
+    pairs = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    refusal = None
+    if pairs.get(PICTURE_FIELD):
+        # A browser sends a file input's name alone in a urlencoded form: the page without JavaScript, when
+        # signed in (its form is urlencoded then, for the CSRF check to find its token field).
+        refusal = InvalidRequest(
+            f"{PICTURE_FIELD}: only the file's name came, not the picture; uploading a picture here needs "
+            "JavaScript on",
+            param=PICTURE_FIELD,
+        )
+    return Posted(FormValues.from_pairs(pairs), refusal=refusal)
+
+
+async def read_multipart(request: Request, max_upload: int) -> Posted:
+    # BodyLimit bounds the whole body (room for a picture over --max-upload, so that it is refused by name).
+    try:
+        data = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_BYTES)
+    except HTTPException as exc:  # Starlette's answer to a form it cannot parse
+        raise InvalidRequest(f"the form cannot be read: {exc.detail}", code="invalid_multipart", status=400) from None
+    try:
+        pairs: dict[str, str] = {}
+        picture, refusal = None, None
+        for name, value in data.multi_items():
+            if isinstance(value, UploadFile):
+                # An empty file input is still a part: one without a file name or bytes.
+                if name == PICTURE_FIELD and (value.filename or value.size):
+                    picture = await value.read(max_upload + 1)
+            elif name == PICTURE_FIELD and value:
+                refusal = InvalidRequest(
+                    f"{PICTURE_FIELD}: send the picture as a file, not as text", param=PICTURE_FIELD
+                )
+            else:
+                pairs[name] = value
+    finally:
+        await data.close()  # its files: spooled to disk past a megabyte
+    return Posted(FormValues.from_pairs(pairs), picture, refusal)
+
+
+async def stored_picture(request: Request, form: FormValues) -> tuple[bytes, bytes | None] | None:
+    """The picture (and mask) the form names instead of uploading one; None when it names none. Only what
+    the requester may see: another key's gallery image or job is "no such" picture."""
+    if not form.picked:
+        return None
+    picked_picture(request, form)  # refuses, by the picture's name, what this viewer may not see
+    if form.init_id:
+        gallery = gallery_of(request)
+        path = None if gallery is None else gallery.png_path(form.init_id)
+        gone = InvalidRequest(f"{PICTURE_FIELD}: no such image in the gallery (deleted?)", param=PICTURE_FIELD)
+        if path is None:
+            raise gone
+        try:
+            return await anyio.Path(path).read_bytes(), None
+        except OSError:
+            raise gone from None  # deleted since it was looked up
+    source = service(request).job(form.init_job, viewer_of(request)).request.source
+    assert source is not None, "picked_picture refuses a job without a picture"
+    return source.image, source.mask
 
 
 # ---- routes ---------------------------------------------------------------------------------------
@@ -119,13 +205,24 @@ async def studio(request: Request) -> Response:
 
 @friendly
 async def create_job(request: Request) -> Response:
-    form = await read_form(request)
     muse = service(request)
+    posted = await read_form(request, muse.model.cost_limits.max_upload)
+    form = posted.form
     try:
+        if posted.refusal is not None:
+            raise posted.refusal
+        # An upload wins over a picture the form names (the person chose a file after picking one).
+        stored = None if posted.picture is not None else await stored_picture(request, form)
+        image, mask = (posted.picture, None) if stored is None else stored
+        if image is None:
+            generate = form.to_request(muse.model)
+        else:
+            # Decoding and fitting a large picture takes tens of milliseconds: off the event loop.
+            generate = await anyio.to_thread.run_sync(form.to_request, muse.model, image, mask)
         # Charged against --rate-limit like the JSON API (the identity comes from muse.http.auth).
-        ticket = muse.submit(form.to_request(muse.model), keep=True, client=client_of(request))
+        ticket = muse.submit(generate, keep=True, client=client_of(request))
     except MuseError as error:
-        return problem_response(request, error, form)
+        return problem_response(request, error, form, retry=posted.picture is None)
     if not is_fragment(request):
         return RedirectResponse(f"/jobs/{ticket.id}", status_code=303)
     return render(request, "_job.html", {"job": job_view(muse, ticket)}, 201)
@@ -137,7 +234,7 @@ async def show_job(request: Request) -> Response:
     ticket = muse.job(request.path_params["id"], viewer_of(request))
     if is_fragment(request):
         return render(request, "_job.html", {"job": job_view(muse, ticket)})
-    form = FormValues.from_request(ticket.request, muse.model, keep_seed=False)
+    form = FormValues.from_request(ticket.request, muse.model, keep_seed=False, job=ticket.id)
     return render(request, "studio.html", studio_context(request, form) | {"jobs": [job_view(muse, ticket)]})
 
 
@@ -166,11 +263,22 @@ async def job_image(request: Request) -> Response:
     return Response(image.png, media_type="image/png", headers=headers)
 
 
+@friendly
+async def job_picture(request: Request) -> Response:
+    """The picture a job started from, as its worker got it (fitted to the job's size): the form's thumbnail
+    when it starts from that picture again."""
+    source = service(request).job(request.path_params["id"], viewer_of(request)).request.source
+    if source is None:
+        raise NotFound("this job started from text, not a picture", param="id")
+    return Response(source.image, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
 routes: list[BaseRoute] = [
     Route("/", studio, methods=["GET"], name="studio"),
     Route("/jobs", create_job, methods=["POST"], name="create_job"),
     Route("/jobs/{id}", show_job, methods=["GET"], name="job"),
     Route("/jobs/{id}/cancel", cancel_job, methods=["POST"], name="cancel_job"),
     Route("/jobs/{id}/images/{index}.png", job_image, methods=["GET"], name="job_image"),
+    Route("/jobs/{id}/picture.png", job_picture, methods=["GET"], name="job_picture"),
     *gallery_pages.routes,
 ]

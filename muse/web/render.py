@@ -8,6 +8,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -15,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from muse.errors import MuseError
+from muse.errors import InvalidRequest, MuseError, NotFound
 from muse.http.auth import viewer_of
 from muse.http.common import service
 from muse.storage import Gallery
@@ -67,6 +68,11 @@ def download_name(prompt: str, seed: int) -> str:
     return f"{slug or 'muse'}-{seed}.png"
 
 
+def file_size(count: int) -> str:
+    """As a picture over --max-upload is refused (muse.pictures), so the hint and the error say the same."""
+    return f"{count / (1 << 20):g} MiB" if count >= 1 << 20 else f"{count:,} bytes"
+
+
 def content_disposition(filename: str) -> str:
     # Old clients read `filename` (ASCII only); current ones prefer the UTF-8 `filename*`.
     ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "-", filename).strip("-") or "image.png"
@@ -74,7 +80,7 @@ def content_disposition(filename: str) -> str:
 
 
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
-templates.env.filters.update(duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time)
+templates.env.filters.update(duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time, file_size=file_size)
 templates.env.globals.update(
     htmx_version=HTMX_VERSION,
     htmx_cdn=HTMX_CDN,
@@ -117,21 +123,68 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
     return response
 
 
+@dataclass(frozen=True)
+class PictureView:
+    """The picture the form starts from when it names one (not an upload), as its thumbnail shows it."""
+
+    url: str
+    width: int
+    height: int
+    caption: str
+
+
+def picked_picture(request: Request, form: FormValues) -> PictureView:
+    """The picture `form` names, if this viewer may see it; InvalidRequest naming the picture field if not."""
+    viewer = viewer_of(request)
+    if form.init_id:
+        gallery = gallery_of(request)
+        image = None if gallery is None else gallery.get(form.init_id, viewer.owner_filter)
+        if image is None:
+            raise InvalidRequest("init_image: no such image in the gallery (deleted?)", param="init_image")
+        return PictureView(f"/gallery/{image.id}.png", image.width, image.height, "From the gallery")
+    try:
+        ticket = service(request).job(form.init_job, viewer)
+    except NotFound:
+        ticket = None
+    if ticket is None or ticket.request.source is None:
+        raise InvalidRequest(
+            "init_image: the job this picture came from is gone (finished more than the job TTL ago): "
+            "choose the picture again",
+            param="init_image",
+        )
+    request_ = ticket.request
+    return PictureView(f"/jobs/{ticket.id}/picture.png", request_.width, request_.height, "The picture it started from")
+
+
 def studio_context(request: Request, form: FormValues) -> dict[str, Any]:
     gallery = gallery_of(request)
-    return {
+    model = service(request).model
+    context: dict[str, Any] = {"picture": None}
+    if form.picked and model.image_inputs:
+        try:
+            context["picture"] = picked_picture(request, form)
+        except MuseError as error:
+            # The rest of the form still stands: shown without the picture, and the card says why.
+            form = form.without_picture()
+            context["problem"] = problem(error)
+    return context | {
         "form": form,
-        "sizes": size_options(service(request).model),
-        "samplers": sampler_options(service(request).model),
+        "sizes": size_options(model),
+        "samplers": sampler_options(model),
         "recent": [] if gallery is None else gallery.page(limit=RECENT, owner=viewer_of(request).owner_filter).images,
         "jobs": [],
+        "max_upload": model.cost_limits.max_upload,
     }
 
 
-def problem_response(request: Request, error: MuseError, form: FormValues | None = None) -> Response:
-    """The error as a card: alone for HTMX; in the studio (form refilled) or on its own page otherwise."""
+def problem_response(
+    request: Request, error: MuseError, form: FormValues | None = None, *, retry: bool = True
+) -> Response:
+    """The error as a card: alone for HTMX; in the studio (form refilled) or on its own page otherwise.
+    `retry`: whether the card may offer to send `form` again (not when a file came with it: a form of hidden
+    fields cannot carry one)."""
     shown = problem(error)
-    context: dict[str, Any] = {"problem": shown, "retry_form": form if shown.retryable else None}
+    context: dict[str, Any] = {"problem": shown, "retry_form": form if shown.retryable and retry else None}
     if is_fragment(request):
         return render(request, "_problem.html", context, shown.status)
     if form is not None:

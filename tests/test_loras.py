@@ -147,3 +147,24 @@ def test_the_cache_unloads_the_least_recently_used_adapter_no_image_uses(tiny_mo
     loras.evict(in_use={"glow"})
     assert list(loras.loaded) == ["glow"]
     assert all("ink" not in name for name in loaded.pipe.unet.peft_config), "unloaded from the model"
+
+
+def test_a_file_deleted_while_its_images_run_leaves_them_as_they_were(
+    tiny_model: str, folder: Path, tmp_path: Path
+) -> None:
+    """Once loaded the adapter is in memory: deleting its file mid-image changes nothing for that image (a new
+    request for it is refused by the parent, which lists the folder as it is; a worker asked to read it again
+    fails that request by name: the "missing" case above)."""
+    import shutil
+
+    shutil.copy(folder / "ink.safetensors", tmp_path / "brief.safetensors")
+    loaded = load_pipeline(tiny_model, "cpu")
+    loaded.loras = RowLoras(loaded.pipe, str(tmp_path), cache=1)
+    ready(loaded, LoraUse("brief"))
+    engine = StepEngine(loaded, loras=loaded.loras)
+    engine.admit([request("brief", 2, LoraUse("brief", 0.8))])
+    engine.step()
+    (tmp_path / "brief.safetensors").unlink()
+    images = run(engine, {})
+    expected = alone(tiny_model, folder, request("x", 2, LoraUse("ink", 0.8)))
+    assert np.abs(images["brief"] - expected).max() <= TOLERANCE

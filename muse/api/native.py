@@ -69,6 +69,7 @@ def job_json(muse: Muse, ticket: Ticket) -> dict[str, Any]:
         "prompt": ticket.request.prompt,
         "seed": ticket.request.seed,
         "n": ticket.request.n,
+        "loras": [{"name": use.name, "scale": use.scale} for use in ticket.request.loras],
         "created": ticket.created,
     }
     if ticket.result is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlencode
@@ -15,7 +15,7 @@ from PIL import Image
 
 from muse import pictures
 from muse.errors import InvalidRequest, MuseError
-from muse.messages import GenerateRequest
+from muse.messages import GenerateRequest, LoraUse
 from muse.model_info import ModelInfo
 from muse.schema import DEFAULT_STRENGTH, GenerateBody, Picture, validate
 from muse.words import Kind, in_words
@@ -38,6 +38,10 @@ LABELS = {
     "init_image": "Picture",
     "mask_image": "Picture",
     "strength": "Strength",
+    "loras": "LoRA",
+    # The form sends one adapter, so the API's checks of its fields name the first.
+    "loras.0.name": "LoRA",
+    "loras.0.scale": "LoRA",
 }
 
 # A picture meets a Size it does not fit by being scaled to cover it and cropped in the middle (A1111's
@@ -61,6 +65,9 @@ class FormValues:
     scheduler: str = ""
     n: str = "1"
     strength: str = ""  # only read with a picture
+    # One adapter from --lora-dir (blank: none) and its scale (blank: 1); more go in the prompt as <lora:…> tags.
+    lora: str = ""
+    lora_scale: str = ""
     # The picture to start from when it is not uploaded: a gallery image's id, or the job whose picture to
     # start from again ("Generate again", "Reuse seed" on an image made from a picture).
     init_id: str = ""
@@ -77,7 +84,7 @@ class FormValues:
         quality = next((q for q in ("fast", "quality") if model.steps_for(q) == request.steps), None)
         native = (request.width, request.height) == (model.width, model.height)
         return cls(
-            prompt=request.prompt,
+            **adapter_fields(request.prompt, request.loras),
             negative_prompt=request.negative_prompt,
             quality=quality or "fast",
             steps="" if quality else str(request.steps),
@@ -107,6 +114,7 @@ class FormValues:
                 self.size,
                 self.guidance_scale,
                 self.n not in ("", "1"),
+                self.lora,
                 self.init_id,
                 self.init_job,
             )
@@ -147,6 +155,9 @@ class FormValues:
             data["scheduler"] = scheduler
         if guidance := self.guidance_scale.strip():
             data["guidance_scale"] = _number("guidance_scale", guidance)
+        if lora := self.lora.strip():
+            scale = _number("loras", self.lora_scale) if self.lora_scale.strip() else 1.0
+            data["loras"] = [{"name": lora, "scale": scale}]
         if size := self.size.strip():
             width, _, height = size.lower().partition("x")
             data["width"], data["height"] = _integer("size", width), _integer("size", height)
@@ -162,6 +173,20 @@ class FormValues:
             strength_value = body.strength if body.strength is not None else DEFAULT_STRENGTH
             picture = Picture(image, mask, strength_value, resize_mode=CROP)
         return body.to_request(model, picture=picture)
+
+
+def adapter_fields(prompt: str, uses: Sequence[LoraUse]) -> dict[str, str]:
+    """The Prompt, LoRA and LoRA scale fields that ask for `prompt` with these adapters again: the first in the
+    LoRA control, the others as tags after the prompt. The API takes the `loras` field's adapters before the
+    prompt's tags (GenerateBody.adapters), so the form sends the same adapters in the same order."""
+    if not uses:
+        return {"prompt": prompt}
+    first, *others = uses
+    return {
+        "prompt": " ".join([prompt, *(use.tag for use in others)]),
+        "lora": first.name,
+        "lora_scale": "" if first.scale == 1 else f"{first.scale:g}",
+    }
 
 
 def _integer(name: str, value: str) -> int:
@@ -259,11 +284,16 @@ CARDS = {
 }
 
 
+def in_sentence(label: str) -> str:
+    """A label inside a sentence: "the negative prompt", but "the LoRA" (a name that keeps its capitals)."""
+    return label if any(c.isupper() for c in label[1:]) else label.lower()
+
+
 def problem(error: MuseError) -> Problem:
     words = in_words(error, LABELS)
     message = words.detail[:1].upper() + words.detail[1:]
     if words.kind is Kind.INVALID:
-        title = f"Check the {words.field.lower()}" if words.field else "Can't generate that"
+        title = f"Check the {in_sentence(words.field)}" if words.field else "Can't generate that"
         return Problem(title, message, "error", error.status, field=words.field)
     title, tone = CARDS.get(words.kind, ("Something went wrong", "error"))
     return Problem(title, message, tone, error.status, retry_after=words.retry_after, retryable=words.retryable)

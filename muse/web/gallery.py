@@ -9,8 +9,9 @@ from starlette.routing import BaseRoute, Route
 from muse.errors import Forbidden, NotFound
 from muse.http.auth import viewer_of
 from muse.links import LinkSigner
+from muse.schema import split_tags
 from muse.storage import Gallery, GalleryImage
-from muse.web.forms import FormValues
+from muse.web.forms import FormValues, adapter_fields
 from muse.web.render import content_disposition, download_name, friendly, gallery_of, is_fragment, render, service
 
 PAGE_SIZE = 24
@@ -36,7 +37,7 @@ def reuse_query(request: Request, image: GalleryImage) -> str:
     model = service(request).model
     native = (image.width, image.height) == (model.width, model.height)
     return FormValues(
-        prompt=image.prompt,
+        **adapter_fields(image.prompt, split_tags(image.loras)[1]),
         negative_prompt=image.negative_prompt,
         steps=str(image.steps),
         seed=str(image.seed),
@@ -64,6 +65,7 @@ async def image_page(request: Request) -> Response:
     context = {
         "image": image,
         "filename": download_name(image.prompt, image.seed),
+        "loras": split_tags(image.loras)[1],  # stored as the A1111 tags its PNG carries
         "reuse": reuse_query(request, image),
         "start_from": (
             FormValues.starting_from(image.id, image.prompt, image.negative_prompt).query()

@@ -7,7 +7,7 @@ import functools
 import logging
 import re
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +19,7 @@ from starlette.templating import Jinja2Templates
 from muse.errors import InvalidRequest, MuseError, NotFound
 from muse.http.auth import viewer_of
 from muse.http.common import service
+from muse.messages import LoraUse
 from muse.storage import Gallery
 from muse.web.assets import HTMX_CDN, HTMX_INTEGRITY, HTMX_VERSION, SSE_CDN, SSE_INTEGRITY, TEMPLATES_DIR
 from muse.web.forms import FormValues, problem, sampler_options, size_options
@@ -73,6 +74,11 @@ def file_size(count: int) -> str:
     return f"{count / (1 << 20):g} MiB" if count >= 1 << 20 else f"{count:,} bytes"
 
 
+def adapters(uses: Sequence[LoraUse]) -> str:
+    """`ink 0.8, glow 1`: a request's LoRAs as its card and its gallery page list them."""
+    return ", ".join(f"{use.name} {use.scale:g}" for use in uses)
+
+
 def content_disposition(filename: str) -> str:
     # Old clients read `filename` (ASCII only); current ones prefer the UTF-8 `filename*`.
     ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "-", filename).strip("-") or "image.png"
@@ -80,7 +86,9 @@ def content_disposition(filename: str) -> str:
 
 
 templates = Jinja2Templates(directory=TEMPLATES_DIR)
-templates.env.filters.update(duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time, file_size=file_size)
+templates.env.filters.update(
+    duration=duration, eta=eta, timestamp=timestamp, iso_time=iso_time, file_size=file_size, adapters=adapters
+)
 templates.env.globals.update(
     htmx_version=HTMX_VERSION,
     htmx_cdn=HTMX_CDN,

@@ -60,8 +60,12 @@ class LoraUse:
         return f"<lora:{self.name}:{self.scale:g}>"
 
 
-def denoising_steps(steps: int, strength: float) -> int:
-    """The steps a request starting from a picture runs, as diffusers' img2img pipelines count them."""
+def denoising_steps(steps: int, strength: float, flow: bool = False) -> int:
+    """The steps a request starting from a picture runs, as diffusers' img2img pipelines count them. SD's round
+    the steps the strength runs down; the flow-matching ones (FLUX.1, SD3.x: `flow`) round the steps it skips
+    down, so they run one more where `steps * strength` is not whole, and at least one for any strength."""
+    if flow:
+        return steps - int(max(steps - steps * strength, 0))
     return min(int(steps * strength), steps)
 
 

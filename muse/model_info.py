@@ -115,9 +115,16 @@ FAMILIES: dict[str, Family] = {
         "sdxl", "Stable Diffusion XL", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True, takes_loras=True
     ),
     "FluxPipeline": Family(
-        "flux", "FLUX.1", 3.5, 28, negative_prompt=False, own_sampler_only=True, default_sample_size=128
+        "flux",
+        "FLUX.1",
+        3.5,
+        28,
+        negative_prompt=False,
+        own_sampler_only=True,
+        default_sample_size=128,
+        image_inputs=True,
     ),
-    "StableDiffusion3Pipeline": Family("sd3", "Stable Diffusion 3", 7.0, 28, own_sampler_only=True),
+    "StableDiffusion3Pipeline": Family("sd3", "Stable Diffusion 3", 7.0, 28, own_sampler_only=True, image_inputs=True),
     "StableDiffusionInpaintPipeline": Family(
         "sd-inpaint",
         "Stable Diffusion inpainting",
@@ -127,6 +134,9 @@ FAMILIES: dict[str, Family] = {
         takes_loras=True,
     ),
 }
+# Families whose pipelines are flow matching: a picture's strength cuts their steps their own way
+# (muse.messages.denoising_steps).
+FLOW_FAMILIES = frozenset({"flux", "sd3"})
 # A FluxPipeline whose transformer embeds no guidance (FLUX.1 schnell): guidance does nothing, 4 steps suffice.
 SCHNELL = replace(FAMILIES["FluxPipeline"], label="FLUX.1 schnell", guidance_scale=0.0, steps=4, uses_guidance=False)
 
@@ -172,6 +182,10 @@ class ModelInfo:
     # Sampler names a request may pick besides the model's own (which "" or "default" asks for).
     samplers: tuple[str, ...] = tuple(SCHEDULERS)
     prompts: Prompts = field(default=GENERIC_PROMPTS)
+
+    @property
+    def flow_matching(self) -> bool:
+        return self.family in FLOW_FAMILIES
 
     @property
     def cost_limits(self) -> Limits:

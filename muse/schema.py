@@ -226,10 +226,10 @@ def start_from(
             dialect,
             "init_image",
             f"this model ({model.label}, {model.pipeline or 'its pipeline'}) starts from text only here; "
-            "img2img and inpainting serve Stable Diffusion 1.x/2.x and SDXL models",
+            "img2img and inpainting serve Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3.x models",
             "unsupported_by_model",
         )
-    if denoising_steps(steps, picture.strength) < 1:
+    if denoising_steps(steps, picture.strength, model.flow_matching) < 1:
         raise refusal(
             dialect,
             "strength",

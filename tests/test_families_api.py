@@ -261,19 +261,32 @@ def test_validation_refuses_what_the_family_cannot_do(tiny_flux_model: str, tiny
             assert request_for(model, scheduler=name).scheduler == ""
 
 
-def test_stable_diffusion_and_sdxl_start_from_a_picture_flux_and_sd3_do_not(
-    tiny_model: str, tiny_sdxl_model: str, tiny_flux_model: str, tiny_sd3_model: str
-) -> None:
+def red_picture() -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
-    picture = base64.b64encode(buffer.getvalue()).decode()
-    for model in (tiny_model, tiny_sdxl_model):
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_sd_sdxl_flux_and_sd3_start_from_a_picture_other_pipelines_do_not(
+    tiny_model: str, tiny_sdxl_model: str, tiny_flux_model: str, tiny_sd3_model: str, tmp_path: Path
+) -> None:
+    picture = red_picture()
+    for model in (tiny_model, tiny_sdxl_model, tiny_flux_model, tiny_sd3_model):
         assert request_for(info(model), init_image=picture).source is not None
-    for model in (tiny_flux_model, tiny_sd3_model):
-        with pytest.raises(InvalidRequest) as refused:
-            request_for(info(model), init_image=picture)
-        assert (refused.value.param, refused.value.status) == ("init_image", 422)
-        assert "text only" in refused.value.message
+    # A pipeline Muse only runs whole calls of: its img2img twin is unknown.
+    other = write_folder(tmp_path / "pixart", "PixArtAlphaPipeline", ("transformer", {"sample_size": 128}))
+    with pytest.raises(InvalidRequest) as refused:
+        request_for(info(other), init_image=picture)
+    assert (refused.value.param, refused.value.status) == ("init_image", 422)
+    assert "text only" in refused.value.message and "FLUX.1 and SD3.x" in refused.value.message
+
+
+def test_flow_models_cut_a_pictures_steps_their_own_way(tiny_model: str, tiny_flux_model: str) -> None:
+    """0.05 x 10 steps runs none in SD's img2img pipelines (refused), one in the flow-matching ones."""
+    body = {"init_image": red_picture(), "strength": 0.05, "steps": 10}
+    with pytest.raises(InvalidRequest, match="runs no step"):
+        request_for(info(tiny_model), **body)
+    assert request_for(info(tiny_flux_model), **body).source.strength == 0.05
 
 
 def test_slack_names_its_own_option(tiny_flux_model: str) -> None:

@@ -126,14 +126,15 @@ def tiny_flux(guidance_embeds: bool = True) -> Any:
 
 
 def tiny_sd3() -> Any:
+    """SD3's 16 latent channels: diffusers' SD3 inpaint pipeline takes no other (it reads 16 as SD3's shape)."""
     tokenizer = _tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=WIDTH, joint_attention_dim=WIDTH, pooled_projection_dim=2 * WIDTH, out_channels=4,
+        sample_size=32, patch_size=1, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=WIDTH, joint_attention_dim=WIDTH, pooled_projection_dim=2 * WIDTH, out_channels=16,
     )  # fmt: skip
     clip = _clip(tokenizer)
     return StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(4, flow=True),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(16, flow=True),
         text_encoder=CLIPTextModelWithProjection(clip), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tokenizer,
         text_encoder_3=_t5(tokenizer), tokenizer_3=tokenizer, transformer=transformer,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from muse.messages import StepKey, denoising_steps
+from muse.messages import StepKey
 from muse.worker.families import family_for, supports
 from muse.worker.families.base import Blend, Conditioning, Family, guided_rows
 from muse.worker.fastpath import CompiledUNet, ShapeCompiled, bucket_for
@@ -239,12 +239,11 @@ class StepEngine:
         self.slots.extend(admitted)
         return admitted
 
-    @staticmethod
-    def _skip(scheduler: Any, request: SlotRequest) -> int:
+    def _skip(self, scheduler: Any, request: SlotRequest) -> int:
         """The timesteps a picture's strength skips, as diffusers' img2img pipelines cut them (their
         `get_timesteps`), with the scheduler told where it begins."""
         assert request.source is not None
-        runs = denoising_steps(request.steps, request.source.strength)
+        runs = self.family.denoising_steps(request.steps, request.source.strength)
         skip = (request.steps - runs) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(skip)

@@ -2,9 +2,10 @@
 is the package, muse.worker.families).
 
 The engine (muse.worker.engine) knows slots, rows, guidance and samplers; a family knows its pipeline:
-how prompts become conditioning rows, what the starting noise looks like, how its scheduler is set up for
-an image, how its denoiser is called over many rows (one timestep per row), and how latents become
-pixels. Each is written from the pipeline's own `__call__`, so a slot gives the pixels `pipe(...)` gives.
+how prompts become conditioning rows, what the starting noise looks like (or the starting latents, for an
+image that starts from a picture), how its scheduler is set up for an image, how its denoiser is called over
+many rows (one timestep per row), and how latents become pixels. Each is written from the pipeline's own
+`__call__`, so a slot gives the pixels `pipe(...)` gives.
 
 Families on the step engine: SD 1.x/2.x and SDXL (UNet, muse.worker.families.sd), FLUX.1 and SD3.x
 (transformers with flow matching, muse.worker.families.flux and .sd3). Any other pipeline runs whole calls.
@@ -12,11 +13,14 @@ Families on the step engine: SD 1.x/2.x and SDXL (UNet, muse.worker.families.sd)
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from muse.worker.slots import SlotRequest
 
@@ -40,19 +44,22 @@ def guided_rows(negative: torch.Tensor, positive: torch.Tensor, guided: bool) ->
 
 @dataclass(eq=False)
 class Blend:
-    """Inpainting with a standard UNet, as diffusers' inpaint pipeline does it: after each step, where the mask
-    is black the latents are the picture's own, noised to the next timestep (exactly the picture's after
-    the last step)."""
+    """Inpainting with a standard denoiser, as diffusers' inpaint pipelines do it: after each step, where the
+    mask is black the latents are the picture's own, noised to the next timestep (exactly the picture's after
+    the last step). This one noises as the UNet pipelines do (`add_noise`); flow matching's twin is
+    muse.worker.families.flow.FlowBlend."""
 
-    mask: torch.Tensor  # (1, 1, h, w): 1 = repaint
+    mask: torch.Tensor  # laid out like the latents (SD's (1, 1, h, w)): 1 = repaint
     image_latents: torch.Tensor
     noise: torch.Tensor
 
     def apply(self, scheduler: Any, latents: torch.Tensor, next_timestep: Any | None) -> torch.Tensor:
-        kept = self.image_latents
-        if next_timestep is not None:
-            kept = scheduler.add_noise(kept, self.noise, torch.tensor([next_timestep]))
+        kept = self.image_latents if next_timestep is None else self.noised(scheduler, next_timestep)
         return (1 - self.mask) * kept + self.mask * latents
+
+    def noised(self, scheduler: Any, timestep: Any) -> torch.Tensor:
+        """The picture's latents noised to `timestep`."""
+        return scheduler.add_noise(self.image_latents, self.noise, torch.tensor([timestep]))
 
 
 @dataclass(eq=False)
@@ -79,6 +86,11 @@ class Family(Protocol):
 
     def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
         """The image's starting latents, `(1, …)`: the draws `prepare_latents` makes from its generator."""
+        ...
+
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """The steps an image starting from a picture runs, as the family's img2img pipelines cut them by the
+        strength (muse.messages.denoising_steps)."""
         ...
 
     def start(
@@ -110,15 +122,20 @@ class Family(Protocol):
         ...
 
 
-class TextOnly:
-    """For a family that starts every image from noise (the parent refuses pictures for it before queueing)."""
+def mask_processor(scale: int) -> VaeImageProcessor:
+    """What the inpaint pipelines make of a mask: grayscale in [0, 1], then 0 or 1, at a multiple of `scale`
+    (their image processor's)."""
+    return VaeImageProcessor(vae_scale_factor=scale, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
 
-    takes_images = False
 
-    def start(
-        self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
-    ) -> Start:
-        raise ValueError(f"{type(self).__name__} starts images from text only, not from a picture")
+def source_picture(processor: VaeImageProcessor, request: SlotRequest) -> torch.Tensor:
+    """The request's picture as the pipelines preprocess it: (1, 3, H, W) float32 in [-1, 1], on the CPU."""
+    assert request.source is not None
+    image = Image.open(io.BytesIO(request.source.image)).convert("RGB")
+    return processor.preprocess(image, height=request.height, width=request.width)
 
-    def extra_inputs(self, request: SlotRequest, generator: torch.Generator, dtype: Any) -> dict[str, torch.Tensor]:
-        return {}
+
+def source_mask(processor: VaeImageProcessor, request: SlotRequest) -> torch.Tensor:
+    """The request's mask as `mask_processor` makes it: (1, 1, H, W) float32, 1 = repaint, on the CPU."""
+    assert request.source is not None and request.source.mask is not None
+    return processor.preprocess(Image.open(io.BytesIO(request.source.mask)), height=request.height, width=request.width)

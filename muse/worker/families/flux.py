@@ -1,7 +1,8 @@
 """FLUX.1 on the step engine: packed latents (2x2 patches as tokens, with their image ids), one transformer
 call over every slot's rows with its own timestep and, for guidance-distilled models (dev), its own
 embedded guidance; no classifier-free guidance rows (a negative prompt is refused before it gets here).
-Each slot's flow-matching schedule is shifted by its image's size (`mu`), as FluxPipeline does."""
+Each slot's flow-matching schedule is shifted by its image's size (`mu`), as FluxPipeline does (and its
+img2img and inpaint pipelines, whose start from a picture is muse.worker.families.flow.FlowPictures)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families.base import Conditioning, TextOnly, VaeDecode
-from muse.worker.families.flow import decode_flow, is_flow, shift
+from muse.worker.families.base import Conditioning, VaeDecode
+from muse.worker.families.flow import FlowPictures, decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
 
 
-class FluxFamily(TextOnly):
+class FluxFamily(FlowPictures):
     name = "flux"
 
     def __init__(self, pipe: Any) -> None:
@@ -67,7 +68,12 @@ class FluxFamily(TextOnly):
     def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
         height, width = self._latent_size(request.width, request.height)
         latents = randn_tensor((1, self.channels, height, width), generator=generator, device=self.device, dtype=dtype)
-        return self.pipe._pack_latents(latents, 1, self.channels, height, width)
+        return self.pack(latents)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(1, C, h, w) latents as 2x2 patches, (1, h/2 * w/2, 4C): FluxPipeline's `_pack_latents`."""
+        _, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, 1, channels, height, width)
 
     def _ids(self, size: tuple[int, int], dtype: Any) -> torch.Tensor:
         if size not in self._image_ids:

@@ -3,16 +3,23 @@ also takes the pooled text embeddings and the size conditioning per row."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
-from muse.worker.families.base import Blend, Conditioning, Start, VaeDecode, guided_rows
+from muse.messages import denoising_steps
+from muse.worker.families.base import (
+    Blend,
+    Conditioning,
+    Start,
+    VaeDecode,
+    guided_rows,
+    mask_processor,
+    source_mask,
+    source_picture,
+)
 from muse.worker.slots import SlotRequest
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -34,10 +41,7 @@ class StableDiffusionFamily:
         self.inpainting = pipe.unet.config.in_channels == 9
         self.latent_channels = pipe.vae.config.latent_channels if self.inpainting else pipe.unet.config.in_channels
         self.takes_images = True
-        # What StableDiffusionInpaintPipeline makes of a mask: grayscale in [0, 1], then 0 or 1.
-        self.masks = VaeImageProcessor(
-            vae_scale_factor=pipe.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-        )
+        self.masks = mask_processor(pipe.vae_scale_factor)  # StableDiffusionInpaintPipeline's
 
     @staticmethod
     def knows(pipe: Any) -> bool:
@@ -97,6 +101,9 @@ class StableDiffusionFamily:
         shape = (1, self.latent_channels, request.height // scale, request.width // scale)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype) * scheduler.init_noise_sigma
 
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        return denoising_steps(steps, strength)
+
     def start(
         self, request: SlotRequest, scheduler: Any, first_timestep: Any, generator: torch.Generator, dtype: Any
     ) -> Start:
@@ -117,7 +124,7 @@ class StableDiffusionFamily:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(image_latents, noise, first_timestep)
-        mask = self.masks.preprocess(Image.open(io.BytesIO(source.mask)), height=request.height, width=request.width)
+        mask = source_mask(self.masks, request)
         self._encode(picture * (mask < 0.5).to(picture.dtype), generator)  # its draws only (see above)
         scale = pipe.vae_scale_factor
         mask = torch.nn.functional.interpolate(mask, size=(request.height // scale, request.width // scale))
@@ -158,7 +165,7 @@ class StableDiffusionFamily:
         height, width = request.height, request.width
         source = request.source
         if source is not None and source.mask is not None:
-            mask = self.masks.preprocess(Image.open(io.BytesIO(source.mask)), height=height, width=width)
+            mask = source_mask(self.masks, request)
         else:
             mask = torch.ones(1, 1, height, width)
         picture = self._picture(request, dtype) if source is not None else torch.zeros(1, 3, height, width)
@@ -170,10 +177,7 @@ class StableDiffusionFamily:
 
     def _picture(self, request: SlotRequest, dtype: Any) -> torch.Tensor:
         """The request's picture as the pipelines preprocess it: (1, 3, H, W) in [-1, 1] on the device."""
-        assert request.source is not None
-        image = Image.open(io.BytesIO(request.source.image)).convert("RGB")
-        picture = self.pipe.image_processor.preprocess(image, height=request.height, width=request.width)
-        return picture.to(device=self.device, dtype=dtype)
+        return source_picture(self.pipe.image_processor, request).to(device=self.device, dtype=dtype)
 
     def _encode(self, picture: torch.Tensor, generator: torch.Generator, statistics: bool = False) -> torch.Tensor:
         """The VAE's latents for a picture in [-1, 1] (a sample, drawn from the generator), scaled as the

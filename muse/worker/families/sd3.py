@@ -1,6 +1,7 @@
 """Stable Diffusion 3.x on the step engine: a joint-attention transformer over CLIP-L, CLIP-G and T5 text
 (pooled projections per row), classifier-free guidance rows as SD's, a flow-matching schedule (shifted by
-the image's size only when the scheduler asks for dynamic shifting, as StableDiffusion3Pipeline does)."""
+the image's size only when the scheduler asks for dynamic shifting, as StableDiffusion3Pipeline does), and
+pictures started as its img2img and inpaint pipelines start them (muse.worker.families.flow.FlowPictures)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from muse.worker.families.base import Conditioning, TextOnly, VaeDecode, guided_rows
-from muse.worker.families.flow import decode_flow, is_flow, shift
+from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
+from muse.worker.families.flow import FlowPictures, decode_flow, is_flow, shift
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 
 
-class SD3Family(TextOnly):
+class SD3Family(FlowPictures):
     name = "sd3"
 
     def __init__(self, pipe: Any) -> None:
@@ -48,20 +49,20 @@ class SD3Family(TextOnly):
             conditioning.append(Conditioning(rows, guided))
         return conditioning
 
-    def _latent_size(self, request: SlotRequest) -> tuple[int, int]:
+    def _latent_size(self, width: int, height: int) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor
-        return request.height // scale, request.width // scale
+        return height // scale, width // scale
 
     def schedule(self, scheduler: Any, request: SlotRequest) -> None:
         kwargs: dict[str, Any] = {}
         if scheduler.config.get("use_dynamic_shifting"):
             patch = self.pipe.transformer.config.patch_size
-            height, width = self._latent_size(request)
+            height, width = self._latent_size(request.width, request.height)
             kwargs["mu"] = shift(scheduler, (height // patch) * (width // patch), 1.16)
         scheduler.set_timesteps(request.steps, device=self.device, **kwargs)
 
     def noise(self, request: SlotRequest, scheduler: Any, generator: torch.Generator, dtype: Any) -> torch.Tensor:
-        shape = (1, self.pipe.transformer.config.in_channels, *self._latent_size(request))
+        shape = (1, self.pipe.transformer.config.in_channels, *self._latent_size(request.width, request.height))
         return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
 
     def predict(

@@ -251,6 +251,14 @@ def _row_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
         return result
     if plan.rows is not None and x.shape[0] != plan.rows:
         raise RuntimeError(f"LoRA layer {type(self.base_layer).__name__} saw {x.shape[0]} rows, not {plan.rows}")
+    stacked = _stacked(self, plan)
+    if stacked is not None:
+        down, weights, up = stacked
+        part = x if x.dtype == down.dtype else x.to(down.dtype)
+        hidden = torch.nn.functional.linear(part, down)
+        hidden = hidden.mul_(weights.view(weights.shape[0], *([1] * (hidden.dim() - 2)), weights.shape[1]))
+        delta = torch.nn.functional.linear(hidden, up)
+        return result.add_(delta if delta.dtype == result.dtype else delta.to(result.dtype))
     for adapter, scale, rows in plan.groups:
         if adapter not in self.lora_A:
             continue  # this adapter does not touch this layer
@@ -264,6 +272,39 @@ def _row_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
             delta = delta.to(result.dtype)
         result = result.add_(delta) if rows is None else result.index_add_(0, rows, delta)
     return result
+
+
+def _stacked(layer: Any, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For a linear layer and a plan that splits the rows among adapters: every adapter's down-projection
+    stacked (r1 + r2 + … ranks), each call row's weight on each stacked rank (its adapters' scales there, 0
+    elsewhere) and the up-projections side by side. Two matmuls then give every row its own adapters' deltas:
+    ranks are small, so computing all of them for every row costs less than a gather, two small matmuls and a
+    scatter per adapter (a quarter of a step, measured with four adapters in eight images). Kept on the layer
+    while the plan lasts (a batch's plan lasts until a slot joins or leaves)."""
+    cached = getattr(layer, "_muse_stacked", None)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    groups = [(adapter, scale, rows) for adapter, scale, rows in plan.groups if adapter in layer.lora_A]
+    names = list(dict.fromkeys(adapter for adapter, _, _ in groups))
+    stacked = None
+    plain = all(
+        isinstance(part, torch.nn.Linear) and part.bias is None
+        for a in names
+        for part in (layer.lora_A[a], layer.lora_B[a])
+    )
+    split = any(rows is not None for _, _, rows in groups)
+    if plan.rows is not None and split and plain and isinstance(layer.base_layer, torch.nn.Linear):
+        downs = [layer.lora_A[a].weight for a in names]
+        offsets, total = {}, 0
+        for adapter, down in zip(names, downs, strict=True):
+            offsets[adapter], total = total, total + down.shape[0]
+        weights = torch.zeros(plan.rows, total, dtype=downs[0].dtype, device=downs[0].device)
+        for adapter, scale, rows in groups:
+            ranks = slice(offsets[adapter], offsets[adapter] + layer.lora_A[adapter].weight.shape[0])
+            weights[slice(None) if rows is None else rows, ranks] += layer.scaling[adapter] * scale
+        stacked = (torch.cat(downs), weights, torch.cat([layer.lora_B[a].weight for a in names], dim=1))
+    layer._muse_stacked = (plan, stacked)
+    return stacked
 
 
 def failure(assignment_id: str, exc: BaseException) -> Failure:

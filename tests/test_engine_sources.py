@@ -17,6 +17,7 @@ from muse.config import EMBEDDED_MODEL
 from muse.messages import SourceImage
 from muse.worker.engine import SlotRequest, StepEngine
 from muse.worker.pipeline import LoadedPipeline, load_pipeline
+from tests.test_engine import run
 
 TOLERANCE = 2  # of 255
 
@@ -97,18 +98,6 @@ def plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
     finally:
         loaded.use_scheduler("")
     return np.asarray(image, dtype=np.int16)
-
-
-def run(engine: StepEngine, joins: dict[int, list[SlotRequest]]) -> dict[str, np.ndarray]:
-    images: dict[str, np.ndarray] = {}
-    step = 0
-    while step in joins or engine.slots or any(k > step for k in joins):
-        engine.admit(joins.get(step, []))
-        finished = engine.step()
-        for slot, image in zip(finished, engine.decode(finished), strict=True):
-            images[slot.request.slot_id] = np.asarray(image, dtype=np.int16)
-        step += 1
-    return images
 
 
 def worst(a: np.ndarray, b: np.ndarray) -> int:

@@ -19,6 +19,7 @@ from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
 from muse.worker.engine import SlotRequest, StepEngine
 from muse.worker.loras import LoraError, RowLoras, failure
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
+from tests.test_engine import run
 
 TOLERANCE = 2
 SIDE = 64
@@ -75,18 +76,6 @@ def alone(tiny_model: str, folder: Path, r: SlotRequest) -> np.ndarray:
             **extra,
         ).images[0]
     return np.asarray(image, dtype=np.int16)
-
-
-def run(engine: StepEngine, joins: dict[int, list[SlotRequest]]) -> dict[str, np.ndarray]:
-    images: dict[str, np.ndarray] = {}
-    step = 0
-    while step in joins or engine.slots or any(k > step for k in joins):
-        engine.admit(joins.get(step, []))
-        finished = engine.step()
-        for slot, image in zip(finished, engine.decode(finished), strict=True):
-            images[slot.request.slot_id] = np.asarray(image, dtype=np.int16)
-        step += 1
-    return images
 
 
 def test_different_adapters_share_every_call_and_each_image_is_its_adapters(

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 import uvicorn
@@ -127,7 +127,11 @@ def settings(model: str, **overrides: Any) -> Settings:
     return Settings(**base)
 
 
-def metric(server: LiveServer, name: str) -> float:
+class Served(Protocol):
+    url: str
+
+
+def metric(server: Served, name: str) -> float:
     """One sample from /metrics, e.g. `muse_requests_total{outcome="cancelled"}`; 0 when absent."""
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + " "):

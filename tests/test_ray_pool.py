@@ -164,3 +164,34 @@ def test_an_actor_the_cluster_has_no_room_for_is_reported_pending(tiny_model: st
         )
         assert "1 worker(s) waiting for resources" in reason
         assert metric(server, 'muse_workers{state="pending"}') == 1
+
+
+def test_sigterm_drains_accepted_requests_and_exits_zero_as_the_local_pool_does(
+    tiny_model: str, cluster: Cluster
+) -> None:
+    """`muse serve --pool ray` stopped by SIGTERM (systemd, a Kubernetes pod ending) finishes what it accepted,
+    stops its actors and exits 0: Ray's own fatal-signal handler must not be the one that answers."""
+    import signal
+    import threading
+
+    from tests.process import serve_process
+
+    flags = ["--model", tiny_model, "--pool", "ray", "--ray-address", cluster.address, "--devices", "cpu,cpu"]
+    with serve_process(*flags, "--threads-per-worker", "1") as server:
+        results: list[int] = []
+
+        def call(i: int) -> None:
+            body = {"prompt": f"drain {i}", "steps": 40, "seed": i}
+            results.append(httpx.post(server.url + "/api/generate", json=body, timeout=300).status_code)
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for caller in callers:
+            caller.start()
+        accepted = ("muse_queue_images", "muse_inflight_images")
+        wait_for(lambda: sum(metric(server, name) for name in accepted) == 4, 60, 0.02, "4 accepted")
+        server.process.send_signal(signal.SIGTERM)
+        for caller in callers:
+            caller.join(300)
+        assert results == [200, 200, 200, 200], server.log.read_text()[-3000:]
+        assert server.process.wait(120) == 0, server.log.read_text()[-3000:]
+    assert "SIGTERM received" not in server.log.read_text()

@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from muse.messages import Exited, Placed
@@ -57,6 +59,23 @@ class ActorLink:
         self.kill()
 
 
+@contextlib.contextmanager
+def own_signals() -> Iterator[None]:
+    """Keep the server's SIGTERM and SIGINT handlers through `ray.init`: Ray's core worker installs a fatal-signal
+    handler for them (it prints "*** SIGTERM received ***" and aborts), which would kill a draining server with
+    its accepted requests. Ray's own shutdown does not need it: the pool stops its actors and disconnects."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a server runs its loop there
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 class RayPool(BasePool):
     def __init__(self, *, address: str, devices: Sequence[str], cpus_per_worker: float = 1.0, **kwargs: Any) -> None:
         super().__init__(devices=devices, threads_per_worker=max(1, int(cpus_per_worker)), **kwargs)
@@ -71,7 +90,8 @@ class RayPool(BasePool):
         from muse.worker.actor import WorkerActor
 
         if not ray.is_initialized():
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            with own_signals():
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             self._connected_here = True
         resources = ray.cluster_resources()
         for seat in self.seats:

@@ -37,6 +37,7 @@ class SourceImage:
     image: bytes
     strength: float
     mask: bytes | None = None
+    flow: bool = False  # the model's pipelines are flow matching: they cut the steps their own way
 
     @property
     def kind(self) -> str:
@@ -115,7 +116,8 @@ class GenerateRequest:
     @property
     def denoising_steps(self) -> int:
         """The steps it runs: fewer than `steps` when it starts from a picture at strength < 1."""
-        return self.steps if self.source is None else denoising_steps(self.steps, self.source.strength)
+        source = self.source
+        return self.steps if source is None else denoising_steps(self.steps, source.strength, source.flow)
 
     @property
     def step_key(self) -> StepKey:

@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -254,6 +254,7 @@ def start_from(
             picture.mask_blur,
             picture_param=dialect.name("init_image") or "init_image",
         )
+        source = replace(source, flow=model.flow_matching)  # what the queue's estimates count
     except pictures.PictureError as exc:
         raise refusal(dialect, exc.param, str(exc), "invalid_image") from None
     return source, size

@@ -287,6 +287,10 @@ def test_flow_models_cut_a_pictures_steps_their_own_way(tiny_model: str, tiny_fl
     with pytest.raises(InvalidRequest, match="runs no step"):
         request_for(info(tiny_model), **body)
     assert request_for(info(tiny_flux_model), **body).source.strength == 0.05
+    assert request_for(info(tiny_flux_model), **body).denoising_steps == 1, "what the queue's estimates count"
+    body["strength"] = 0.55
+    runs = [request_for(info(model), **body).denoising_steps for model in (tiny_model, tiny_flux_model)]
+    assert runs == [5, 6]
 
 
 def test_slack_names_its_own_option(tiny_flux_model: str) -> None:

@@ -8,8 +8,10 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from muse.config import Settings, check_backends, env_names
+from muse.datadir import DataDirError, DataDirLock
 
 log = logging.getLogger("muse")
 
@@ -85,9 +87,18 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = raise_fd_limit()
     log.debug("open files limit: %d", files)
-    app = create_app(settings)
-    server = DrainingServer(uvicorn_config(app, settings), app.state.muse)
-    server.run()
+    lock = DataDirLock(Path(settings.data_dir))
+    try:
+        if not settings.no_gallery:
+            lock.acquire()
+        app = create_app(settings)
+    except (DataDirError, OSError) as exc:
+        print(f"muse serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        DrainingServer(uvicorn_config(app, settings), app.state.muse).run()
+    finally:
+        lock.release()
     return 0
 
 

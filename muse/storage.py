@@ -24,6 +24,7 @@ import time
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
+from muse.datadir import DataDirError
 from muse.infotext import KEYWORD, Infotext, png_with_text
 from muse.messages import GenerateRequest, GenerateResult
 
@@ -143,15 +144,31 @@ class Gallery:
         # Built on one thread, used on the server's event loop thread: the lock serialises access.
         self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
-            for column, statement in MIGRATIONS.items():
-                if column not in columns:
-                    self._db.execute(statement)
-            self._db.execute(OWNER_INDEX)
+        try:
+            with self._lock:
+                self._open(database)
+        except (sqlite3.DatabaseError, DataDirError) as exc:
+            self._db.close()
+            raise DataDirError(
+                f"{database} is not a Muse gallery ({str(exc).splitlines()[0]}); it is left as it is: move it "
+                "away or choose another --data-dir"
+            ) from None
+
+    def _open(self, database: Path) -> None:
+        """Check the database is the gallery's (or empty) before anything is written to it, then bring its
+        schema up to date."""
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+        if tables and not {"id", "prompt", "seed"} <= columns:
+            raise DataDirError(f"another program's tables: {', '.join(sorted(tables)[:5])}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+        for column, statement in MIGRATIONS.items():
+            if column not in columns:
+                self._db.execute(statement)
+        self._db.execute(OWNER_INDEX)
 
     def close(self) -> None:
         with self._lock:

@@ -143,7 +143,7 @@ def test_scale_to_zero_and_cold_start(tiny_model: str) -> None:
 def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_path: Path) -> None:
     env = os.environ | {"MUSE_MODEL": tiny_model, "MUSE_DEVICES": "cpu", "MUSE_THREADS_PER_WORKER": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "muse", "serve", "--port", "0", "--log-level", "info"],
+        [sys.executable, "-m", "muse", "serve", "--port", "0", "--log-level", "info", "--data-dir", str(tmp_path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

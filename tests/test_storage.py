@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from muse.datadir import DataDirError, DataDirLock
 from muse.infotext import png_with_text
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
 from muse.storage import Gallery
@@ -228,3 +229,52 @@ def test_files_are_readable_by_their_owner_only_whatever_the_umask(tmp_path: Pat
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in made}
     gallery.close()
     assert modes == {p.name: oct(0o700 if p.is_dir() else 0o600) for p in made}
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign"])
+def test_a_database_that_is_not_the_gallerys_is_refused_in_one_line_and_left_as_it_is(
+    tmp_path: Path, kind: str
+) -> None:
+    database = tmp_path / "gallery.sqlite3"
+    if kind == "corrupt":
+        database.write_bytes(b"this is not a database, but somebody's file" * 100)
+    else:
+        with sqlite3.connect(database) as other:
+            other.execute("CREATE TABLE invoices (number INTEGER, total REAL)")
+    before = database.read_bytes()
+    with pytest.raises(DataDirError) as refused:
+        Gallery(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and str(database) in message and "not a Muse gallery" in message
+    assert ("invoices" in message) == (kind == "foreign")
+    assert database.read_bytes() == before, "never overwritten"
+
+
+def test_a_second_server_on_one_data_dir_is_refused_naming_the_lock_and_its_holder(tmp_path: Path) -> None:
+    first = DataDirLock(tmp_path).acquire()
+    try:
+        with pytest.raises(DataDirError) as refused:
+            DataDirLock(tmp_path).acquire()
+        assert f"pid {os.getpid()} holds {tmp_path / 'muse.lock'}" in str(refused.value)
+    finally:
+        first.release()
+    DataDirLock(tmp_path).acquire().release()  # the lock goes with its holder
+
+
+def test_muse_serve_on_a_data_dir_in_use_exits_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    held = DataDirLock(tmp_path).acquire()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "muse", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        held.release()
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("muse serve: error: ")
+    assert "in use by another Muse server" in run.stderr

@@ -128,9 +128,13 @@ def test_pick_an_adapter_and_generate(watched: Watched, server: LiveServer) -> N
     expect(card.locator(".params")).to_contain_text("LoRAink 0.8")
     assert stored_parameters(server, image).startswith("a red circle <lora:ink:0.8>")
 
+    # "Use as init image" keeps the adapter, on the card and on the image's gallery page.
+    use_as_init = re.compile(r"/\?.*init_id=.*lora=ink&lora_scale=0.8|/\?.*lora=ink&lora_scale=0.8.*init_id=")
+    assert use_as_init.search(card.get_by_role("link", name="Use as init image").get_attribute("href") or "")
     # The image's gallery page says so too, and its "Reuse seed" refills the control.
     image.click()
     expect(page.locator(".params")).to_contain_text("LoRAink 0.8")
+    assert use_as_init.search(page.get_by_role("link", name="Use as init image").get_attribute("href") or "")
     page.get_by_role("link", name="Reuse seed").click()
     page.wait_for_url(re.compile(r"/\?.*lora=ink"))
     expect(page.get_by_label("LoRA", exact=True)).to_have_value("ink")

@@ -98,10 +98,12 @@ class FormValues:
         )
 
     @classmethod
-    def starting_from(cls, image_id: str, prompt: str, negative_prompt: str) -> FormValues:
-        """A form that starts from a gallery image ("Use as init image"), with the prompt that made it: the seed
-        and size are left to the new image."""
-        return cls(prompt=prompt, negative_prompt=negative_prompt, init_id=image_id)
+    def starting_from(
+        cls, image_id: str, prompt: str, negative_prompt: str, uses: Sequence[LoraUse] = ()
+    ) -> FormValues:
+        """A form that starts from a gallery image ("Use as init image"), with the prompt and adapters that made
+        it: the seed and size are left to the new image."""
+        return cls(**adapter_fields(prompt, uses), negative_prompt=negative_prompt, init_id=image_id)
 
     @property
     def advanced(self) -> bool:

@@ -68,7 +68,7 @@ async def image_page(request: Request) -> Response:
         "loras": split_tags(image.loras)[1],  # stored as the A1111 tags its PNG carries
         "reuse": reuse_query(request, image),
         "start_from": (
-            FormValues.starting_from(image.id, image.prompt, image.negative_prompt).query()
+            FormValues.starting_from(image.id, image.prompt, image.negative_prompt, split_tags(image.loras)[1]).query()
             if service(request).model.image_inputs
             else None
         ),

@@ -84,7 +84,9 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
                     height=result.height,
                     reuse=again.reproducing(image.seed).query(),
                     start_from=(
-                        FormValues.starting_from(saved[i], request.prompt, request.negative_prompt).query()
+                        FormValues.starting_from(
+                            saved[i], request.prompt, request.negative_prompt, request.loras
+                        ).query()
                         if saved and muse.model.image_inputs
                         else None
                     ),

@@ -417,18 +417,24 @@ def test_a_model_that_starts_from_text_only_shows_no_picture_field(tmp_path: Pat
 
 
 def test_signed_in_the_form_uploads_with_its_csrf_header(keyed_app: TestClient) -> None:
-    """Signed in, the CSRF check finds a plain post's token only in a urlencoded body: the form stays
-    urlencoded without JavaScript, and htmx sends the multipart form with the token in its header."""
+    """Signed in, htmx sends the multipart form with the CSRF token in its header, and a plain post without
+    JavaScript sends it as the form's field, which the CSRF check reads from the multipart body."""
     login_token = keyed_app.get("/login").cookies["muse_csrf"]
     keyed_app.post("/login", data={"key": ALICE, "csrf_token": login_token}, follow_redirects=False)
     page = keyed_app.get("/").text
-    assert 'hx-encoding="multipart/form-data"' in page and 'enctype="multipart/form-data"' not in page
+    assert 'hx-encoding="multipart/form-data"' in page and 'enctype="multipart/form-data"' in page
     token = keyed_app.cookies["muse_csrf"]
     files = {"init_image": ("a.png", picture_png(), "image/png")}
     refused = keyed_app.post("/jobs", data={"prompt": "x"}, files=files, headers=HX)
     assert refused.status_code == 403, "a cookie-authenticated post needs the token"
     accepted = keyed_app.post("/jobs", data={"prompt": "x"}, files=files, headers=HX | {"X-CSRF-Token": token})
     assert accepted.status_code == 201 and 'data-state="queued"' in accepted.text
-    # Without JavaScript the file input sends its name alone: refused by the field's name, the form refilled.
-    plain = keyed_app.post("/jobs", data={"prompt": "a plain post", "init_image": "a.png", "csrf_token": token})
-    assert plain.status_code == 422 and "needs JavaScript" in plain.text and ">a plain post</textarea>" in plain.text
+    # Without JavaScript: the token as the multipart form's field.
+    fields = {"prompt": "a plain post", "csrf_token": token}
+    plain = keyed_app.post("/jobs", data=fields, files=files, follow_redirects=False)
+    assert plain.status_code == 303 and plain.headers["location"].startswith("/jobs/"), plain.text
+    forged = keyed_app.post("/jobs", data=fields | {"csrf_token": "forged"}, files=files, follow_redirects=False)
+    assert forged.status_code == 403
+    # A urlencoded form (a page from before) sends the file input's name alone: refused by the field's name.
+    stale = keyed_app.post("/jobs", data={"prompt": "a stale page", "init_image": "a.png", "csrf_token": token})
+    assert stale.status_code == 422 and "multipart/form-data" in stale.text and ">a stale page</textarea>" in stale.text

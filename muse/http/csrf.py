@@ -7,8 +7,8 @@
 - Every request gets a token (the `muse_csrf` cookie, set when missing) in `request.state.csrf_token`;
   the pages render it into `hx-headers` and into a hidden form field. A state-changing request that
   was authenticated by the key cookie (muse.http.auth runs first and says so) must also send the same
-  token back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript, as the
-  `csrf_token` field (the body is read and replayed to the route).
+  token back, in the `X-CSRF-Token` header or, for a plain form post without JavaScript (urlencoded, or
+  multipart with a picture), as the `csrf_token` field (the body is read and replayed to the route).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from collections.abc import Collection
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +31,7 @@ CSRF_COOKIE = "muse_csrf"
 CSRF_HEADER = "x-csrf-token"
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 FORM_TYPE = "application/x-www-form-urlencoded"
+MULTIPART_TYPE = "multipart/form-data"  # the page's form without JavaScript, with a file to upload
 
 
 class CsrfCheck:
@@ -57,9 +60,10 @@ class CsrfCheck:
                 return
         if state.get("authenticated_by") == "cookie" and request.method in UNSAFE:
             sent = request.headers.get(CSRF_HEADER)
-            if sent is None and request.headers.get("content-type", "").startswith(FORM_TYPE):
+            kind = request.headers.get("content-type", "")
+            if sent is None and kind.startswith((FORM_TYPE, MULTIPART_TYPE)):
                 body = await read_all(receive)
-                sent = parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
+                sent = await form_token(scope, body) if kind.startswith(MULTIPART_TYPE) else url_token(body)
                 receive = replay(body, receive)
             if not token_matches(request, sent or ""):
                 await error_response(Forbidden("missing or wrong CSRF token", code="csrf_failed"))(scope, receive, send)
@@ -80,6 +84,29 @@ class CsrfCheck:
         if origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
             return f"Origin {origin[:100]!r} is not this server"
         return None
+
+
+def url_token(body: bytes) -> str:
+    return parse_qs(body.decode(errors="replace")).get("csrf_token", [""])[0]
+
+
+async def form_token(scope: Scope, body: bytes) -> str:
+    """The `csrf_token` field of a multipart body (the route reads the body again, replayed); "" when it has
+    none or cannot be parsed (the route's own reading then says what is wrong, if the token was right)."""
+
+    async def disconnected() -> Message:
+        return {"type": "http.disconnect"}
+
+    form = None
+    try:
+        form = await Request(scope, replay(body, disconnected)).form(max_files=4, max_fields=64)
+        token = form.get("csrf_token")
+        return token if isinstance(token, str) else ""
+    except (HTTPException, MultiPartException, ClientDisconnect):  # a body that does not parse has no token
+        return ""
+    finally:
+        if form is not None:
+            await form.close()
 
 
 def token_matches(request: Request, sent: str) -> bool:

@@ -138,11 +138,11 @@ async def read_form(request: Request, max_upload: int) -> Posted:
     pairs = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     refusal = None
     if pairs.get(PICTURE_FIELD):
-        # A browser sends a file input's name alone in a urlencoded form: the page without JavaScript, when
-        # signed in (its form is urlencoded then, for the CSRF check to find its token field).
+        # A browser sends a file input's name alone in a urlencoded form (a page from before the server took
+        # pictures, or a hand-made form): refused by name rather than generating from text.
         refusal = InvalidRequest(
-            f"{PICTURE_FIELD}: only the file's name came, not the picture; uploading a picture here needs "
-            "JavaScript on",
+            f"{PICTURE_FIELD}: only the file's name came, not the picture; send the form as {MULTIPART_TYPE} "
+            "(reload the page)",
             param=PICTURE_FIELD,
         )
     return Posted(FormValues.from_pairs(pairs), refusal=refusal)

@@ -82,7 +82,7 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
 def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "families"
     command = [
-        sys.executable, str(BENCH / "families.py"), "--size", "64", "--batch", "2", "--duration", "4",
+        sys.executable, str(BENCH / "families.py"), "--size", "64", "--batch", "2", "--duration", "6",
         "--tries", "1", "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)

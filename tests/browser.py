@@ -33,6 +33,9 @@ CHROMIUM_ARGS = [
 EXTERNAL = re.compile(r"^https?://(?!127\.0\.0\.1[:/]|localhost[:/])")
 
 
+DESKTOP = {"width": 1280, "height": 900}
+
+
 def ensure_chromium() -> None:
     """Install Debian's chromium when it is missing and we may (root with apt): the tests bring
     what they need beyond pip, so a fresh machine passes with the README's test command alone."""

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+    from tests.browser import Watched
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +61,29 @@ def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_inpainting_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """An inpainting checkpoint's shape (StableDiffusionInpaintPipeline, a 9-channel UNet)."""
     return _family(tmp_path_factory, "sd-inpaint")
+
+
+# ---- headless Chromium, for the page tests ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def watched(browser: Browser) -> Iterator[Watched]:
+    """A desktop-sized page; its JavaScript or console errors fail the test."""
+    from tests.browser import DESKTOP, open_page
+
+    page = open_page(browser, viewport=DESKTOP)
+    yield page
+    page.context.close()
+    page.assert_clean()

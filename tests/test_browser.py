@@ -14,24 +14,15 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from muse.core.batcher import TicketState
 from muse.web.assets import STATIC_DIR
 from muse.web.render import HTMX_CDN, HTMX_VERSION, SSE_CDN
-from tests.browser import Restartable, Watched, launch, open_page
+from tests.browser import Restartable, Watched, open_page
 from tests.serving import run_blocker, settings, wait_idle
 
-DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +38,6 @@ def served(shared_server: Restartable) -> Restartable:
     """The module's server, on its own settings whichever test ran before (one restarts it on others)."""
     shared_server.reset()
     return shared_server
-
-
-@pytest.fixture
-def watched(browser: Browser) -> Iterator[Watched]:
-    page = open_page(browser, viewport=DESKTOP)
-    yield page
-    page.context.close()
-    page.assert_clean()
 
 
 def test_chromium_is_installed(request: pytest.FixtureRequest) -> None:

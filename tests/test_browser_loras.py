@@ -19,14 +19,13 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect
 
 from muse.demo_model.loras import make_lora
 from muse.messages import LoraUse
-from tests.browser import Watched, launch, open_page
+from tests.browser import Watched
 from tests.serving import LiveServer, live_server, settings
 
-DESKTOP = {"width": 1280, "height": 900}
 STEPS = "4"  # the tiny model's 64x64 native size, few steps: each image takes a fraction of a second
 
 
@@ -42,22 +41,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Path:
 def server(tiny_model: str, folder: Path) -> Iterator[LiveServer]:
     with live_server(settings(tiny_model, lora_dir=str(folder), max_wait_ms=1, job_ttl=120)) as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def watched(browser: Browser) -> Iterator[Watched]:
-    page = open_page(browser, viewport=DESKTOP)
-    yield page
-    page.context.close()
-    page.assert_clean()
 
 
 def open_advanced(page: Page) -> None:

@@ -17,17 +17,16 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image, ImageDraw, ImageOps
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, expect
 from starlette.testclient import TestClient
 
 from muse.app import create_app
 from muse.http.auth import fingerprint
 from muse.messages import GeneratedImage, GenerateRequest, GenerateResult, Timings
-from tests.browser import Watched, launch, open_page
+from tests.browser import Watched
 from tests.serving import LiveServer, live_server, settings, wait_for
 from tests.test_families_api import write_folder
 
-DESKTOP = {"width": 1280, "height": 900}
 HX = {"HX-Request": "true"}
 LOOPBACK = "http://127.0.0.1"
 MAX_UPLOAD = 200_000  # small, so that an oversize picture is cheap to send
@@ -46,25 +45,9 @@ def picture_png(size: tuple[int, int] = PICTURE_SIZE) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
 def server(tiny_model: str) -> Iterator[LiveServer]:
     with live_server(settings(tiny_model, max_wait_ms=1, job_ttl=120, max_upload=MAX_UPLOAD)) as s:
         yield s
-
-
-@pytest.fixture
-def watched(browser: Browser) -> Iterator[Watched]:
-    page = open_page(browser, viewport=DESKTOP)
-    yield page
-    page.context.close()
-    page.assert_clean()
 
 
 def open_advanced(page: Page) -> None:

@@ -9,11 +9,26 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from muse.worker.pipeline import LoadedPipeline
 
 TOLERANCE = 2  # of 255
+SIDE = 64
+
+
+def scene(width: int = SIDE, height: int = SIDE) -> Image.Image:
+    """A picture to start from: a red disc on blue."""
+    image = Image.new("RGB", (width, height), (30, 80, 190))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(230, 50, 20))
+    return image
+
+
+def left_half(width: int = SIDE, height: int = SIDE) -> Image.Image:
+    """A mask that repaints the left half."""
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, width // 2, height), fill=255)
+    return mask
 
 
 def plain(loaded: LoadedPipeline, body: dict[str, Any], seed: int) -> np.ndarray:

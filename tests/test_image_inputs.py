@@ -14,26 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from muse.messages import Batching
 from muse.worker.pipeline import LoadedPipeline, load_pipeline
-from tests.pixels import assert_plain, b64png, pixels
+from tests.pixels import assert_plain, b64png, left_half, pixels, scene
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_job
 
 SIDE = 64
-
-
-def scene(width: int = SIDE, height: int = SIDE) -> Image.Image:
-    image = Image.new("RGB", (width, height), (30, 80, 190))
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(230, 50, 20))
-    return image
-
-
-def left_half(width: int = SIDE, height: int = SIDE) -> Image.Image:
-    mask = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(mask).rectangle((0, 0, width // 2, height), fill=255)
-    return mask
 
 
 IMG2IMG = {"prompt": "a sunset", "steps": 10, "seed": 21, "guidance_scale": 3.0, "strength": 0.6}

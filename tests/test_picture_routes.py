@@ -23,23 +23,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from muse.api.masking import fill_masked
 from muse.worker.pipeline import LoadedPipeline, load_pipeline
-from tests.pixels import TOLERANCE, b64png, pixels, plain
+from tests.pixels import TOLERANCE, b64png, left_half, pixels, plain, scene
 from tests.serving import LiveServer, live_server
 from tests.serving import settings as muse_settings
 
 SIDE = 64
-
-
-def scene(width: int = SIDE, height: int = SIDE) -> Image.Image:
-    image = Image.new("RGB", (width, height), (30, 80, 190))
-    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(230, 50, 20))
-    return image
-
-
-def left_half(width: int = SIDE, height: int = SIDE) -> Image.Image:
-    mask = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(mask).rectangle((0, 0, width // 2, height), fill=255)
-    return mask
 
 
 def transparent_where(image: Image.Image, mask: Image.Image) -> Image.Image:

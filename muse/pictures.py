@@ -86,6 +86,34 @@ def open_picture(param: str, data: bytes, limits: PictureLimits) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a picture's header says, read without decoding its pixels."""
+
+    width: int  # upright: EXIF orientation applied
+    height: int
+    alpha: bool  # it can be transparent
+
+
+def header(data: bytes) -> Header | None:
+    """The picture's header; None for one it cannot read, which is refused by name where it is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION) in SIDEWAYS:
+                    width, height = height, width
+                alpha = "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
+                return Header(width, height, alpha)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def natural_size(image: Image.Image) -> tuple[int, int]:
     """The size a request takes from its picture when it names none: the picture's, down to a multiple of 8."""
     width, height = image.size

@@ -9,7 +9,6 @@ blurred), which is where A1111 applies them too.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import replace
 
 from PIL import Image, ImageFilter, ImageOps
@@ -52,17 +51,7 @@ def repaint_area(source: SourceImage, *, invert: bool, fill: bool) -> SourceImag
     return replace(source, image=image, mask=pictures.png(mask) if invert else source.mask)
 
 
-def has_alpha(image: Image.Image) -> bool:
-    return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
-
-
 def declares_alpha(data: bytes) -> bool:
-    """Whether a picture's header says it can be transparent, read without decoding its pixels. One this cannot
-    read says no: it is refused by name where it is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=pictures.FORMATS) as image:
-                return has_alpha(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return False
+    """Whether a picture's header says it can be transparent (one that cannot be read says no)."""
+    found = pictures.header(data)
+    return found is not None and found.alpha

@@ -3,15 +3,11 @@ readable messages that name the form control at fault."""
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlencode
-
-from PIL import Image
 
 from muse import pictures
 from muse.errors import InvalidRequest, MuseError
@@ -47,8 +43,6 @@ LABELS = {
 # A picture meets a Size it does not fit by being scaled to cover it and cropped in the middle (A1111's
 # "crop and resize"): people expect their picture kept in proportion, not stretched.
 CROP = 1
-EXIF_ORIENTATION = 0x0112
-SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -213,15 +207,10 @@ def fitted_size(data: bytes, model: ModelInfo, n: int) -> tuple[int, int] | None
     (as the API takes it), or the largest size in its proportions within the server's limits where it is over
     them. Reads only the picture's header; a picture it cannot read is refused later, by name."""
     limits = model.cost_limits
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=pictures.FORMATS) as image:
-                width, height = image.size
-                if image.getexif().get(EXIF_ORIENTATION) in SIDEWAYS:
-                    width, height = height, width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    found = pictures.header(data)
+    if found is None:
         return None
+    width, height = found.width, found.height
     if width * height > limits.max_pixels or min(width, height) < 1:
         return None  # refused as a picture (--max-pixels), whatever size the image would take
     natural_w, natural_h = max(pictures.MIN_SIDE, width), max(pictures.MIN_SIDE, height)

@@ -20,8 +20,13 @@ from starlette.staticfiles import StaticFiles
 
 from muse.api import a1111, a1111_state, native, openai, openapi
 from muse.config import Settings
+from muse.core.destinations import Allowlist
+from muse.core.durable import DurableJobs
+from muse.core.jobstore import JobStore
 from muse.core.ratelimit import RateLimiter
 from muse.core.service import Muse
+from muse.core.webhooks import Webhooks
+from muse.core.webhooks import load_secret as load_webhook_secret
 from muse.errors import MethodNotAllowed, MuseError, NotFound
 from muse.http.auth import ApiKeyAuth, KeyRing, load_keys
 from muse.http.common import error_response
@@ -61,10 +66,37 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return error_response(MuseError("internal server error"))
 
 
+def durable_jobs(settings: Settings, gallery: Gallery, links: LinkSigner) -> tuple[DurableJobs, Webhooks]:
+    """Jobs on disk and their webhooks, both in the data dir beside the gallery their images live in."""
+    data_dir = Path(settings.data_dir)
+    store = JobStore(data_dir)
+    secret = settings.webhook_secret or load_webhook_secret(data_dir)
+    webhooks = Webhooks(
+        store,
+        secret=secret,
+        allow=Allowlist.parse(settings.webhook_allow_hosts),
+        links=links,
+        public_url=settings.public_url,
+        retry_for=settings.webhook_retry_for,
+        first_retry=settings.webhook_first_retry,
+        job_ttl=settings.job_ttl,
+    )
+    return DurableJobs(store, gallery, settings.job_ttl), webhooks
+
+
 def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     gallery = None if settings.no_gallery else Gallery(Path(settings.data_dir))
+    # Links only ever point into the gallery; without one, nothing is written to the data folder.
+    secret = load_secret(Path(settings.data_dir)) if gallery is not None else secrets.token_bytes(32)
+    links = LinkSigner(secret, settings.link_ttl)
+    durable, webhooks = durable_jobs(settings, gallery, links) if gallery is not None and muse is None else (None, None)
     service = muse or Muse(
-        settings, build_pool(settings), workers=worker_range(settings, len(devices_of(settings))), gallery=gallery
+        settings,
+        build_pool(settings),
+        workers=worker_range(settings, len(devices_of(settings))),
+        gallery=gallery,
+        durable=durable,
+        webhooks=webhooks,
     )
 
     @contextlib.asynccontextmanager
@@ -81,6 +113,8 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
             await service.stop()
             if gallery is not None:
                 gallery.close()
+            if durable is not None:
+                durable.store.close()
 
     keys = KeyRing(load_keys(settings.api_keys), load_keys(settings.admin_keys))
     sessions = Sessions(settings.session_ttl)
@@ -123,9 +157,7 @@ def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
     app.state.keys = keys
     app.state.sessions = sessions
     app.state.login_attempts = RateLimiter(LOGIN_ATTEMPTS_PER_MINUTE)
-    # Links only ever point into the gallery; without one, nothing is written to the data folder.
-    secret = load_secret(Path(settings.data_dir)) if gallery is not None else secrets.token_bytes(32)
-    app.state.links = LinkSigner(secret, settings.link_ttl)
+    app.state.links = links
     app.state.muse = service
     app.state.gallery = gallery
     app.state.settings = settings

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set with the MUSE_* environment variable shown.",
     )
     add_settings_flags(serve)
+    hook = sub.add_parser(
+        "webhook-secret",
+        help="print the secret that signs this data dir's webhooks",
+        description="Print the whsec_ secret that signs the webhooks of a server on this data dir (made once, "
+        "here, if it is not there yet), for the receivers that verify them. --webhook-secret overrides it.",
+    )
+    hook.add_argument(
+        "--data-dir", default=None, help="the server's --data-dir [env MUSE_DATA_DIR; default ./muse-data]"
+    )
     gen = sub.add_parser("generate", help="generate an image on a running server", description=GENERATE_HELP)
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument("-o", "--output", default=None, help="PNG file to write (default: from the prompt)")
@@ -87,12 +97,18 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = raise_fd_limit()
     log.debug("open files limit: %d", files)
-    lock = DataDirLock(Path(settings.data_dir))
+    data_dir = Path(settings.data_dir)
+    if not settings.no_gallery and data_dir.is_dir() and not os.access(data_dir, os.W_OK | os.X_OK):
+        log.warning(
+            "data dir %s is read-only: images are not stored, and jobs live in memory only (not durable)", data_dir
+        )
+        settings = dataclasses.replace(settings, no_gallery=True)
+    lock = DataDirLock(data_dir)
     try:
         if not settings.no_gallery:
             lock.acquire()
         app = create_app(settings)
-    except (DataDirError, OSError) as exc:
+    except (DataDirError, OSError, ValueError) as exc:
         print(f"muse serve: error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -114,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         return serve(settings)
+    if args.command == "webhook-secret":
+        from muse.core.webhooks import load_secret
+
+        data_dir = args.data_dir or Settings.from_env().data_dir
+        print(load_secret(Path(data_dir)))
+        return 0
     if args.command == "generate":
         from muse.client import generate
 

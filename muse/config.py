@@ -144,8 +144,13 @@ class Settings:
     downscale_delay: float = _opt(60.0, "Seconds a worker must be surplus before it is drained.")
     drain_timeout: float = _opt(30.0, "On shutdown, seconds accepted requests get to finish.")
     log_level: str = _opt("info", "debug, info, warning or error.")
-    data_dir: str = _opt("./muse-data", "Folder for the gallery: PNG files and a SQLite index.")
-    no_gallery: bool = _opt(False, "Do not store generated images.")
+    data_dir: str = _opt(
+        "./muse-data",
+        "Folder for the gallery (PNG files and a SQLite index), the durable jobs of /api/jobs and their webhooks.",
+    )
+    no_gallery: bool = _opt(
+        False, "Do not store generated images (then jobs live in memory only, and take no webhook_url)."
+    )
     slack_app_token: str = _opt(
         "", "Slack app-level token (xapp-...) for socket mode.", env="SLACK_APP_TOKEN", secret=True
     )
@@ -189,12 +194,31 @@ class Settings:
     )
     link_ttl: float = _opt(3600.0, "Seconds an image link (OpenAI response_format url) stays valid.")
     cors_origins: str = _opt("", "Comma-separated origins allowed by CORS (e.g. https://app.example); off if empty.")
+    webhook_secret: str = _opt(
+        "",
+        "Secret (whsec_...) that signs webhooks; empty: the one made once in the data dir (muse webhook-secret "
+        "prints it).",
+        secret=True,
+    )
+    webhook_retry_for: float = _opt(86400.0, "Seconds a webhook event is retried before it is given up.")
+    webhook_first_retry: float = _opt(
+        2.0,
+        "Seconds before a failed webhook is retried the first time; the gaps then double, up to 30 times this "
+        "in the first 1,800 times this (2: a minute, for an hour), 1,800 times it later (2: an hour).",
+    )
+    webhook_allow_hosts: str = _opt(
+        "",
+        "Comma-separated host names, addresses or networks (e.g. 10.0.0.0/8) webhooks may go to although they "
+        "are loopback, private or link-local; others are refused (422 naming webhook_url).",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("--gpu-memory-fraction must be more than 0 and at most 1")
         if self.progress_interval < 0:
             raise ValueError("--progress-interval must be 0 or more seconds")
+        if self.webhook_first_retry <= 0 or self.webhook_retry_for < 0:
+            raise ValueError("--webhook-first-retry must be more than 0 seconds, --webhook-retry-for 0 or more")
         if self.lora_cache < 1 or self.max_loras_per_request < 1:
             raise ValueError("--lora-cache and --max-loras-per-request must be at least 1")
         for f in dataclasses.fields(self):

@@ -201,6 +201,17 @@ class GenerateBody(BaseModel):
         return request
 
 
+class JobBody(GenerateBody):
+    """POST /api/jobs: a request, and where to say when it ends."""
+
+    webhook_url: str | None = Field(
+        None,
+        description="Where to POST the job's end (Standard Webhooks: job.succeeded, job.failed, job.cancelled, "
+        "signed with the server's whsec_ secret): http(s), at most 2,048 bytes, a public address unless the "
+        "server's --webhook-allow-hosts lists it.",
+    )
+
+
 DEFAULT_STRENGTH = 0.75
 
 

@@ -31,9 +31,11 @@ def test_flag_beats_environment_beats_default() -> None:
 
 
 def test_slack_tokens_also_come_from_the_usual_variables_and_never_show_in_repr() -> None:
-    s = Settings.from_env({"SLACK_BOT_TOKEN": "xoxb-secret", "MUSE_API_KEYS": "k-secret"})
-    assert s.slack_bot_token == "xoxb-secret"
-    assert "secret" not in repr(s) and "***" in repr(s)
+    s = Settings.from_env(
+        {"SLACK_BOT_TOKEN": "xoxb-hush", "MUSE_API_KEYS": "k-hush", "MUSE_WEBHOOK_SECRET": "whsec_hush"}
+    )
+    assert s.slack_bot_token == "xoxb-hush" and s.webhook_secret == "whsec_hush"
+    assert "hush" not in repr(s) and "***" in repr(s)
 
 
 def test_bad_environment_value_names_the_variable() -> None:

@@ -93,7 +93,7 @@ def test_request_bodies_are_the_models_the_handlers_validate_with(doc: dict[str,
     schemas = doc["components"]["schemas"]
     bodies = {
         ("/api/generate", "post"): "GenerateBody",
-        ("/api/jobs", "post"): "GenerateBody",
+        ("/api/jobs", "post"): "JobBody",
         ("/v1/images/generations", "post"): "ImagesRequest",
         ("/sdapi/v1/txt2img", "post"): "Txt2ImgRequest",
         ("/sdapi/v1/png-info", "post"): "PngInfoRequest",
@@ -102,6 +102,7 @@ def test_request_bodies_are_the_models_the_handlers_validate_with(doc: dict[str,
         body = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"}, path
     assert {"prompt", "seed", "scheduler"} <= set(schemas["GenerateBody"]["properties"])
+    assert {"prompt", "webhook_url"} <= set(schemas["JobBody"]["properties"])
     assert schemas["GenerateBody"]["additionalProperties"] is False, "the strict body refuses unknown fields"
     error = doc["paths"]["/api/generate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert error == {"$ref": "#/components/schemas/ErrorBody"}

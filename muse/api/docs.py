@@ -22,7 +22,7 @@ from starlette.routing import Route
 from muse.api import a1111, a1111_state, native, openai
 from muse.api.a1111 import Img2ImgRequest, PngInfoRequest, PngInfoResponse, Txt2ImgRequest, Txt2ImgResponse
 from muse.api.openai import EditForm, ImagesRequest, ImagesResponse
-from muse.schema import GenerateBody
+from muse.schema import GenerateBody, JobBody
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -137,7 +137,9 @@ CANCEL_RUNNING = Doc("Cancel the caller's running jobs (queued ones carry on)")
 
 DOCS: dict[Endpoint, Doc] = {
     native.generate: Doc("Generate images and wait for them", GenerateBody, GenerateResponse, errors=GENERATING),
-    native.create_job: Doc("Queue a job", GenerateBody, JobCreated, status=202, errors=GENERATING),
+    native.create_job: Doc(
+        "Queue a job (kept on disk; optionally with a webhook)", JobBody, JobCreated, status=202, errors=GENERATING
+    ),
     native.get_job: Doc("Job status", response=JobStatus, errors=(404,)),
     native.delete_job: Doc("Cancel a job", response=JobStatus, errors=(404,)),
     native.job_events: Doc(

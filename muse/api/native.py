@@ -19,7 +19,7 @@ from muse.http.common import client_of, service, wait_unless_disconnected
 from muse.http.sse import Change, event_stream, sse
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import ModelInfo
-from muse.schema import GenerateBody, parse_json, validate
+from muse.schema import GenerateBody, JobBody, parse_json, validate
 
 
 def result_json(result: GenerateResult) -> dict[str, Any]:
@@ -85,8 +85,17 @@ def _round(value: float | None) -> float | None:
 
 async def create_job(request: Request) -> Response:
     muse = service(request)
-    body = await read_body(request)
-    ticket = muse.submit(await to_request(body, muse.model), keep=True, client=client_of(request))
+    body: JobBody = validate(JobBody, parse_json(await request.body()))
+    webhook_url = body.webhook_url or ""
+    if webhook_url:
+        await muse.check_webhook(webhook_url)
+    ticket = muse.submit(
+        await to_request(body, muse.model),
+        keep=True,
+        client=client_of(request),
+        webhook_url=webhook_url,
+        base_url=str(request.base_url),
+    )
     base = f"/api/jobs/{ticket.id}"
     return JSONResponse(
         {"id": ticket.id, "status_url": base, "events_url": f"{base}/events", "seed": ticket.request.seed},

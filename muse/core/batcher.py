@@ -91,11 +91,21 @@ class Batcher:
 
     # ---- entry points -----------------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, *, owner: str | None = None) -> Ticket:
+    def submit(
+        self,
+        request: GenerateRequest,
+        *,
+        owner: str | None = None,
+        ticket_id: str | None = None,
+        created: float | None = None,
+        restored: bool = False,
+    ) -> Ticket:
+        """Queue a request. `ticket_id`, `created` and `restored` re-queue a durable job after a restart: it
+        keeps its id and age, and takes its place whatever --max-queue says (it was accepted once already)."""
         if self.closed:
             raise ShuttingDown("the server is shutting down; retry on another instance")
         # An empty queue takes any request, or one bigger than --max-queue could never run.
-        if self.queued_images and self.queued_images + request.n > self.max_queue:
+        if not restored and self.queued_images and self.queued_images + request.n > self.max_queue:
             victims = self._room_for(owner, request.n)
             if victims is None:
                 raise Overloaded(
@@ -117,7 +127,9 @@ class Batcher:
         timeout = self.request_timeout
         if request.timeout_s is not None:
             timeout = min(timeout, request.timeout_s)
-        ticket = Ticket(secrets.token_hex(8), request, loop.create_future(), now, now + timeout, owner)
+        ticket = Ticket(ticket_id or secrets.token_hex(8), request, loop.create_future(), now, now + timeout, owner)
+        if created is not None:
+            ticket.created = created
         ticket.timer = loop.call_later(timeout, self._expire, ticket)
         self.queue.add(ticket)
         self.policy.arrived()

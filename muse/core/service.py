@@ -10,17 +10,20 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from muse.config import EMBEDDED_MODEL, Settings
 from muse.core.autoscaler import Autoscaler
 from muse.core.batcher import Batcher
+from muse.core.durable import DurableJobs
 from muse.core.loras import LoraFile, LoraFolder
 from muse.core.metrics import Metrics
 from muse.core.pool import ServedPool
 from muse.core.ratelimit import RateLimiter
 from muse.core.tickets import EVERYONE, Listener, Ticket, TicketState, Viewer
+from muse.core.webhooks import Webhooks
 from muse.errors import InvalidRequest, MuseError, NotFound, ShuttingDown, Unavailable
 from muse.messages import GenerateRequest, GenerateResult
 from muse.model_info import Limits, ModelInfo, inspect
@@ -51,11 +54,23 @@ class Gallery(Protocol):
 
 class Muse:
     def __init__(
-        self, settings: Settings, pool: ServedPool, *, workers: tuple[int, int], gallery: Gallery | None = None
+        self,
+        settings: Settings,
+        pool: ServedPool,
+        *,
+        workers: tuple[int, int],
+        gallery: Gallery | None = None,
+        durable: DurableJobs | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
-        """`pool`: built by the composition root (muse.pools.factory); `workers`: the autoscaler's (min, max)."""
+        """`pool`: built by the composition root (muse.pools.factory); `workers`: the autoscaler's (min, max);
+        `durable`: where kept jobs are recorded (None: they live in memory only); `webhooks`: their delivery."""
         self.settings = settings
         self.gallery = gallery
+        self.durable = durable
+        self.webhooks = webhooks
+        if durable is not None and webhooks is not None:
+            durable.on_event.append(webhooks.poke)
         self.pool = pool
         self._model = inspect(settings.model, EMBEDDED_MODEL)
         self.lora_folder = LoraFolder(settings.lora_dir) if settings.lora_dir else None
@@ -152,6 +167,22 @@ class Muse:
         )
         self.pool.start(self.batcher)
         self._tasks.append(asyncio.create_task(self.autoscaler.run(), name="muse-autoscaler"))
+        if self.durable is None:
+            log.info("jobs are kept in memory only (no data dir: --no-gallery): a restart loses unfinished ones")
+        else:
+            self._restore(self.durable)
+        if self.webhooks is not None:
+            self._tasks.append(asyncio.create_task(self.webhooks.run(), name="muse-webhooks"))
+
+    def _restore(self, durable: DurableJobs) -> None:
+        ended, queued = durable.restore(self.batcher)
+        loop = asyncio.get_running_loop()
+        for ticket in ended:
+            self.jobs[ticket.id] = ticket
+            expires = (ticket.finished or 0.0) + self.settings.job_ttl - time.time()
+            loop.call_later(max(0.0, expires), self._drop_job, ticket.id)
+        for ticket in queued:
+            self.jobs[ticket.id] = ticket
 
     async def drain(self) -> None:
         """Refuse new work; let accepted work finish (up to drain_timeout), then fail what is left."""
@@ -172,6 +203,9 @@ class Muse:
 
     async def stop(self) -> None:
         await self.drain()
+        if self.webhooks is not None:
+            # Jobs that ended while draining tell their receivers now, not at the next start (if there is one).
+            await self.webhooks.close(grace=10.0)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,8 +228,12 @@ class Muse:
         client: str | None = None,
         owner: str | None = None,
         dialect: Dialect = NATIVE,
+        webhook_url: str = "",
+        base_url: str = "",
     ) -> Ticket:
-        """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends.
+        """Queue a request; `keep` makes it a job readable by id until `job_ttl` after it ends, and durable
+        (on disk before this returns) where there is a data dir. A kept job may have a `webhook_url` (checked by
+        the caller with `check_webhook`); `base_url` is where it was asked for, for its images' links.
 
         `client` (an API key's fingerprint or an address) is charged the request's cost against --rate-limit.
         `owner` (default: the client) owns the job and its images, and is the tenant the queue is fair to.
@@ -224,14 +262,39 @@ class Muse:
             raise
         if keep:
             self._keep(ticket)
+            if self.durable is not None:
+                try:
+                    self.durable.record(ticket, webhook_url=webhook_url, base_url=base_url)
+                except Exception:
+                    log.exception("could not record job %s", ticket.id)
+                    self.batcher.cancel(ticket, Unavailable("the job could not be recorded on disk"))
+                    self.jobs.pop(ticket.id, None)
+                    raise Unavailable("the job could not be recorded on disk; retry later") from None
         return ticket
+
+    async def check_webhook(self, url: str) -> None:
+        """Refuse (422 naming webhook_url) a webhook no delivery could reach, or any where jobs are not kept."""
+        if self.webhooks is None:
+            raise InvalidRequest(
+                "webhook_url: this server keeps no jobs on disk (--no-gallery), so it sends no webhooks",
+                param="webhook_url",
+            )
+        await self.webhooks.check(url)
 
     def _keep(self, ticket: Ticket) -> None:
         """Jobs stay readable for --job-ttl after they end, but at most MAX_KEPT_JOBS of them: a flood of
         requests that end at once (cancelled, expired) must not grow the table without bound."""
         for job_id in evictable(self.jobs, len(self.jobs) - MAX_KEPT_JOBS + 1):
-            del self.jobs[job_id]
+            self._drop_job(job_id)
         self.jobs[ticket.id] = ticket
+
+    def _drop_job(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        if self.durable is not None:
+            try:
+                self.durable.forget(job_id)
+            except Exception:
+                log.exception("could not forget job %s", job_id)
 
     def job(self, job_id: str, viewer: Viewer = EVERYONE) -> Ticket:
         """A kept job by id; 404 if unknown, expired, or not the viewer's to see."""
@@ -276,6 +339,11 @@ class Muse:
                 )
             except Exception:
                 log.exception("could not store the images of request %s", ticket.id)
+        if self.durable is not None:
+            try:
+                self.durable.ended(ticket)
+            except Exception:
+                log.exception("could not record the end of job %s", ticket.id)
         m = self.metrics
         m.requests.labels(ticket.error.code if ticket.error else ticket.state.value).inc()
         if ticket.state is TicketState.SUCCEEDED and ticket.result is not None:
@@ -286,7 +354,7 @@ class Muse:
             m.total_seconds.observe(t.total_ms / 1000)
         if ticket.id in self.jobs:
             loop = asyncio.get_running_loop()
-            loop.call_later(self.settings.job_ttl, self.jobs.pop, ticket.id, None)
+            loop.call_later(self.settings.job_ttl, self._drop_job, ticket.id)
 
     def _occupancy(self) -> float:
         running, capacity = self.pool.image_use()

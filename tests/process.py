@@ -28,15 +28,18 @@ class ServeProcess:
 
 
 @contextmanager
-def serve_process(*flags: str, ready: bool = True) -> Iterator[ServeProcess]:
-    data = Path(tempfile.mkdtemp(prefix="muse-test-data-"))
+def serve_process(*flags: str, ready: bool = True, data: Path | None = None) -> Iterator[ServeProcess]:
+    """`muse serve` on a free port, on `data` (a new folder if None); its log is `server.log` there, appended to
+    by each server started on the folder."""
+    data = data or Path(tempfile.mkdtemp(prefix="muse-test-data-"))
     log = data / "server.log"
+    start = log.stat().st_size if log.exists() else 0
     command = [sys.executable, "-m", "muse", "serve", "--port", "0", "--data-dir", str(data), *flags]
-    with log.open("w") as sink:
+    with log.open("a") as sink:
         process = subprocess.Popen(command, stderr=sink)
     try:
         found = wait_for(
-            lambda: re.search(r"serving on (http://\S+)", log.read_text()) or process.poll() is not None,
+            lambda: re.search(r"serving on (http://\S+)", log.read_text()[start:]) or process.poll() is not None,
             120,
             0.05,
             "the server's address",

@@ -1,0 +1,97 @@
+"""Accepted is never lost: `kill -9` the server with jobs queued and running, start it again on the same data dir,
+and every job ends with the image its seed gives, each webhook delivered once per event id."""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.pixels import pixels
+from tests.process import ServeProcess, serve_process
+from tests.receiver import Delivery, receiving
+from tests.serving import wait_for
+
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+JOBS = 20
+
+
+def body(i: int, webhook_url: str) -> dict[str, Any]:
+    return {"prompt": f"a durable lighthouse {i}", "seed": 7000 + i, "steps": 20, "webhook_url": webhook_url}
+
+
+def jobs_of(server: ServeProcess, ids: list[str]) -> list[dict[str, Any]]:
+    return [httpx.get(f"{server.url}/api/jobs/{job_id}").json() for job_id in ids]
+
+
+def direct_image(server: ServeProcess, i: int) -> np.ndarray:
+    """The same request asked for synchronously: the image its seed gives."""
+    request = body(i, "")
+    del request["webhook_url"]
+    response = httpx.post(f"{server.url}/api/generate", json=request, timeout=120)
+    assert response.status_code == 200, response.text
+    return pixels(response.json()["images"][0]["png_base64"])
+
+
+def test_kill_9_with_jobs_in_flight_loses_none_and_restarts_them_with_their_seeds(tmp_path: Path) -> None:
+    flags = ("--webhook-secret", SECRET, "--webhook-allow-hosts", "127.0.0.1", "--webhook-first-retry", "0.2")
+    with receiving(SECRET) as receiver:
+        with serve_process(*flags, data=tmp_path) as first:
+            ids = []
+            for i in range(JOBS):
+                response = httpx.post(f"{first.url}/api/jobs", json=body(i, receiver.url))
+                assert response.status_code == 202, response.text
+                ids.append(response.json()["id"])
+            first.process.kill()  # SIGKILL: no drain, no last write
+            first.process.wait(30)
+
+        with serve_process(*flags, data=tmp_path) as second:
+            runs = re.findall(r"jobs from the last run: (\d+) queued again", second.log.read_text())
+            assert runs and int(runs[-1]) >= 1, "the kill came after every job had ended"
+            states = wait_for(
+                lambda: (jobs := jobs_of(second, ids)) and all(j["status"] == "succeeded" for j in jobs) and jobs,
+                180,
+                0.2,
+                "every job to succeed after the restart",
+            )
+            assert [j["id"] for j in states] == ids and [j["seed"] for j in states] == [7000 + i for i in range(JOBS)]
+            with ThreadPoolExecutor(4) as pool:
+                expected = list(pool.map(lambda i: direct_image(second, i), range(JOBS)))
+            for job, want in zip(states, expected, strict=True):
+                got = pixels(job["result"]["images"][0]["png_base64"])
+                assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, job["id"]
+
+            def all_told() -> list[Delivery] | None:
+                got = receiver.delivered()
+                return got if len({d.payload["data"]["id"] for d in got}) == JOBS else None
+
+            delivered = wait_for(all_told, 60, 0.1, "a delivered webhook for every job")
+            ids_per_job: dict[str, set[str]] = {}
+            for delivery in delivered:
+                assert delivery.verified and delivery.payload["type"] == "job.succeeded"
+                ids_per_job.setdefault(delivery.payload["data"]["id"], set()).add(delivery.id)
+            assert sorted(ids_per_job) == sorted(ids)
+            assert all(len(event_ids) == 1 for event_ids in ids_per_job.values()), "an event under two ids"
+            link = delivered[0].payload["data"]["images"][0]["url"]
+
+        with serve_process(*flags, data=tmp_path) as third:
+            # A third start: the ended jobs are read back with their images, and the links sent still work.
+            again = jobs_of(third, ids)
+            assert [j["status"] for j in again] == ["succeeded"] * JOBS
+            for job, before in zip(again, states, strict=True):
+                # The gallery's file: the same pixels, with the A1111 parameters chunk the worker's PNG lacked.
+                image = pixels(job["result"]["images"][0]["png_base64"])
+                assert np.array_equal(image, pixels(before["result"]["images"][0]["png_base64"]))
+            events = httpx.get(f"{third.url}/api/jobs/{ids[0]}/events", timeout=10)
+            assert events.text.startswith("event: succeeded")
+            path = link.split("/", 3)[3]
+            image = httpx.get(f"{third.url}/{path}")
+            assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+            runs = re.findall(r"jobs from the last run: (\d+) queued again, (\d+) ended", third.log.read_text())
+            assert runs[-1] == ("0", str(JOBS))

@@ -1,7 +1,7 @@
 """Chaos: N requests from C normal clients while hostile clients attack and a worker is SIGKILLed every few seconds.
 
     python benchmarks/chaos.py [--requests 500] [--clients 32] [--kill-every 3] [--devices cpu,cpu]
-                               [--hostile 4] [--slow 200]
+                               [--hostile 4] [--slow 200] [--server-kills 3] [--kill-jobs 60]
 
 Every normal request must end with an answer: an image, or a documented retryable error (503 with
 Retry-After). Hostile clients send, as fast as they are answered, requests over the cost limits,
@@ -10,7 +10,9 @@ sizes), and `--slow` connections that send half a request and stall. Prints norm
 succeeded, failed by reason, lost (no answer before the client's deadline: must be 0), duplicated
 (an answer carrying another request's seed, or more server outcomes than requests: must be 0),
 hostile answers by status (must hold no 5xx), slow connections cut off by the server, and p50/p99
-latency. Writes benchmarks/results/chaos.json.
+latency. Then the server-kill round (benchmarks/server_kill.py): jobs with webhooks, the whole server
+SIGKILLed `--server-kills` times while they run and started again on its data dir: jobs lost and webhook
+events missing must be 0. Writes benchmarks/results/chaos.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, child_processes, metric, muse_server
 from load import check_loopback, percentile
+from server_kill import server_kill_round
 
 from muse.config import EMBEDDED_MODEL
 
@@ -196,12 +199,20 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, default=4, help="hostile clients sending bad requests")
     parser.add_argument("--slow", type=int, default=200, help="connections that send half a request")
     parser.add_argument("--client-timeout", type=float, default=300.0)
+    parser.add_argument("--server-kills", type=int, default=3, help="SIGKILLs of the whole server (0: no round)")
+    parser.add_argument("--kill-jobs", type=int, default=60, help="jobs sent across the server-kill round")
     parser.add_argument("--out", default=str(RESULTS / "chaos.json"))
     args = parser.parse_args()
     flags = ["--model", args.model, "--devices", args.devices, "--max-queue", str(max(256, args.clients * 2))]
     flags += ["--header-timeout", "5", "--body-timeout", "5"]
     with muse_server(*flags) as served:
         report = asyncio.run(chaos(served.url, served.process.pid, args))
+    if args.server_kills:
+        report["server_kill"] = server_kill_round(
+            args.model, args.devices, args.kill_jobs, args.server_kills, args.steps
+        )
+        for key, value in report["server_kill"].items():
+            print(f"server kill: {key:<20} {value}")
     for key in (
         "sent",
         "answered",
@@ -225,11 +236,16 @@ def main() -> None:
         print(f"{key:<24} {round(value, 1) if isinstance(value, float) else value}")
     normal_ok = report["succeeded"] + report["failed_retryable"] == report["sent"]
     ok = report["lost"] == 0 and report["duplicated"] == 0 and report["hostile_5xx"] == 0 and normal_ok
+    kill = report.get("server_kill")
+    if kill is not None:
+        ok = ok and kill["lost"] == kill["webhooks_missing"] == kill["events_under_two_ids"] == 0
     print(
         "verdict:",
-        "every normal request answered once (an image or a retryable 503); no 5xx from hostile input"
+        "every normal request answered once (an image or a retryable 503); no 5xx from hostile input; no job or "
+        "webhook lost to a server kill"
         if ok
-        else "FAILED: lost, duplicated, non-retryable failures, or a 5xx from hostile input",
+        else "FAILED: lost, duplicated, non-retryable failures, a 5xx from hostile input, or a job or webhook lost "
+        "to a server kill",
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ import numpy as np
 from tests.pixels import pixels
 from tests.process import ServeProcess, serve_process
 from tests.receiver import Delivery, receiving
-from tests.serving import wait_for
+from tests.serving import metric, wait_for
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 JOBS = 20
@@ -79,6 +79,8 @@ def test_kill_9_with_jobs_in_flight_loses_none_and_restarts_them_with_their_seed
             assert sorted(ids_per_job) == sorted(ids)
             assert all(len(event_ids) == 1 for event_ids in ids_per_job.values()), "an event under two ids"
             link = delivered[0].payload["data"]["images"][0]["url"]
+            wait_for(lambda: metric(second, "muse_webhook_outbox") == 0, 30, 0.1, "an empty outbox")
+            assert metric(second, "muse_webhook_deliveries_total") >= 1
 
         with serve_process(*flags, data=tmp_path) as third:
             # A third start: the ended jobs are read back with their images, and the links sent still work.
@@ -95,3 +97,23 @@ def test_kill_9_with_jobs_in_flight_loses_none_and_restarts_them_with_their_seed
             assert image.status_code == 200 and image.headers["content-type"] == "image/png"
             runs = re.findall(r"jobs from the last run: (\d+) queued again, (\d+) ended", third.log.read_text())
             assert runs[-1] == ("0", str(JOBS))
+
+
+def test_a_stop_that_runs_out_of_drain_time_leaves_its_jobs_for_the_next_start(tmp_path: Path) -> None:
+    with serve_process("--drain-timeout", "0.5", data=tmp_path) as first:
+        response = httpx.post(f"{first.url}/api/jobs", json={"prompt": "a long one", "steps": 100, "n": 2, "seed": 3})
+        job_id = response.json()["id"]
+        wait_for(lambda: httpx.get(f"{first.url}/api/jobs/{job_id}").json()["status"] == "running", 60)
+        first.process.terminate()
+        assert first.process.wait(60) == 0
+    with serve_process(data=tmp_path) as second:
+        job = wait_for(
+            lambda: (
+                (j := httpx.get(f"{second.url}/api/jobs/{job_id}").json())["status"] not in ("queued", "running") and j
+            ),
+            180,
+            0.2,
+            "the job to end after the restart",
+        )
+        assert job["status"] == "succeeded" and [i["seed"] for i in job["result"]["images"]] == [3, 4]
+        assert re.findall(r"jobs from the last run: (\d+) queued again", second.log.read_text())[-1] == "1"

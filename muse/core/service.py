@@ -369,6 +369,15 @@ class Muse:
         m.labelled_gauge("muse_workers_by_node", "Live workers by the node they run on", "node", self.pool.nodes)
         m.gauge("muse_slot_occupancy", "Images running / images the ready workers can run at once", self._occupancy)
         m.counter_function("muse_unet_calls", "UNet calls made by step workers", lambda: self.pool.unet_calls)
+        hooks = self.webhooks
+        if hooks is not None:
+            m.gauge("muse_webhook_outbox", "Webhook events not yet delivered", hooks.store.pending)
+            m.counter_function("muse_webhook_deliveries", "Webhook events delivered (2xx)", lambda: hooks.delivered)
+            m.counter_function(
+                "muse_webhook_failed_attempts",
+                "Webhook attempts that failed (retried later)",
+                lambda: hooks.failed_attempts,
+            )
         m.counter_function(
             "muse_step_gap_seconds",
             "Seconds step workers spent between UNet calls while images waited (text encoding, decoding, "

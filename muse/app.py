@@ -66,10 +66,11 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return error_response(MuseError("internal server error"))
 
 
-def durable_jobs(settings: Settings, gallery: Gallery, links: LinkSigner) -> tuple[DurableJobs, Webhooks]:
+def durable_jobs(
+    settings: Settings, store: JobStore, gallery: Gallery, links: LinkSigner
+) -> tuple[DurableJobs, Webhooks]:
     """Jobs on disk and their webhooks, both in the data dir beside the gallery their images live in."""
     data_dir = Path(settings.data_dir)
-    store = JobStore(data_dir)
     secret = settings.webhook_secret or load_webhook_secret(data_dir)
     webhooks = Webhooks(
         store,
@@ -85,11 +86,15 @@ def durable_jobs(settings: Settings, gallery: Gallery, links: LinkSigner) -> tup
 
 
 def create_app(settings: Settings, muse: Muse | None = None) -> Starlette:
+    # The job store is checked first: a start refused for a file that is not ours has written nothing yet.
+    store = None if settings.no_gallery or muse is not None else JobStore(Path(settings.data_dir))
     gallery = None if settings.no_gallery else Gallery(Path(settings.data_dir))
     # Links only ever point into the gallery; without one, nothing is written to the data folder.
     secret = load_secret(Path(settings.data_dir)) if gallery is not None else secrets.token_bytes(32)
     links = LinkSigner(secret, settings.link_ttl)
-    durable, webhooks = durable_jobs(settings, gallery, links) if gallery is not None and muse is None else (None, None)
+    durable, webhooks = (
+        durable_jobs(settings, store, gallery, links) if store is not None and gallery is not None else (None, None)
+    )
     service = muse or Muse(
         settings,
         build_pool(settings),

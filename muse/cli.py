@@ -99,9 +99,7 @@ def serve(settings: Settings) -> int:
     log.debug("open files limit: %d", files)
     data_dir = Path(settings.data_dir)
     if not settings.no_gallery and data_dir.is_dir() and not os.access(data_dir, os.W_OK | os.X_OK):
-        log.warning(
-            "data dir %s is read-only: images are not stored, and jobs live in memory only (not durable)", data_dir
-        )
+        log.warning("data dir %s is read-only: generated images are not stored (as with --no-gallery)", data_dir)
         settings = dataclasses.replace(settings, no_gallery=True)
     lock = DataDirLock(data_dir)
     try:

@@ -168,7 +168,10 @@ class Muse:
         self.pool.start(self.batcher)
         self._tasks.append(asyncio.create_task(self.autoscaler.run(), name="muse-autoscaler"))
         if self.durable is None:
-            log.info("jobs are kept in memory only (no data dir: --no-gallery): a restart loses unfinished ones")
+            log.warning(
+                "jobs are not durable (--no-gallery, or a read-only data dir): they live in memory only, a restart "
+                "loses unfinished ones, and webhook_url is refused"
+            )
         else:
             self._restore(self.durable)
         if self.webhooks is not None:

@@ -90,6 +90,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**overrides)
 
 
+def check_webhooks(settings: Settings) -> None:
+    """Refuse, in one line naming the flag, a webhook secret or allow-list no delivery could use."""
+    from muse.core.destinations import Allowlist
+    from muse.core.webhooks import parse_secret
+
+    if settings.webhook_secret:
+        try:
+            parse_secret(settings.webhook_secret)
+        except ValueError as exc:
+            raise ValueError(f"--webhook-secret: {exc}") from None
+    try:
+        Allowlist.parse(settings.webhook_allow_hosts)
+    except ValueError as exc:
+        raise ValueError(f"--webhook-allow-hosts: {exc}") from None
+
+
 def serve(settings: Settings) -> int:
     from muse.app import create_app
     from muse.server import DrainingServer, raise_fd_limit, uvicorn_config
@@ -123,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = settings_from_args(args)
             check_backends(settings)
+            check_webhooks(settings)
             if settings.pool == "ray" and importlib.util.find_spec("ray") is None:
                 raise ValueError("--pool ray needs Ray: pip install 'muse[ray]'")
         except ValueError as exc:

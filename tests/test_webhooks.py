@@ -521,3 +521,21 @@ def test_muse_serve_on_a_job_store_that_is_not_ours_exits_2_naming_it(tmp_path: 
     assert lines[0].startswith("muse serve: error: ") and str(database) in lines[0]
     assert database.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [FILE_NAME, "muse.lock"], "a refused start writes nothing"
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--webhook-secret", "hunter2"], "--webhook-secret"),
+        (["--webhook-secret", "whsec_c2hvcnQ="], "--webhook-secret"),
+        (["--webhook-allow-hosts", "10.0.0.1/8"], "--webhook-allow-hosts"),
+        (["--webhook-allow-hosts", "ok.example,bad host"], "--webhook-allow-hosts"),
+    ],
+)
+def test_a_webhook_flag_no_delivery_could_use_stops_the_start_naming_it(
+    flags: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", *flags])
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -15,6 +17,25 @@ LOCK_NAME = "muse.lock"
 
 class DataDirError(Exception):
     """The data directory cannot be used as it is: said in one line, and nothing in it is changed."""
+
+
+def open_database(path: Path, what: str, prepare: Callable[[sqlite3.Connection], None]) -> sqlite3.Connection:
+    """The SQLite database at `path` (autocommit; usable from another thread than this one), made if missing.
+    `prepare` checks it is `what` (empty, or with our tables) before it writes anything, then brings its schema up
+    to date; a corrupt or foreign file is refused in one line and left as it is."""
+    # SQLite makes its files 0644 (less the umask), and its -wal and -shm files as the database's: made 0600
+    # first, all three stay so.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        prepare(db)
+    except (sqlite3.DatabaseError, DataDirError) as exc:
+        db.close()
+        raise DataDirError(
+            f"{path} is not {what} ({str(exc).splitlines()[0]}); it is left as it is: move it away or choose "
+            "another --data-dir"
+        ) from None
+    return db
 
 
 class DataDirLock:

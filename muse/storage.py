@@ -24,7 +24,7 @@ import time
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 
-from muse.datadir import DataDirError
+from muse.datadir import DataDirError, open_database
 from muse.infotext import KEYWORD, Infotext, png_with_text
 from muse.messages import GenerateRequest, GenerateResult
 
@@ -129,6 +129,23 @@ def like_pattern(query: str) -> str:
     return f"%{escaped}%"
 
 
+def prepare(db: sqlite3.Connection) -> None:
+    """Check the database is the gallery's (or empty) before anything is written to it, then bring its schema
+    up to date."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+    if tables and not {"id", "prompt", "seed"} <= columns:
+        raise DataDirError(f"another program's tables: {', '.join(sorted(tables)[:5])}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.executescript(SCHEMA)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+    for column, statement in MIGRATIONS.items():
+        if column not in columns:
+            db.execute(statement)
+    db.execute(OWNER_INDEX)
+
+
 class Gallery:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -137,38 +154,9 @@ class Gallery:
         self.images_dir.mkdir(mode=0o700, exist_ok=True)
         for leftover in self.images_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)  # a save interrupted before its rename
-        database = self.data_dir / "gallery.sqlite3"
-        # SQLite makes its files 0644 (less the umask), and its -wal and -shm files as the database's: made
-        # 0600 first, all three stay so.
-        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
         # Built on one thread, used on the server's event loop thread: the lock serialises access.
-        self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
+        self._db = open_database(self.data_dir / "gallery.sqlite3", "a Muse gallery", prepare)
         self._lock = threading.Lock()
-        try:
-            with self._lock:
-                self._open(database)
-        except (sqlite3.DatabaseError, DataDirError) as exc:
-            self._db.close()
-            raise DataDirError(
-                f"{database} is not a Muse gallery ({str(exc).splitlines()[0]}); it is left as it is: move it "
-                "away or choose another --data-dir"
-            ) from None
-
-    def _open(self, database: Path) -> None:
-        """Check the database is the gallery's (or empty) before anything is written to it, then bring its
-        schema up to date."""
-        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
-        if tables and not {"id", "prompt", "seed"} <= columns:
-            raise DataDirError(f"another program's tables: {', '.join(sorted(tables)[:5])}")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
-        for column, statement in MIGRATIONS.items():
-            if column not in columns:
-                self._db.execute(statement)
-        self._db.execute(OWNER_INDEX)
 
     def close(self) -> None:
         with self._lock:

@@ -12,7 +12,6 @@ a denoising step, and keeping them in order with the loop's own events needs no 
 
 from __future__ import annotations
 
-import os
 import secrets
 import sqlite3
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from muse.core.jobcodec import error_to_json, request_from_json, request_to_json, result_to_json
 from muse.core.tickets import Ticket, TicketState
-from muse.datadir import DataDirError
+from muse.datadir import DataDirError, open_database
 from muse.messages import GenerateRequest
 
 FILE_NAME = "jobs.sqlite3"
@@ -91,27 +90,20 @@ class Event:
     last_error: str
 
 
+def prepare(db: sqlite3.Connection) -> None:
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables - {"jobs", "outbox", "sqlite_sequence"}:
+        raise DataDirError(f"another program's tables: {', '.join(sorted(tables)[:5])}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+
+
 class JobStore:
     def __init__(self, data_dir: Path) -> None:
-        path = Path(data_dir) / FILE_NAME
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # made 0600 before SQLite makes it 0644
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._db = open_database(Path(data_dir) / FILE_NAME, "Muse's job store", prepare)
         self._lock = threading.Lock()
-        try:
-            with self._lock:
-                tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if tables - {"jobs", "outbox", "sqlite_sequence"}:
-                    raise DataDirError(f"another program's tables: {', '.join(sorted(tables)[:5])}")
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
-        except (sqlite3.DatabaseError, DataDirError) as exc:
-            self._db.close()
-            raise DataDirError(
-                f"{path} is not Muse's job store ({str(exc).splitlines()[0]}); it is left as it is: move it away "
-                "or choose another --data-dir"
-            ) from None
 
     def close(self) -> None:
         with self._lock:

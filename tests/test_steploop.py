@@ -1,11 +1,11 @@
 """The step worker's loop (muse.worker.steploop) on a real tiny pipeline, without a pipe: how much text
-encoding a running batch lets in per step boundary."""
+encoding a running batch lets in per step boundary, and where finished images are encoded."""
 
 from __future__ import annotations
 
 import torch
 
-from muse.messages import Assignment, BatchKey, ImageSpec
+from muse.messages import Assignment, BatchKey, ImageSpec, Result
 from muse.worker.pipeline import load_pipeline
 from muse.worker.steploop import StepLoop
 
@@ -52,7 +52,20 @@ def test_a_running_batch_admits_one_unet_call_of_text_encoding_per_boundary(tiny
         loop.admit()
         assert not loop.pending and len(loop.engine.slots) == 6
     finally:
-        loop.encoder.shutdown()
+        loop.close()
+
+
+def test_on_a_cpu_a_finished_assignment_is_encoded_and_sent_before_the_next_step(tiny_model: str) -> None:
+    """No PNG thread on a CPU: it would take a core from the denoiser's OpenMP threads mid-step."""
+    recorder = Recorder()
+    loop = StepLoop(recorder, load_pipeline(tiny_model, "cpu"), capacity=4)  # type: ignore[arg-type]
+    assert loop.encoder is None
+    loop.pending.extend(batches([1]))
+    loop.admit()
+    for _ in range(loop.engine.slots[0].request.steps):
+        loop.step()
+    results = [m for m in recorder.sent if isinstance(m, Result)]
+    assert [r.assignment_id for r in results] == ["b0"] and results[0].pngs[0].startswith(b"\x89PNG")
 
 
 def test_an_idle_engine_takes_every_waiting_batch_that_fits(tiny_model: str) -> None:
@@ -63,4 +76,4 @@ def test_an_idle_engine_takes_every_waiting_batch_that_fits(tiny_model: str) -> 
         loop.admit()
         assert len(loop.engine.slots) == 4 and [b.assignment_id for b in loop.pending] == ["b3"]
     finally:
-        loop.encoder.shutdown()
+        loop.close()

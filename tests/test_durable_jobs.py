@@ -3,9 +3,11 @@ and every job ends with the image its seed gives, each webhook delivered once pe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import secrets
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,14 @@ from typing import Any
 import httpx
 import numpy as np
 
+from muse.config import EMBEDDED_MODEL
+from muse.core.jobstore import JobStore
+from muse.core.tickets import Ticket
+from muse.messages import GenerateRequest
 from tests.pixels import pixels
 from tests.process import ServeProcess, serve_process
 from tests.receiver import Delivery, receiving
-from tests.serving import metric, wait_for
+from tests.serving import live_server, metric, settings, wait_for, wait_job
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 JOBS = 20
@@ -117,3 +123,25 @@ def test_a_stop_that_runs_out_of_drain_time_leaves_its_jobs_for_the_next_start(t
         )
         assert job["status"] == "succeeded" and [i["seed"] for i in job["result"]["images"]] == [3, 4]
         assert re.findall(r"jobs from the last run: (\d+) queued again", second.log.read_text())[-1] == "1"
+
+
+def test_a_job_row_that_cannot_be_read_back_fails_alone_and_the_others_run(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    loop = asyncio.new_event_loop()
+    try:
+        ids = []
+        for i in range(2):
+            request = GenerateRequest(f"a kept fox {i}", seed=40 + i, steps=4, guidance_scale=2.0, width=64, height=64)
+            ticket = Ticket(f"{i:016x}", request, loop.create_future(), 0.0, 0.0, None)
+            store.add(ticket)
+            ids.append(ticket.id)
+    finally:
+        loop.close()
+        store.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute("UPDATE jobs SET request = ? WHERE id = ?", ('{"prompt": 7, "from": "a later version"}', ids[0]))
+    with live_server(settings(EMBEDDED_MODEL, data_dir=str(tmp_path))) as server:
+        broken = wait_job(server, ids[0], {"failed"})
+        assert "read back" in broken["error"]["message"]
+        kept = wait_job(server, ids[1], {"succeeded", "failed"})
+        assert kept["status"] == "succeeded" and kept["seed"] == 41

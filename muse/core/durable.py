@@ -16,7 +16,8 @@ from muse.core.batcher import Batcher
 from muse.core.jobcodec import error_from_json, image_ids, result_from_json
 from muse.core.jobstore import Event, JobStore, StoredJob
 from muse.core.tickets import Ticket, TicketState
-from muse.errors import ShuttingDown
+from muse.errors import GenerationFailed, ShuttingDown
+from muse.messages import GenerateRequest
 
 log = logging.getLogger("muse.core.durable")
 
@@ -25,6 +26,14 @@ class Pictures(Protocol):
     """Where an ended job's images are read back from (muse.storage.Gallery)."""
 
     def png_path(self, image_id: str) -> Path | None: ...
+
+
+def request_of(job: StoredJob) -> GenerateRequest | None:
+    try:
+        return job.request
+    except (ValueError, KeyError, TypeError) as exc:
+        log.debug("job %s: %s", job.id, exc)
+        return None
 
 
 class DurableJobs:
@@ -58,10 +67,17 @@ class DurableJobs:
         """What the last process left: (ended jobs still within --job-ttl, unfinished jobs queued again)."""
         now = time.time()
         self.store.prune(now - self.job_ttl)
+        for job in self.store.unfinished():
+            if request_of(job) is None:
+                # Written by another version, or damaged: the job ends, said so, instead of stopping the start.
+                log.error("job %s: its request could not be read back; it fails", job.id)
+                self.store.fail(job.id, GenerationFailed("the job could not be read back after a restart"))
         ended = [self._ended_ticket(job) for job in self.store.ended_since(now - self.job_ttl)]
         queued = []
         for job in self.store.unfinished():
-            ticket = batcher.submit(job.request, owner=job.owner, ticket_id=job.id, created=job.created, restored=True)
+            request = request_of(job)
+            assert request is not None  # the others failed above
+            ticket = batcher.submit(request, owner=job.owner, ticket_id=job.id, created=job.created, restored=True)
             self._ids.add(ticket.id)
             queued.append(ticket)
         if ended or queued:
@@ -69,7 +85,8 @@ class DurableJobs:
         return ended, queued
 
     def _ended_ticket(self, job: StoredJob) -> Ticket:
-        request = job.request
+        # A request that cannot be read back still leaves its job readable: its state and error, no prompt.
+        request = request_of(job) or GenerateRequest("", 0, 0, 0.0, 0, 0)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         future.set_result(None)  # nobody awaits an ended job's future; it only has to be done
         ticket = Ticket(job.id, request, future, time.monotonic(), time.monotonic(), job.owner)  # type: ignore[arg-type]
@@ -79,7 +96,7 @@ class DurableJobs:
         ticket.error = error_from_json(job.error_json)
         ticket.step = request.denoising_steps
         saved = image_ids(job.result_json)
-        if job.result_json is not None:
+        if job.result_json is not None and request.steps:
             pngs = [self._png(image_id) for image_id in saved]
             if all(png is not None for png in pngs):
                 ticket.result = result_from_json(job.result_json, request, [p for p in pngs if p is not None])

@@ -22,6 +22,7 @@ from pathlib import Path
 from muse.core.jobcodec import error_to_json, request_from_json, request_to_json, result_to_json
 from muse.core.tickets import Ticket, TicketState
 from muse.datadir import DataDirError, open_database
+from muse.errors import MuseError
 from muse.messages import GenerateRequest
 
 FILE_NAME = "jobs.sqlite3"
@@ -162,6 +163,15 @@ class JobStore:
             ),
         )
         return event
+
+    def fail(self, job_id: str, error: MuseError) -> None:
+        """End a job that cannot run (its row could not be read back), without a ticket."""
+        self._write(
+            (
+                "UPDATE jobs SET state = ?, ended = ?, error = ? WHERE id = ?",
+                (TicketState.FAILED.value, time.time(), error_to_json(error), job_id),
+            )
+        )
 
     def webhook_url(self, job_id: str) -> str:
         with self._lock:

@@ -22,7 +22,7 @@ from muse.messages import GenerateRequest
 from tests.pixels import pixels
 from tests.process import ServeProcess, serve_process
 from tests.receiver import Delivery, receiving
-from tests.serving import live_server, metric, settings, wait_for, wait_job
+from tests.serving import job_status, live_server, metric, settings, submit_job, wait_for, wait_job
 
 SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 JOBS = 20
@@ -145,3 +145,22 @@ def test_a_job_row_that_cannot_be_read_back_fails_alone_and_the_others_run(tmp_p
         assert "read back" in broken["error"]["message"]
         kept = wait_job(server, ids[1], {"succeeded", "failed"})
         assert kept["status"] == "succeeded" and kept["seed"] == 41
+
+
+def test_a_drain_that_runs_out_of_time_tells_a_kept_job_it_runs_again_and_a_waiting_client_it_is_lost(
+    tmp_path: Path,
+) -> None:
+    configured = settings(EMBEDDED_MODEL, data_dir=str(tmp_path), drain_timeout=0.3)
+    with live_server(configured) as server:
+        job_id = submit_job(server, {"prompt": "a long one", "steps": 40, "n": 8, "seed": 5})
+        wait_job(server, job_id, {"running"})
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, f"{server.url}/api/generate", json={"prompt": "a short one"}, timeout=60)
+            wait_for(lambda: server.read(lambda m: m.batcher.queued_images) >= 1, 30, what="the request queued")
+            asyncio.run_coroutine_threadsafe(server.read(lambda m: m.drain()), server.loop).result(30)
+            answer = waiting.result(30)
+        job = job_status(server, job_id)
+        assert job["status"] == "failed" and "runs again, with the same id" in job["error"]["message"]
+        assert answer.status_code == 503 and "shut down before" in answer.json()["error"]["message"]
+    with live_server(configured) as again:
+        assert wait_job(again, job_id, {"succeeded", "failed"}, timeout=180)["status"] == "succeeded"

@@ -189,9 +189,10 @@ class Batcher:
         """Accept nothing new; what is queued or running carries on."""
         self.closed = True
 
-    def fail_all(self, error: MuseError) -> None:
+    def fail_all(self, error: Callable[[Ticket], MuseError]) -> None:
+        """End every queued and running ticket, each with the error `error` gives it."""
         for ticket in [*self.queue, *(t for f in self.inflight.values() for t in f.tickets)]:
-            self.cancel(ticket, error)
+            self.cancel(ticket, error(ticket))
 
     @property
     def queued_images(self) -> int:

@@ -48,6 +48,10 @@ class DurableJobs:
         self.store.add(ticket, webhook_url=webhook_url, base_url=base_url)
         self._ids.add(ticket.id)
 
+    def holds(self, ticket: Ticket) -> bool:
+        """Whether the ticket is a durable job of this process, not yet ended."""
+        return ticket.id in self._ids
+
     def ended(self, ticket: Ticket) -> None:
         if ticket.id not in self._ids:
             return

@@ -202,7 +202,13 @@ class Muse:
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         except TimeoutError:
-            self.batcher.fail_all(ShuttingDown("the server shut down before this request finished"))
+            lost = ShuttingDown("the server shut down before this request finished")
+            kept = ShuttingDown(
+                "the server stopped before this job finished; it runs again, with the same id, when the server "
+                "starts again on its data dir"
+            )
+            durable = self.durable
+            self.batcher.fail_all(lambda t: kept if durable is not None and durable.holds(t) else lost)
 
     async def stop(self) -> None:
         await self.drain()

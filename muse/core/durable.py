@@ -41,25 +41,26 @@ class DurableJobs:
         self.store = store
         self.pictures = pictures
         self.job_ttl = job_ttl
-        self._ids: set[str] = set()  # the live process's durable jobs not yet ended
+        # The live process's durable jobs not yet ended, with their webhook_url ("" for none).
+        self._ids: dict[str, str] = {}
         self.on_event: list[Callable[[Event], None]] = []
 
     def record(self, ticket: Ticket, *, webhook_url: str = "", base_url: str = "") -> None:
         self.store.add(ticket, webhook_url=webhook_url, base_url=base_url)
-        self._ids.add(ticket.id)
+        self._ids[ticket.id] = webhook_url
 
     def holds(self, ticket: Ticket) -> bool:
         """Whether the ticket is a durable job of this process, not yet ended."""
         return ticket.id in self._ids
 
     def ended(self, ticket: Ticket) -> None:
-        if ticket.id not in self._ids:
+        webhook_url = self._ids.pop(ticket.id, None)
+        if webhook_url is None:
             return
-        self._ids.discard(ticket.id)
         if isinstance(ticket.error, ShuttingDown):
             # Failed only because this process stops: the next one on this data dir runs it.
             return
-        event = self.store.end(ticket)
+        event = self.store.end(ticket, webhook_url)
         if event is not None:
             for hear in self.on_event:
                 hear(event)
@@ -71,18 +72,19 @@ class DurableJobs:
         """What the last process left: (ended jobs still within --job-ttl, unfinished jobs queued again)."""
         now = time.time()
         self.store.prune(now - self.job_ttl)
-        for job in self.store.unfinished():
-            if request_of(job) is None:
+        unfinished = [(job, request_of(job)) for job in self.store.unfinished()]
+        for job, request in unfinished:
+            if request is None:
                 # Written by another version, or damaged: the job ends, said so, instead of stopping the start.
                 log.error("job %s: its request could not be read back; it fails", job.id)
                 self.store.fail(job.id, GenerationFailed("the job could not be read back after a restart"))
         ended = [self._ended_ticket(job) for job in self.store.ended_since(now - self.job_ttl)]
         queued = []
-        for job in self.store.unfinished():
-            request = request_of(job)
-            assert request is not None  # the others failed above
+        for job, request in unfinished:
+            if request is None:
+                continue
             ticket = batcher.submit(request, owner=job.owner, ticket_id=job.id, created=job.created, restored=True)
-            self._ids.add(ticket.id)
+            self._ids[ticket.id] = job.webhook_url
             queued.append(ticket)
         if ended or queued:
             log.info("jobs from the last run: %d queued again, %d ended ones readable", len(queued), len(ended))

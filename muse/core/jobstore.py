@@ -141,8 +141,8 @@ class JobStore:
             )
         )
 
-    def end(self, ticket: Ticket) -> Event | None:
-        """Record how a job ended, and its webhook event (if it has a webhook) in the same transaction."""
+    def end(self, ticket: Ticket, webhook_url: str = "") -> Event | None:
+        """Record how a job ended, and its webhook event (if it has a `webhook_url`) in the same transaction."""
         assert ticket.done
         now = time.time()
         result = result_to_json(ticket.result, ticket.saved) if ticket.result is not None else None
@@ -150,7 +150,7 @@ class JobStore:
             "UPDATE jobs SET state = ?, ended = ?, error = ?, result = ? WHERE id = ?",
             (ticket.state.value, ticket.finished or now, error_to_json(ticket.error), result, ticket.id),
         )
-        url = self.webhook_url(ticket.id)
+        url = webhook_url
         if not url:
             self._write(update)
             return None
@@ -172,11 +172,6 @@ class JobStore:
                 (TicketState.FAILED.value, time.time(), error_to_json(error), job_id),
             )
         )
-
-    def webhook_url(self, job_id: str) -> str:
-        with self._lock:
-            row = self._db.execute("SELECT webhook_url FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return str(row[0]) if row else ""
 
     def job(self, job_id: str) -> StoredJob | None:
         with self._lock:

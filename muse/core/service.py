@@ -179,11 +179,9 @@ class Muse:
 
     def _restore(self, durable: DurableJobs) -> None:
         ended, queued = durable.restore(self.batcher)
-        loop = asyncio.get_running_loop()
         for ticket in ended:
             self.jobs[ticket.id] = ticket
-            expires = (ticket.finished or 0.0) + self.settings.job_ttl - time.time()
-            loop.call_later(max(0.0, expires), self._drop_job, ticket.id)
+            self._drop_later(ticket)
         for ticket in queued:
             self.jobs[ticket.id] = ticket
 
@@ -297,6 +295,11 @@ class Muse:
             self._drop_job(job_id)
         self.jobs[ticket.id] = ticket
 
+    def _drop_later(self, ticket: Ticket) -> None:
+        """An ended job goes --job-ttl after it ended."""
+        expires = (ticket.finished or time.time()) + self.settings.job_ttl - time.time()
+        asyncio.get_running_loop().call_later(max(0.0, expires), self._drop_job, ticket.id)
+
     def _drop_job(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
         if self.durable is not None:
@@ -362,8 +365,7 @@ class Muse:
             m.compute_seconds.observe(t.compute_ms / 1000)
             m.total_seconds.observe(t.total_ms / 1000)
         if ticket.id in self.jobs:
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.settings.job_ttl, self._drop_job, ticket.id)
+            self._drop_later(ticket)
 
     def _occupancy(self) -> float:
         running, capacity = self.pool.image_use()

@@ -20,6 +20,7 @@ from muse.worker.families.base import (
     source_mask,
     source_picture,
 )
+from muse.worker.families.negatives import NegativeCache, Parts, encode_prompts
 from muse.worker.slots import SlotRequest
 
 # Pipeline class -> the UNet's extra conditioning it needs (addition_embed_type).
@@ -42,6 +43,7 @@ class StableDiffusionFamily:
         self.latent_channels = pipe.vae.config.latent_channels if self.inpainting else pipe.unet.config.in_channels
         self.takes_images = True
         self.masks = mask_processor(pipe.vae_scale_factor)  # StableDiffusionInpaintPipeline's
+        self.negatives = NegativeCache()
 
     @staticmethod
     def knows(pipe: Any) -> bool:
@@ -55,24 +57,30 @@ class StableDiffusionFamily:
         )
 
     def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
-        pipe, device = self.pipe, self.device
-        prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
-        pooled = negative_pooled = None
-        if self.xl:
-            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                negative_prompt=negatives,
-            )  # fmt: skip
-        else:
-            positive, negative = pipe.encode_prompt(prompts, device, 1, True, negatives)
         conditioning = []
-        for i, request in enumerate(requests):
-            guided = request.guidance_scale > 1
-            rows = {"encoder_hidden_states": guided_rows(negative[i : i + 1], positive[i : i + 1], guided)}
-            if pooled is not None and negative_pooled is not None:
-                rows |= self._size_conditioning(request, pooled[i : i + 1], negative_pooled[i : i + 1], guided)
+        for request, (positive, negative) in zip(
+            requests, encode_prompts(self.negatives, requests, self._encode_prompts), strict=True
+        ):
+            guided = negative is not None
+            negative = negative or positive  # an unguided image has no negative rows
+            rows = {"encoder_hidden_states": guided_rows(negative[0], positive[0], guided)}
+            if self.xl:
+                rows |= self._size_conditioning(request, positive[1], negative[1], guided)
             conditioning.append(Conditioning(rows, guided))
         return conditioning
+
+    def _encode_prompts(self, prompts: list[str], negatives: list[str] | None) -> tuple[Parts, Parts | None]:
+        """The pipeline's `encode_prompt`: embeddings (and SDXL's pooled embeddings) of the prompts, and of the
+        negative prompts unless None."""
+        pipe, device, guided = self.pipe, self.device, negatives is not None
+        if self.xl:
+            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=negatives,
+            )  # fmt: skip
+            return (positive, pooled), ((negative, negative_pooled) if guided else None)
+        positive, negative = pipe.encode_prompt(prompts, device, 1, guided, negatives)
+        return (positive,), ((negative,) if guided else None)
 
     def _size_conditioning(
         self, request: SlotRequest, pooled: torch.Tensor, negative_pooled: torch.Tensor, guided: bool

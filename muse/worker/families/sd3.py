@@ -12,6 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from muse.worker.families.base import Conditioning, VaeDecode, guided_rows
 from muse.worker.families.flow import FlowPictures, decode_flow, is_flow, shift
+from muse.worker.families.negatives import NegativeCache, Parts, encode_prompts
 from muse.worker.slots import SlotRequest
 
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
@@ -24,6 +25,7 @@ class SD3Family(FlowPictures):
         self.pipe = pipe
         self.denoiser = pipe.transformer
         self.device = pipe._execution_device
+        self.negatives = NegativeCache()
 
     @staticmethod
     def knows(pipe: Any) -> bool:
@@ -34,20 +36,25 @@ class SD3Family(FlowPictures):
         )
 
     def encode(self, requests: list[SlotRequest]) -> list[Conditioning]:
-        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-            prompt=[r.prompt for r in requests], prompt_2=None, prompt_3=None, device=self.device,
-            num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=[r.negative_prompt for r in requests], max_sequence_length=MAX_SEQUENCE_LENGTH,
-        )  # fmt: skip
         conditioning = []
-        for i, request in enumerate(requests):
-            guided = request.guidance_scale > 1
+        for positive, negative in encode_prompts(self.negatives, requests, self._encode_prompts):
+            guided = negative is not None
+            negative = negative or positive  # an unguided image has no negative rows
             rows = {
-                "encoder_hidden_states": guided_rows(negative[i : i + 1], embeds[i : i + 1], guided),
-                "pooled_projections": guided_rows(negative_pooled[i : i + 1], pooled[i : i + 1], guided),
+                "encoder_hidden_states": guided_rows(negative[0], positive[0], guided),
+                "pooled_projections": guided_rows(negative[1], positive[1], guided),
             }
             conditioning.append(Conditioning(rows, guided))
         return conditioning
+
+    def _encode_prompts(self, prompts: list[str], negatives: list[str] | None) -> tuple[Parts, Parts | None]:
+        guided = negatives is not None
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            num_images_per_prompt=1, do_classifier_free_guidance=guided,
+            negative_prompt=negatives, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )  # fmt: skip
+        return (embeds, pooled), ((negative, negative_pooled) if guided else None)
 
     def _latent_size(self, width: int, height: int) -> tuple[int, int]:
         scale = self.pipe.vae_scale_factor

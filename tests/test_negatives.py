@@ -60,7 +60,12 @@ def test_a_negative_prompt_seen_before_is_not_encoded_again(loaded: LoadedPipeli
     assert encoder_calls[5:] == [1]
 
     fresh = StepEngine(loaded)  # its own cache: everything encoded as the pipeline encodes it
-    for slot_id, kw in [("second", {}), ("sixth", {"negative_prompt": "blurry"}), ("third", {"guidance_scale": 1.0})]:
+    again: list[tuple[str, dict[str, Any]]] = [
+        ("second", {}),
+        ("sixth", {"negative_prompt": "blurry"}),
+        ("third", {"guidance_scale": 1.0}),
+    ]
+    for slot_id, kw in again:
         fresh.admit([request(slot_id, loaded, **kw)])
         cached, encoded = rows(engine, slot_id), rows(fresh, slot_id)
         assert cached.keys() == encoded.keys()

@@ -90,9 +90,10 @@ class Muse:
             capacity=lambda: max(1, len(self.pool.workers)),
             on_demand=lambda: self.autoscaler.poke(),
             interrupt_grace=settings.interrupt_grace,
-            # One image queued in each running step worker: under load a freed slot refills at the next step,
-            # and the fair queue's order holds beyond that one image.
-            step_prefetch=1,
+            # Two images queued in each running step worker: under load a freed slot refills at the next step,
+            # the text of the second is encoded with the first's (muse.worker.steploop), and the fair queue's
+            # order holds beyond those two.
+            step_prefetch=2,
         )
         self.autoscaler = Autoscaler(
             self.pool,

@@ -190,15 +190,31 @@ class StepEngine:
     # ---- joining --------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def admit(self, requests: list[SlotRequest]) -> list[Slot]:
-        """Prepare and add slots (their text encoded together); they take their first step at the next `step()`."""
+    def encode(self, requests: Sequence[SlotRequest]) -> list[Conditioning]:
+        """The requests' text conditioning, their prompts encoded together (each row under its LoRAs, which
+        must be loaded)."""
+        if not requests:
+            return []
+        adapters = [self._adapters(r) for r in requests]
+        with self._rows(Plan.of(adapters, len(requests), self.device)):
+            return self.family.encode(list(requests))
+
+    def _adapters(self, request: SlotRequest) -> tuple[tuple[str, float], ...]:
+        return self.loras.adapters(request.loras) if self.loras and request.loras else ()
+
+    @torch.inference_mode()
+    def admit(self, requests: list[SlotRequest], encoded: Sequence[Conditioning | None] = ()) -> list[Slot]:
+        """Prepare and add slots; they take their first step at the next `step()`. `encoded`: conditioning
+        already made for some of them (`encode`, earlier), None for the others, whose text is encoded here
+        together."""
         if not requests:
             return []
         keys = {r.step_key for r in requests} | ({self.step_key} if self.step_key else set())
         assert len(keys) == 1, f"one StepKey at a time, not {keys}"
-        adapters = [self.loras.adapters(r.loras) if self.loras and r.loras else () for r in requests]
-        with self._rows(Plan.of(adapters, len(requests), self.device)):
-            conditioning = self.family.encode(requests)
+        adapters = [self._adapters(r) for r in requests]
+        given = list(encoded) or [None] * len(requests)
+        fresh = iter(self.encode([r for r, c in zip(requests, given, strict=True) if c is None]))
+        conditioning = [c if c is not None else next(fresh) for c in given]
         dtype = next(iter(conditioning[0].rows.values())).dtype
         admitted = []
         for request, rows, rows_adapters in zip(requests, conditioning, adapters, strict=True):

@@ -79,6 +79,28 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_steploop_script_compares_the_loop_with_and_without_its_batching_at_tiny_size(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "steploop"
+    command = [
+        sys.executable, str(BENCH / "steploop.py"), "--model", tiny_model, "--images", "24", "--rate", "200",
+        "--steps", "4", "--rounds", "1", "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    (row,) = report["rounds"]
+    assert row["direct"] > 0
+    for name in ("plain", "batched"):
+        assert RATIO_BAND[0] < row[name]["over_direct"] < RATIO_BAND[1], (name, row)
+        assert row[name]["outside_unet"] > 0 and row[name]["images_per_decode"] >= 1, (name, row)
+    # The plain loop encodes each image's prompt and its negative prompt in calls of their own; the batched
+    # one keeps the negative prompt's embeddings and encodes waiting images' text with an admission's.
+    assert row["batched"]["encoder_calls_per_image"] < row["plain"]["encoder_calls_per_image"], row
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
 def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "families"
     command = [

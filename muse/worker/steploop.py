@@ -325,9 +325,12 @@ class StepLoop:
         return soon and self.grouping_pays()
 
     def grouping_pays(self) -> bool:
+        """Whether the largest decode measured cost each image at most HOLD_GAIN of a lone one; before any
+        decode of several was measured, yes (the first hold measures it: images that start one at a time
+        may never finish together otherwise)."""
         one = self.decode_s.get(1)
         n = max(self.decode_s, default=1)
-        return one is not None and n > 1 and self.decode_s[n] / n <= HOLD_GAIN * one
+        return one is not None and (n == 1 or self.decode_s[n] / n <= HOLD_GAIN * one)
 
     def report_progress(self, finished: list[Slot]) -> None:
         moved: list[Progress] = []
@@ -356,7 +359,7 @@ class StepLoop:
                 self.finish_step(self.engine.device)
             self.decode_s[len(slots)] = ewma(self.decode_s.get(len(slots), 0.0), time.perf_counter() - started)
         except Exception as exc:
-            for assignment_id in {owner_of(s)[0] for s in slots}:
+            for assignment_id in dict.fromkeys(owner_of(s)[0] for s in slots):  # in finishing order
                 self.fail(assignment_id, exc)
             return
         for row, slot in enumerate(slots):
@@ -364,7 +367,7 @@ class StepLoop:
             run = self.running.get(assignment_id)
             if run is not None:
                 run.pictures[index] = (decoded, row)
-        for assignment_id in {owner_of(s)[0] for s in slots}:
+        for assignment_id in dict.fromkeys(owner_of(s)[0] for s in slots):  # in finishing order
             run = self.running.get(assignment_id)
             if run is not None and run.decoded:
                 del self.running[assignment_id]

@@ -1,0 +1,244 @@
+"""The step worker's loop alone under open-loop arrivals: what batching admissions and decodes buys.
+
+    python benchmarks/steploop.py [--rate 14] [--images 160] [--rounds 3] [--model DIR] [--steps 25]
+
+No server, no client, no pipe: the loop (muse.worker.steploop) runs in this process against a stand-in
+parent that releases one-image requests on a Poisson clock (a rate above capacity: saturated, images start
+and finish one at a time) and keeps at most capacity + `--ahead` of them in the worker, as the batcher does.
+Each round runs, in rotating order, the direct `pipe()` loop at batch 8 and the loop twice: `batched` as it
+ships (negative prompts' embeddings kept, the text of images waiting behind an admission encoded with it,
+finished images held up to two steps under load to be decoded together), and `plain` with those three off
+(one image taken ahead, as before they existed). The machine drifts by tens of percent over minutes, so
+compare within a round. Per run: images/s, ÷ the round's direct loop, the share of the worker's time outside
+its UNet calls (admissions, decodes, PNGs, messages), images per decode, and text-encoder calls per image.
+Prints a table, writes benchmarks/results/steploop.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import RESULTS, write_report
+
+from muse.config import EMBEDDED_MODEL
+from muse.messages import Assignment, BatchKey, Failure, ImageSpec, Result, Stop
+from muse.worker import steploop
+from muse.worker.channel import Channel
+from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch, warm_up
+
+CAPACITY = 8
+
+
+class Arrivals(Channel):
+    """The parent, reduced to a Poisson clock: request i is sent once it has arrived and fewer than
+    capacity + `ahead` are in the worker; the loop is told to stop once every answer is back."""
+
+    def __init__(self, key: BatchKey, images: int, rate: float, ahead: int, seed: int) -> None:
+        super().__init__()
+        self.key, self.images, self.ahead = key, images, ahead
+        rng = random.Random(seed)
+        clock, self.arrivals = 0.0, []
+        for _ in range(images):
+            clock += rng.expovariate(rate)
+            self.arrivals.append(clock)
+        self.begin = time.perf_counter()
+        self.inbox: list[object] = []
+        self.sent = self.answered = 0
+        self.stopped = False
+
+    def release(self) -> None:
+        now = time.perf_counter() - self.begin
+        while (
+            self.sent < self.images
+            and self.arrivals[self.sent] <= now
+            and self.sent - self.answered < CAPACITY + self.ahead
+        ):
+            spec = ImageSpec(f"a red circle on a blue background, number {self.sent}", "", self.sent)
+            self.inbox.append(Assignment(f"r{self.sent}", [spec], self.key))
+            self.sent += 1
+        if self.answered == self.images and not self.stopped:
+            self.stopped = True
+            self.inbox.append(Stop())
+
+    def _send(self, message: object) -> None:
+        if isinstance(message, Failure):
+            raise RuntimeError(message.message)
+        if isinstance(message, Result):
+            self.answered += 1
+
+    def _recv(self) -> object:
+        while True:
+            self.release()
+            if self.inbox:
+                return self.inbox.pop(0)
+            time.sleep(0.001)  # the stand-in parent's clock: nothing else to wait on in one thread
+
+    def _poll(self) -> bool:
+        self.release()
+        return bool(self.inbox)
+
+
+@contextmanager
+def plain() -> Iterator[None]:
+    """The loop without its batching of admissions and decodes."""
+    hold, ahead = steploop.HOLD_STEPS, steploop.StepLoop.encode_ahead
+    steploop.HOLD_STEPS = 0
+
+    def alone(self: Any, joining: list[Assignment], key: Any, spare: int) -> Any:
+        return ahead(self, joining, key, 0)  # no spare budget: no waiting image's text in the call
+
+    steploop.StepLoop.encode_ahead = alone  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        steploop.HOLD_STEPS = hold
+        steploop.StepLoop.encode_ahead = ahead  # type: ignore[method-assign]
+
+
+def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, batched: bool, seed: int) -> dict[str, Any]:
+    key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
+    channel = Arrivals(key, args.images, args.rate, args.ahead if batched else 1, seed)
+    loop = steploop.StepLoop(channel, loaded, CAPACITY)
+    if not batched:
+        loop.engine.family.negatives.size = 0  # type: ignore[attr-defined]
+    unet = [0.0]
+    decodes: list[int] = []
+    encodes = [0]
+    step, decode_start = loop.engine.step, loop.engine.decode_start
+
+    def timed_step() -> Any:
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            unet[0] += time.perf_counter() - started
+
+    def counted_decode(slots: list[Any]) -> Any:
+        decodes.append(len(slots))
+        return decode_start(slots)
+
+    loop.engine.step = timed_step  # type: ignore[method-assign]
+    loop.engine.decode_start = counted_decode  # type: ignore[method-assign]
+    hook = loaded.pipe.text_encoder.register_forward_hook(lambda *_: encodes.__setitem__(0, encodes[0] + 1))
+    started = time.perf_counter()
+    try:
+        with plain() if not batched else contextlib.nullcontext():
+            loop.run()
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - started
+    if channel.answered != args.images:
+        raise RuntimeError(f"{channel.answered} of {args.images} answered")
+    return {
+        "img_s": args.images / seconds,
+        "outside_unet": (seconds - unet[0]) / unet[0],
+        "images_per_decode": statistics.fmean(decodes),
+        "encoder_calls_per_image": encodes[0] / args.images,
+    }
+
+
+def direct(loaded: LoadedPipeline, args: argparse.Namespace) -> float:
+    key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
+    started, done = time.perf_counter(), 0
+    while done < args.images:
+        specs = [ImageSpec(f"a red circle on a blue background, number {done + i}", "", done + i) for i in range(8)]
+        run_batch(loaded, Assignment("direct", specs, key), lambda step: True)
+        done += len(specs)
+    return done / (time.perf_counter() - started)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = report["rounds"]
+    x = range(1, len(rounds) + 1)
+    for name in ("plain", "batched"):
+        ax.plot(x, [r[name]["over_direct"] for r in rounds], marker="o", label=name)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("images/s ÷ direct batch 8")
+    ax.set_title(f"step loop alone, Poisson {report['rate']}/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
+    parser.add_argument("--rate", type=float, default=14.0, help="arrivals per second (above capacity)")
+    parser.add_argument("--images", type=int, default=160, help="images per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--ahead", type=int, default=2, help="images the worker holds beyond its capacity")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "steploop"), help="path without extension")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    loaded = load_pipeline(args.model, "cpu")
+    warm_up(loaded)
+    rounds = []
+    for i in range(args.rounds):
+        order = ["direct", "plain", "batched"]
+        order = order[i % 3 :] + order[: i % 3]
+        row: dict[str, Any] = {}
+        for name in order:
+            row[name] = direct(loaded, args) if name == "direct" else run_loop(loaded, args, name == "batched", i)
+        for name in ("plain", "batched"):
+            row[name]["over_direct"] = row[name]["img_s"] / row["direct"]
+        rounds.append(row)
+        print(
+            f"round {i + 1}: direct {row['direct']:.2f} img/s | "
+            + " | ".join(
+                f"{name} {row[name]['img_s']:.2f} img/s ({row[name]['over_direct']:.3f} x), outside UNet "
+                f"{row[name]['outside_unet'] * 100:.1f} %, {row[name]['images_per_decode']:.2f} per decode, "
+                f"{row[name]['encoder_calls_per_image']:.2f} encoder calls/image"
+                for name in ("plain", "batched")
+            ),
+            flush=True,
+        )
+    summary = {
+        name: {
+            field: statistics.median(r[name][field] for r in rounds)
+            for field in ("over_direct", "outside_unet", "images_per_decode", "encoder_calls_per_image")
+        }
+        for name in ("plain", "batched")
+    }
+    print(f"\n{'median':<8} {'÷ direct':>9} {'outside UNet':>13} {'per decode':>11} {'encoder calls':>14}")
+    for name, s in summary.items():
+        print(
+            f"{name:<8} {s['over_direct']:>9.3f} {s['outside_unet'] * 100:>12.1f}% "
+            f"{s['images_per_decode']:>11.2f} {s['encoder_calls_per_image']:>14.2f}"
+        )
+    report = {
+        "model": Path(args.model).name,
+        "rate": args.rate,
+        "images": args.images,
+        "steps": args.steps,
+        "ahead": args.ahead,
+        "rounds": rounds,
+        "median": summary,
+    }
+    write_report(report, Path(args.out), plot)
+
+
+if __name__ == "__main__":
+    main()

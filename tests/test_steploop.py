@@ -10,7 +10,7 @@ import torch
 
 from muse.messages import Assignment, BatchKey, Failure, ImageSpec, Result
 from muse.worker.pipeline import load_pipeline
-from muse.worker.steploop import StepLoop, slot_requests
+from muse.worker.steploop import REMEASURE_EVERY, StepLoop, slot_requests
 
 
 class Recorder:
@@ -134,7 +134,7 @@ def test_an_assignment_interrupted_after_its_text_was_encoded_ahead_leaves_nothi
         loop.close()
 
 
-def staggered(tiny_model: str, waiting: bool, decode_s: dict[int, float]) -> tuple[StepLoop, Recorder, list[int]]:
+def staggered(tiny_model: str, waiting: bool, decode_cost: dict[int, float]) -> tuple[StepLoop, Recorder, list[int]]:
     """Two one-image Assignments of 4 steps, the second admitted a step after the first; when `waiting`, a
     third waits for a slot. Returns the loop about to run the step where the first finishes."""
     recorder = Recorder()
@@ -149,7 +149,7 @@ def staggered(tiny_model: str, waiting: bool, decode_s: dict[int, float]) -> tup
     loop.step()
     if waiting:
         loop.pending.append(third)
-    loop.decode_s = dict(decode_s)
+    loop.decode_cost = dict(decode_cost)
     sizes: list[int] = []
     decode_start = loop.engine.decode_start
 
@@ -165,29 +165,29 @@ def results(recorder: Recorder) -> list[str]:
     return [m.assignment_id for m in recorder.sent if isinstance(m, Result)]
 
 
-CHEAPER_TOGETHER = {1: 0.010, 2: 0.012}
+CHEAPER_TOGETHER = {1: 0.20, 2: 0.24}  # in UNet calls
 
 
 def test_under_load_an_image_finishing_a_step_before_another_is_decoded_with_it(tiny_model: str) -> None:
     # Measured cheaper together, or not measured together yet (the hold measures it).
-    for decode_s in [CHEAPER_TOGETHER, {1: 0.010}]:
-        loop, recorder, sizes = staggered(tiny_model, waiting=True, decode_s=decode_s)
+    for decode_cost in [CHEAPER_TOGETHER, {1: 0.20}]:
+        loop, recorder, sizes = staggered(tiny_model, waiting=True, decode_cost=decode_cost)
         try:
             loop.step()  # the first finishes; the second finishes at the next step
             assert results(recorder) == [] and len(loop.held) == 1
             loop.step()
             assert sizes == [2] and results(recorder) == ["b0", "b1"] and not loop.held
-            assert set(loop.decode_s) == {1, 2}
+            assert set(loop.decode_cost) == {1, 2}
         finally:
             loop.close()
 
 
 def test_without_waiting_images_or_a_cheaper_decode_each_image_is_decoded_when_it_finishes(tiny_model: str) -> None:
-    for waiting, decode_s in [(False, CHEAPER_TOGETHER), (True, {1: 0.010, 2: 0.019}), (True, {})]:
-        loop, recorder, sizes = staggered(tiny_model, waiting, decode_s)
+    for waiting, decode_cost in [(False, CHEAPER_TOGETHER), (True, {1: 0.20, 2: 0.38}), (True, {})]:
+        loop, recorder, sizes = staggered(tiny_model, waiting, decode_cost)
         try:
             loop.step()
-            assert results(recorder) == ["b0"], (waiting, decode_s)
+            assert results(recorder) == ["b0"], (waiting, decode_cost)
             loop.step()
             assert sizes == [1, 1] and results(recorder) == ["b0", "b1"]
         finally:
@@ -195,12 +195,22 @@ def test_without_waiting_images_or_a_cheaper_decode_each_image_is_decoded_when_i
 
 
 def test_a_held_image_interrupted_is_not_decoded_and_the_other_is(tiny_model: str) -> None:
-    loop, recorder, sizes = staggered(tiny_model, waiting=True, decode_s=CHEAPER_TOGETHER)
+    loop, recorder, sizes = staggered(tiny_model, waiting=True, decode_cost=CHEAPER_TOGETHER)
     try:
         loop.step()
         loop.interrupt("b0")
         loop.step()
         assert sizes == [1] and results(recorder) == ["b1"] and not loop.held
         assert any(isinstance(m, Failure) and m.assignment_id == "b0" and m.interrupted for m in recorder.sent)
+    finally:
+        loop.close()
+
+
+def test_a_decode_of_several_that_did_not_pay_is_measured_again_now_and_then(tiny_model: str) -> None:
+    loop = StepLoop(Recorder(), load_pipeline(tiny_model, "cpu"), capacity=2)  # type: ignore[arg-type]
+    try:
+        loop.decode_cost = {1: 0.20, 2: 0.38}
+        chances = [loop.grouping_pays() for _ in range(2 * REMEASURE_EVERY)]
+        assert chances.count(True) == 2 and chances[REMEASURE_EVERY - 1] and chances[-1]
     finally:
         loop.close()

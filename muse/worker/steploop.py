@@ -42,6 +42,9 @@ HOLD_STEPS = 2
 # small latents on a CPU (the embedded model: 5.6 ms each in a pair, 4.7 in eight, against 8.3 alone), not of
 # a 512-pixel VAE, whose decode grows with its images.
 HOLD_GAIN = 0.8
+# A worker whose decodes of several did not pay still holds one chance in this many, to measure again: the
+# comparison rests on a few samples, and one taken in a slow moment must not settle it for good.
+REMEASURE_EVERY = 16
 
 
 @dataclass(eq=False)
@@ -105,7 +108,10 @@ class StepLoop:
         # Finished images whose decode waits for others finishing a step or two later (see hold).
         self.held: list[Slot] = []
         self.held_since = 0  # the UNet call after which the oldest of them finished
-        self.decode_s: dict[int, float] = {}  # running average seconds of a decode, by its images
+        # A decode's running average cost by its images, in UNet calls (its seconds ÷ the step time then): the
+        # machine's speed drifts by tens of percent within minutes here, and decodes of several are rare.
+        self.decode_cost: dict[int, float] = {}
+        self.declined = 0  # holds that did not pay since the last one made
         # One thread, on an accelerator only: PNGs leave in the order their Assignments finished, and it never
         # competes for more than one core with the denoising.
         on_cpu = torch.device(self.engine.device).type == "cpu"
@@ -325,12 +331,17 @@ class StepLoop:
         return soon and self.grouping_pays()
 
     def grouping_pays(self) -> bool:
-        """Whether the largest decode measured cost each image at most HOLD_GAIN of a lone one; before any
-        decode of several was measured, yes (the first hold measures it: images that start one at a time
-        may never finish together otherwise)."""
-        one = self.decode_s.get(1)
-        n = max(self.decode_s, default=1)
-        return one is not None and (n == 1 or self.decode_s[n] / n <= HOLD_GAIN * one)
+        """Whether the largest decode measured cost each image at most HOLD_GAIN of a lone one. Before any
+        decode of several was measured, and once in REMEASURE_EVERY chances after, yes: the hold measures it
+        (images that start one at a time may never finish together otherwise)."""
+        one = self.decode_cost.get(1)
+        n = max(self.decode_cost, default=1)
+        if one is None:
+            return False
+        if n == 1 or self.decode_cost[n] / n <= HOLD_GAIN * one:
+            return True
+        self.declined += 1
+        return self.declined % REMEASURE_EVERY == 0
 
     def report_progress(self, finished: list[Slot]) -> None:
         moved: list[Progress] = []
@@ -357,7 +368,9 @@ class StepLoop:
             decoded = self.engine.decode_start(slots)
             if self.finish_step is not None:
                 self.finish_step(self.engine.device)
-            self.decode_s[len(slots)] = ewma(self.decode_s.get(len(slots), 0.0), time.perf_counter() - started)
+            if self.step_s:
+                cost = (time.perf_counter() - started) / self.step_s
+                self.decode_cost[len(slots)] = ewma(self.decode_cost.get(len(slots), 0.0), cost)
         except Exception as exc:
             for assignment_id in dict.fromkeys(owner_of(s)[0] for s in slots):  # in finishing order
                 self.fail(assignment_id, exc)

@@ -4,11 +4,12 @@
 
 No server, no client, no pipe: the loop (muse.worker.steploop) runs in this process against a stand-in
 parent that releases one-image requests on a Poisson clock (a rate above capacity: saturated, images start
-and finish one at a time) and keeps at most capacity + `--ahead` of them in the worker, as the batcher does.
+and finish one at a time) and keeps at most capacity + `--ahead` (1, as the service asks) of them in the
+worker, as the batcher does.
 Each round runs, in rotating order, the direct `pipe()` loop at batch 8 and the loop twice: `batched` as it
 ships (negative prompts' embeddings kept, the text of images waiting behind an admission encoded with it,
 finished images held up to two steps under load to be decoded together), and `plain` with those three off
-(one image taken ahead, as before they existed). The machine drifts by tens of percent over minutes, so
+(`--ahead` images taken ahead in both). The machine drifts by tens of percent over minutes, so
 compare within a round. Per run: images/s, ÷ the round's direct loop, the share of the worker's time outside
 its UNet calls (admissions, decodes, PNGs, messages), images per decode, and text-encoder calls per image.
 Prints a table, writes benchmarks/results/steploop.json and .png.
@@ -110,7 +111,7 @@ def plain() -> Iterator[None]:
 
 def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, batched: bool, seed: int) -> dict[str, Any]:
     key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
-    channel = Arrivals(key, args.images, args.rate, args.ahead if batched else 1, seed)
+    channel = Arrivals(key, args.images, args.rate, args.ahead, seed)
     loop = steploop.StepLoop(channel, loaded, CAPACITY)
     if not batched:
         loop.engine.family.negatives.size = 0  # type: ignore[attr-defined]
@@ -187,7 +188,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160, help="images per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--ahead", type=int, default=2, help="images the worker holds beyond its capacity")
+    parser.add_argument("--ahead", type=int, default=1, help="images the worker holds beyond its capacity")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "steploop"), help="path without extension")
     args = parser.parse_args()

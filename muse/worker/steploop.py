@@ -321,10 +321,12 @@ class StepLoop:
 
     def hold(self) -> bool:
         """Whether the finished images wait to be decoded with images finishing at most HOLD_STEPS after the
-        oldest of them: only while images wait for a slot (the decode's cost is then everyone's capacity; a
-        finished image's slot is refilled at once, only its Result waits), and only where a decode of several
-        was measured cheaper per image (HOLD_GAIN). An idle or stopping worker decodes at once."""
-        if not self.pending or self.channel.stop_requested or len(self.held) >= self.capacity:
+        oldest of them: only while every slot is in use or about to be refilled from the images waiting (the
+        decode's cost is then everyone's capacity; a finished image's slot is refilled at once, only its Result
+        waits), and only where a decode of several was measured cheaper per image (HOLD_GAIN). A worker with
+        free slots, or stopping, decodes at once."""
+        busy = len(self.engine.slots) + len(self.pending) >= self.capacity  # every slot in use, or refilled next
+        if not busy or self.channel.stop_requested or len(self.held) >= self.capacity:
             return False
         left = HOLD_STEPS - (self.unet_calls - self.held_since)
         soon = any(len(s.timesteps) - s.index <= left for s in self.engine.slots)

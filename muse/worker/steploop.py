@@ -368,9 +368,9 @@ class StepLoop:
         started = time.perf_counter()
         try:
             decoded = self.engine.decode_start(slots)
-            if self.finish_step is not None:
-                self.finish_step(self.engine.device)
-            if self.step_s:
+            # Timed where it runs in line: on a CUDA card timing it would wait for the card, which the next step
+            # need not do; a card's decodes are never held (a full-size VAE's cost grows with its images).
+            if self.finish_step is None and self.step_s:
                 cost = (time.perf_counter() - started) / self.step_s
                 self.decode_cost[len(slots)] = ewma(self.decode_cost.get(len(slots), 0.0), cost)
         except Exception as exc:

@@ -111,7 +111,7 @@ class StepLoop:
         # A decode's running average cost by its images, in UNet calls (its seconds ÷ the step time then): the
         # machine's speed drifts by tens of percent within minutes here, and decodes of several are rare.
         self.decode_cost: dict[int, float] = {}
-        self.declined = 0  # holds that did not pay since the last one made
+        self.declined = 0  # chances to hold declined because a decode of several did not pay
         # One thread, on an accelerator only: PNGs leave in the order their Assignments finished, and it never
         # competes for more than one core with the denoising.
         on_cpu = torch.device(self.engine.device).type == "cpu"
@@ -253,9 +253,10 @@ class StepLoop:
             # Each is encoded again at its own admission, where a failure is its own alone.
             log.debug("encoding ahead failed", exc_info=True)
             return ready, 0
+        kept = {w.assignment_id for w in riders}  # by id: Assignments compare by value, images and all
         for work in batch:
             made = [next(conditioning) for _ in work.images]
-            (ready if work in needed else self.encoded)[work.assignment_id] = made
+            (self.encoded if work.assignment_id in kept else ready)[work.assignment_id] = made
         return ready, sum(len(w.images) for w in riders)
 
     def loras_ready(self, work: Assignment) -> bool:

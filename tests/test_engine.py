@@ -5,15 +5,18 @@ one sampler, their own."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from muse.config import EMBEDDED_MODEL
+from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.worker.engine import SlotRequest, StepEngine, supports
-from muse.worker.pipeline import LoadedPipeline, load_pipeline
+from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
 
 TOLERANCE = 2  # of 255
 
@@ -43,7 +46,8 @@ def plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
         with torch.inference_mode():
             image = loaded.pipe(
                 prompt=[r.prompt],
-                negative_prompt=[r.negative_prompt],
+                # An empty one is none: the pipeline's own default (SDXL's are zeros, not the empty text's).
+                negative_prompt=[r.negative_prompt] if r.negative_prompt else None,
                 num_inference_steps=r.steps,
                 guidance_scale=r.guidance_scale,
                 width=r.width,
@@ -119,6 +123,20 @@ def test_images_joining_mid_way_with_other_samplers_steps_and_guidance_match(loa
     images = run(StepEngine(loaded), {0: [first], 3: [euler, dpm], 5: [ancestral, unguided]})
     assert sorted(images) == sorted(r.slot_id for r in requests)
     assert_same(images, loaded, requests)
+
+
+def test_an_image_without_a_negative_prompt_is_the_same_whatever_its_batch_mates_ask(loaded: LoadedPipeline) -> None:
+    """In one whole call with an image that has a negative prompt, and on the step engine, an image without
+    one gets `pipe(prompt)`'s pixels: on SDXL, whose "none" is zeros, diffusers would encode the empty text."""
+    bare = request("bare", loaded, steps=6, seed=21)
+    negated = request("negated", loaded, steps=6, seed=22, negative_prompt="blue")  # FLUX: none (request)
+    key = BatchKey(bare.width, bare.height, bare.steps, bare.guidance_scale, bare.scheduler)
+    specs = [ImageSpec(r.prompt, r.negative_prompt, r.seed) for r in (bare, negated)]
+    pngs = run_batch(loaded, Assignment("whole", specs, key), lambda step: True)
+    assert pngs is not None
+    pixels = [np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16) for png in pngs]
+    assert_same(dict(zip(["bare", "negated"], pixels, strict=True)), loaded, [bare, negated])
+    assert_same(run(StepEngine(loaded), {0: [bare, negated]}), loaded, [bare, negated])
 
 
 def test_a_removed_slot_leaves_between_steps_and_the_others_are_unchanged(loaded: LoadedPipeline) -> None:

@@ -226,7 +226,7 @@ def xl_plain(loaded: LoadedPipeline, r: SlotRequest) -> np.ndarray:
     assert r.source is not None
     arguments: dict[str, Any] = {
         "prompt": [r.prompt],
-        "negative_prompt": [r.negative_prompt],
+        "negative_prompt": [r.negative_prompt] if r.negative_prompt else None,  # none: SDXL's zeros
         "image": Image.open(io.BytesIO(r.source.image)),
         "strength": r.source.strength,
         "num_inference_steps": r.steps,

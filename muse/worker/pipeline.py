@@ -363,7 +363,7 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
         rows = loaded.loras.rows(Plan.every_row(loaded.loras.adapters(key.loras)))
     try:
         with torch.inference_mode(), rows:
-            output = pipe(**arguments)
+            output = pipe(**zeros_for_empty_negatives(pipe, loaded.pipe, arguments))
             images = getattr(output, "images", None)
             if decode_here and images is not None and not interrupted:
                 images = decoded(pipe, images)
@@ -376,6 +376,35 @@ def run_batch(loaded: LoadedPipeline, batch: Assignment, on_step: Callable[[int]
             f"{type(loaded.pipe).__name__} is not a text-to-image pipeline (it returned {type(output).__name__})"
         )
     return [encode_png(image) for image in images]
+
+
+def zeros_for_empty_negatives(pipe: Any, own: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint that makes "no negative prompt" zeros (SDXL's `force_zeros_for_empty_prompt`) gets them
+    only when a call's negative prompts are all absent: in a batch where some image has one, diffusers encodes
+    the others' empty text instead, and an image would change with its batch-mates. Such a batch's embeddings
+    are made here, with zeros in those rows, as each image alone (and the step engine) gets them. `own`: the
+    loaded pipeline, whose config says (a picture's pipeline is derived from it)."""
+    negatives = arguments.get("negative_prompt")
+    if (
+        not negatives
+        or all(negatives)
+        or not getattr(own.config, "force_zeros_for_empty_prompt", False)
+        or float(arguments.get("guidance_scale", 0)) <= 1
+        or not hasattr(pipe, "encode_prompt")
+    ):
+        return arguments
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=arguments["prompt"], device=pipe._execution_device, num_images_per_prompt=1,
+        do_classifier_free_guidance=True, negative_prompt=negatives,
+    )  # fmt: skip
+    empty = torch.tensor([not text for text in negatives], device=negative.device)
+    given = {name: value for name, value in arguments.items() if name not in ("prompt", "negative_prompt")}
+    return given | {
+        "prompt_embeds": positive,
+        "pooled_prompt_embeds": pooled,
+        "negative_prompt_embeds": torch.where(empty[:, None, None], 0, negative),
+        "negative_pooled_prompt_embeds": torch.where(empty[:, None], 0, negative_pooled),
+    }
 
 
 def decoded(pipe: Any, latents: torch.Tensor) -> list[Any]:

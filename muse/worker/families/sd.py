@@ -44,6 +44,9 @@ class StableDiffusionFamily:
         self.takes_images = True
         self.masks = mask_processor(pipe.vae_scale_factor)  # StableDiffusionInpaintPipeline's
         self.negatives = NegativeCache()
+        # An empty negative prompt is "none": where the checkpoint says so (SDXL's), its rows are zeros, as
+        # `pipe(prompt)` makes them, not the empty text's embeddings.
+        self.zeros_for_empty = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
 
     @staticmethod
     def knows(pipe: Any) -> bool:
@@ -62,6 +65,8 @@ class StableDiffusionFamily:
             requests, encode_prompts(self.negatives, requests, self._encode_prompts), strict=True
         ):
             guided = negative is not None
+            if guided and self.zeros_for_empty and not request.negative_prompt:
+                negative = tuple(torch.zeros_like(part) for part in positive)
             negative = negative or positive  # an unguided image has no negative rows
             rows = {"encoder_hidden_states": guided_rows(negative[0], positive[0], guided)}
             if self.xl:

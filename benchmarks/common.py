@@ -115,13 +115,13 @@ def litserve_server(model: str, max_batch_size: int, batch_timeout: float, threa
 class DirectPipeline:
     """The ceiling: the same pipeline called in a loop in this process, no server in between."""
 
-    def __init__(self, model: str, threads: int) -> None:
+    def __init__(self, model: str, threads: int, device: str = "cpu") -> None:
         import torch
 
         from muse.worker.pipeline import load_pipeline, warm_up
 
         torch.set_num_threads(threads)
-        self.loaded = load_pipeline(model, "cpu")
+        self.loaded = load_pipeline(model, device)
         warm_up(self.loaded)
 
     def run(self, batch: int, steps: int, seed: int = 0, size: int | None = None) -> float:

@@ -2,6 +2,7 @@
 joining a long one, and whole-call batching under mixed steps, in one run.
 
     python benchmarks/families.py [--model FOLDER | --family flux|sd3] [--size 128] [--batch 8] [--duration 20]
+                                  [--device cuda:0]
     python benchmarks/families.py --quick        # a few minutes
 
 Without --model, a tiny random pipeline of --family is built (muse.demo_model.families). Phases:
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="a pipeline folder (default: a tiny random one of --family)")
     parser.add_argument("--family", default="flux", choices=["flux", "sd3"])
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--device", default="cpu", help="where the direct pipeline and the served worker run")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per measured phase")
     parser.add_argument("--load", type=float, default=0.7, help="open-loop rate, x the mix's capacity")
@@ -106,10 +108,10 @@ def main() -> None:
     long = {"prompt": "a lighthouse on a cliff", "steps": LONG, "seed": 1, **size}
     short = {"prompt": "a red circle", "steps": SHORT, "seed": 2, **size}
 
-    direct = DirectPipeline(model, threads)
+    direct = DirectPipeline(model, threads, args.device)
     before = direct.throughput(args.batch, LONG, duration, args.size)
     print(f"direct batch {args.batch}: {before:.3f} images/s")
-    flags = ["--model", model, "--devices", "cpu", "--max-batch-size", str(args.batch)]
+    flags = ["--model", model, "--devices", args.device, "--max-batch-size", str(args.batch)]
     report: dict[str, Any] = {
         "config": {
             "model": args.model or f"tiny random {args.family}",
@@ -118,6 +120,7 @@ def main() -> None:
             "duration_s": duration,
             "threads": threads,
             "cpu": os.cpu_count(),
+            "device": args.device,
         },
         "direct_before": round(before, 3),
     }

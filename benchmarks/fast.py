@@ -52,6 +52,9 @@ def main() -> None:
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile's mode, for the compiled direct runs and the server (--compile-mode)",
     )
+    parser.add_argument(
+        "--served-batch", type=int, default=0, help="the served run's batch cap (default: the largest batch)"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny model on CPU, 2 steps, batch 2")
     parser.add_argument("--out", default="", help="path without extension (default results/gpu_fast or fast_cpu)")
     args = parser.parse_args()
@@ -66,6 +69,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
     out = Path(args.out) if args.out else RESULTS / ("gpu_fast" if cuda else "fast_cpu")
     batches = [int(b) for b in args.batches.split(",")]
+    cap = args.served_batch or max(batches)
+    if cap not in batches:
+        parser.error(f"--served-batch {cap}: not one of --batches (served is compared with compiled direct)")
     with tempfile.TemporaryDirectory(prefix="muse-fast-") as tmp:
         model = args.model
         if model in ("sd15", "tiny"):
@@ -86,40 +92,47 @@ def main() -> None:
                 model, args.device, batches, args.steps, args.size, args.reps, compiled=True, mode=args.mode
             ).items()
         }
+        report = {
+            "device": device_name,
+            "torch": torch.__version__,
+            "model": args.model,
+            "compile_mode": args.mode,
+            "size": args.size,
+            "steps": args.steps,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "eager": {b: r["images_per_s"] for b, r in eager.items()},
+            "compiled": {b: r["images_per_s"] for b, r in compiled.items()},
+            "compiled_over_eager": {b: compiled[b]["images_per_s"] / eager[b]["images_per_s"] for b in eager},
+            "served_over_direct": None,
+            "idle_between_steps_ms": None,
+            "peak_gib": {b: r["peak_gib"] for b, r in compiled.items()},
+            "first_call_s": {b: r["first_call_s"] for b, r in compiled.items()},
+            "served": None,
+        }
+        # Written now, and again with the served figures: a run cut off while the server compiles keeps these.
+        write_report(report, out, plot)
+        print(f"\n{device_name}, {args.model}, {args.size} px, {args.steps} steps")
+        print(f"{'batch':>6}{'eager img/s':>13}{'compiled img/s':>16}{'ratio':>8}")
+        for b in eager:
+            print(
+                f"{b:>6}{report['eager'][b]:>13.2f}{report['compiled'][b]:>16.2f}"
+                f"{report['compiled_over_eager'][b]:>8.2f}",
+                flush=True,
+            )
         flags = ["--compile", "--compile-cache", cache, "--compile-mode", args.mode]
         if args.device == "cpu":
             flags += ["--threads-per-worker", str(args.threads)]
         # Compiling every shape before the worker is ready can take a long while on a GPU.
-        serve = served(
-            model, args.device, max(batches), args.steps, args.size, args.duration, *flags, ready_timeout=3600
-        )
-    largest = str(max(batches))
-    report = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "model": args.model,
-        "compile_mode": args.mode,
-        "size": args.size,
-        "steps": args.steps,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "eager": {b: r["images_per_s"] for b, r in eager.items()},
-        "compiled": {b: r["images_per_s"] for b, r in compiled.items()},
-        "compiled_over_eager": {b: compiled[b]["images_per_s"] / eager[b]["images_per_s"] for b in eager},
-        "served_over_direct": serve["images_per_s"] / compiled[largest]["images_per_s"],
+        serve = served(model, args.device, cap, args.steps, args.size, args.duration, *flags, ready_timeout=3600)
+    report |= {
+        "served_batch": cap,
+        "served_over_direct": serve["images_per_s"] / compiled[str(cap)]["images_per_s"],
         "idle_between_steps_ms": serve["idle_between_steps_ms"],
-        "peak_gib": {b: r["peak_gib"] for b, r in compiled.items()},
-        "first_call_s": {b: r["first_call_s"] for b, r in compiled.items()},
         "served": serve,
     }
-    print(f"\n{device_name}, {args.model}, {args.size} px, {args.steps} steps")
-    print(f"{'batch':>6}{'eager img/s':>13}{'compiled img/s':>16}{'ratio':>8}")
-    for b in eager:
-        print(
-            f"{b:>6}{report['eager'][b]:>13.2f}{report['compiled'][b]:>16.2f}{report['compiled_over_eager'][b]:>8.2f}"
-        )
     idle = report["idle_between_steps_ms"]
     print(
-        f"served --compile ÷ compiled direct at batch {largest}: {report['served_over_direct']:.3f}; "
+        f"served --compile ÷ compiled direct at batch {cap}: {report['served_over_direct']:.3f}; "
         f"idle between UNet calls {'n/a' if idle is None else f'{idle:.1f} ms'}"
     )
     write_report(report, out, plot)

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py [--device cuda:0] [--batches 1,2,4,8,16] [--steps 25] [--size 512] [--openloop 0.8]
     python benchmarks/gpu.py --tiny          # CPU smoke test in seconds (CI-sized model)
+    python benchmarks/gpu.py --model FOLDER  # a pipeline already built (benchmarks/gpu_check.py builds one for all)
     python benchmarks/gpu.py --fast          # eager vs --compile instead: benchmarks/fast.py -> gpu_fast.json
 
 Builds the UNet, VAE and CLIP text encoder from the configs in benchmarks/sd15/ (timings do not
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="direct batches timed per batch size")
     parser.add_argument("--duration", type=float, default=20.0, help="served seconds per batch size")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 2 steps, 64 px")
+    parser.add_argument("--model", default="", help="a pipeline folder to measure instead of building one")
     parser.add_argument(
         "--openloop", type=float, default=0.0, help="also Poisson arrivals at this fraction of capacity (e.g. 0.8)"
     )
@@ -82,11 +84,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="muse-sd15-") as tmp:
         folder = Path(tmp) / "model"
         start = time.perf_counter()
-        if args.tiny:
+        if args.model:
+            folder = Path(args.model)
+        elif args.tiny:
             build_tiny(folder)
         else:
             build_sd15(folder, torch.float16)
-        print(f"built {'tiny' if args.tiny else 'SD 1.5'} pipeline in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"{args.model or ('tiny' if args.tiny else 'SD 1.5')} pipeline in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         d = direct(str(folder), args.device, batches, args.steps, args.size, args.reps)
         s = {b: served(str(folder), args.device, b, args.steps, args.size, args.duration) for b in batches}
         loop = None

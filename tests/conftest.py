@@ -12,6 +12,20 @@ if TYPE_CHECKING:
     from tests.browser import Watched
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where the tests marked `device` run their pipelines and workers (e.g. cuda:0; benchmarks/gpu_check.py)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config) -> str:
+    """The torch device of the tests marked `device`: cpu unless `--device` names another."""
+    return str(pytestconfig.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real diffusers pipeline folder with random weights, small enough for a test to run it many times."""

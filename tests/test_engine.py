@@ -20,14 +20,16 @@ from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
 
 TOLERANCE = 2  # of 255
 
+pytestmark = pytest.mark.device
+
 
 @pytest.fixture(scope="module", params=["embedded", "tiny", "tiny-sdxl", "tiny-flux", "tiny-schnell", "tiny-sd3"])
-def loaded(request: pytest.FixtureRequest) -> LoadedPipeline:
+def loaded(request: pytest.FixtureRequest, device: str) -> LoadedPipeline:
     torch.set_num_threads(2)
     if request.param == "embedded":
-        return load_pipeline(EMBEDDED_MODEL, "cpu")
+        return load_pipeline(EMBEDDED_MODEL, device)
     fixture = request.param.replace("-", "_") + "_model"  # tiny_model, tiny_sdxl_model, …
-    return load_pipeline(request.getfixturevalue(fixture), "cpu")
+    return load_pipeline(request.getfixturevalue(fixture), device)
 
 
 def flow(loaded: LoadedPipeline) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -30,7 +31,8 @@ def test_buckets_are_powers_of_two_up_to_the_capacity() -> None:
     assert bucket_for(20, row_buckets(8)) == 20  # an oversized first Assignment runs unpadded
 
 
-def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_model: str) -> None:
+@pytest.mark.device
+def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_model: str, device: str) -> None:
     torch.set_num_threads(2)
 
     def requests(size: int) -> list[SlotRequest]:
@@ -50,9 +52,9 @@ def test_compiled_step_engine_matches_eager_and_other_shapes_run_eager(tiny_mode
 
     # One bucket (two guided images: four rows) and the decoder's one shape; each compiled shape costs
     # ~15-20 s here.
-    eager_engine = StepEngine(load_pipeline(tiny_model, "cpu"), [4])
+    eager_engine = StepEngine(load_pipeline(tiny_model, device), [4])
     eager = run(eager_engine, requests(64))
-    loaded = load_pipeline(tiny_model, "cpu")
+    loaded = load_pipeline(tiny_model, device)
     unet, decoder = optimize(loaded.pipe), compile_decoder(loaded.pipe)
     assert decoder is not None
     engine = StepEngine(loaded, [4], unet, decoder)

@@ -43,6 +43,8 @@ from load import check_loopback, percentile
 from muse.config import EMBEDDED_MODEL
 
 P99_BOUND = 4.0  # x the single-image latency
+# Answers this close are one batch's (one decode's, one call's): shorter than any step of a served model.
+ANSWERS_TOGETHER_S = 0.025
 MIX_MEAN_STEPS = 37.5  # half 25, half 50
 PATHS = {
     "muse": "/api/generate",
@@ -89,6 +91,7 @@ async def open_loop(
     batch_sizes: list[int] = []
     errors: dict[str, int] = {}
     measured_images = 0
+    completions: list[tuple[float, int]] = []  # every answer, warm-up ones too: when (since begin), images
 
     async def one(client: httpx.AsyncClient, body: dict[str, Any], measured: bool) -> None:
         nonlocal measured_images
@@ -99,6 +102,8 @@ async def open_loop(
             if measured:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             return
+        if response.status_code == 200:
+            completions.append((time.perf_counter() - begin, len(response.json()["images"])))
         if not measured:
             return
         if response.status_code != 200:
@@ -128,6 +133,7 @@ async def open_loop(
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
+    steady_images, steady_seconds = steady(completions, warmup, warmup + duration)
     return {
         "sent": len(tasks),
         "latencies_ms": latencies,
@@ -136,7 +142,28 @@ async def open_loop(
         "images": measured_images,
         # The measured window plus the drain of its requests: throughput is a rate, not a peak.
         "seconds": max(duration, elapsed - warmup),
+        "steady_images": steady_images,
+        "steady_seconds": steady_seconds,
     }
+
+
+def steady(completions: list[tuple[float, int]], start: float, end: float) -> tuple[int, float]:
+    """The images answered inside [start, end] after its first answer, and the time from that answer to its
+    last: a saturated server's rate while its queue never empties. The window-plus-drain rate also counts
+    the backlog left from the warm-up and the drain's thinning batches (a step engine's last images finish
+    one by one with fewer and fewer others), which no steady load has. Answers leaving together (one
+    decode, one whole call: within ANSWERS_TOGETHER_S of each other) count as one: starting and ending at
+    such a group keeps a whole-call server's eight-at-once answers from counting a batch the window saw
+    only the end of."""
+    groups: list[tuple[float, int]] = []  # each group's last answer, and its images
+    for t, n in sorted((t, n) for t, n in completions if start <= t <= end):
+        if groups and t - groups[-1][0] <= ANSWERS_TOGETHER_S:
+            groups[-1] = (t, groups[-1][1] + n)
+        else:
+            groups.append((t, n))
+    if len(groups) < 2:
+        return 0, 0.0
+    return sum(n for _, n in groups[1:]), groups[-1][0] - groups[0][0]
 
 
 def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -154,6 +181,11 @@ def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
         "completed": len(latencies),
         "errors": errors,
         "throughput": sum(w["images"] for w in windows) / sum(w["seconds"] for w in windows),
+        "steady_throughput": (
+            sum(w["steady_images"] for w in windows) / spans
+            if (spans := sum(w["steady_seconds"] for w in windows))
+            else None
+        ),
         "p50_ms": percentile(latencies, 50),
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
@@ -290,16 +322,19 @@ def main() -> None:
 
         if args.saturate:
             saturated = measure(0, args.saturate, args.saturate * capacity)
+            # Capacity is the steady rate inside the windows; the window-plus-drain figure is kept beside it.
             report["saturated"] = {
                 name: {
-                    "throughput": row["throughput"],
-                    "over_direct": row["throughput"] / row["direct_bracket"],
+                    "throughput": row["steady_throughput"] or row["throughput"],
+                    "over_direct": (row["steady_throughput"] or row["throughput"]) / row["direct_bracket"],
+                    "with_drain": row["throughput"],
                     "mean_batch": row["mean_batch"],
                 }
                 for name, row in saturated.items()
             } | {"direct": {"throughput": saturated[names[0]]["direct_bracket"], "over_direct": 1.0}}
             for name, row in report["saturated"].items():
-                print(f"saturated {name:<12} {row['throughput']:.2f} img/s = {row['over_direct']:.3f} x direct")
+                drain = f" (with the drain: {row['with_drain']:.2f})" if "with_drain" in row else ""
+                print(f"saturated {name:<12} {row['throughput']:.2f} img/s = {row['over_direct']:.3f} x direct{drain}")
             if args.unit != "direct":
                 capacity = report["saturated"][args.unit]["throughput"]
                 report["capacity_img_s"] = capacity

@@ -76,6 +76,7 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
         # Every request sent in the measured window was awaited and answered.
         assert row["completed"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
         assert row["mean_batch"] >= 1 and row["direct_bracket"] > 0, (name, row)
+        assert row["steady_throughput"] is None or row["steady_throughput"] > 0, (name, row)
     assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -129,6 +130,27 @@ def test_load_generator_only_targets_loopback() -> None:
             check_loopback("http://10.0.0.5:8000")
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_saturated_rate_counts_answers_between_the_windows_first_and_last_batch() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from openloop import steady
+    finally:
+        sys.path.remove(str(BENCH))
+    # A whole-call server answering 8 at once every 1.2 s; the window [3, 9] opens after one batch left.
+    calls = [(2.4 + 1.2 * k + 0.001 * i, 1) for k in range(8) for i in range(8)]
+    images, seconds = steady(calls, 3.0, 9.0)
+    # Batches at 3.6 .. 8.4 lie inside: the first one starts the clock, the four after it are counted.
+    assert images == 32 and seconds == pytest.approx(4.8, abs=0.01)
+    assert images / seconds == pytest.approx(8 / 1.2, rel=0.01)
+    # A step engine answering one image every 0.15 s: the same rate however the window falls.
+    steps = [(0.15 * k, 1) for k in range(100)]
+    images, seconds = steady(steps, 3.0, 9.0)
+    assert images / seconds == pytest.approx(1 / 0.15, rel=0.01)
+    # Warm-up answers and those after the window are not the window's; one answer is no rate.
+    assert steady(steps, 20.0, 30.0) == (0, 0.0)
+    assert steady([(5.0, 1)], 3.0, 9.0) == (0, 0.0)
 
 
 def sibling_imports(path: Path, siblings: set[str]) -> set[str]:

@@ -45,6 +45,25 @@ def png_pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_cpu_workers_fork_from_one_warm_server_and_so_does_a_replacement(tiny_model: str) -> None:
+    with live_server(settings(tiny_model, devices="cpu,cpu")) as server:
+        wait_for(lambda: ready_workers(server) == 2, 120, what="two workers ready")
+        first = server.worker_pids()
+        (origin,) = {parent_of(pid) for pid in first}  # both forked by one process...
+        assert origin != os.getpid() and parent_of(origin) == os.getpid()  # ...the server's forkserver
+        # It imported the worker's modules (torch among them) before forking: a worker starts without them.
+        assert "libtorch_cpu" in Path(f"/proc/{origin}/maps").read_text()
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(
+            lambda: ready_workers(server) == 2 and first[0] not in server.worker_pids(), 120, what="a replacement"
+        )
+        assert {parent_of(pid) for pid in server.worker_pids()} == {origin}
+
+
 def test_killed_worker_batch_is_retried_with_the_same_images_and_the_pool_recovers(tiny_model: str) -> None:
     body = {"prompt": "a blue circle", "steps": 60, "n": 4, "seed": 99}
     with live_server(settings(tiny_model, devices="cpu,cpu")) as server:
@@ -140,7 +159,9 @@ def test_scale_to_zero_and_cold_start(tiny_model: str) -> None:
         wait_for(lambda: worker_count(server) == 0, 60, what="scaling back to zero")
 
 
-def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_path: Path) -> None:
+def test_sigterm_to_the_whole_process_group_drains_accepted_requests_and_exits_zero(
+    tiny_model: str, tmp_path: Path
+) -> None:
     env = os.environ | {"MUSE_MODEL": tiny_model, "MUSE_DEVICES": "cpu", "MUSE_THREADS_PER_WORKER": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "muse", "serve", "--port", "0", "--log-level", "info", "--data-dir", str(tmp_path)],
@@ -148,6 +169,7 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own group, as a service manager stops it: server, forkserver, workers
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -167,7 +189,7 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_pa
         clients = threading.Thread(target=lambda: asyncio.run(accepted()))
         clients.start()
         wait_for(lambda: "muse_inflight_images 0.0" not in httpx.get(url + "/metrics").text, 60, 0.02)
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, 30, 0.02, "/readyz 503 while draining")
         late = httpx.post(url + "/api/generate", json={"prompt": "late", "steps": 2})
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
@@ -182,6 +204,8 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(tiny_model: str, tmp_pa
         process.stdout.close()  # type: ignore[union-attr]
     log = "".join(lines)
     assert "model" in log and "devices cpu" in log and "serving on http://" in log
+    # The signal reached every process of the group; the worker running the requests finished them.
+    assert " died" not in log and "exited with code" not in log, log[-3000:]
 
 
 def test_cli_generate_writes_png_and_reports_errors(tiny_model: str, tmp_path: Path) -> None:

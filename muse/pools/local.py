@@ -2,6 +2,12 @@
 
 Pipes are read in the event loop with `add_reader` (and a process's exit through its sentinel), so an
 idle pool costs nothing.
+
+A CPU worker is forked from a server process (multiprocessing's forkserver) that imported the worker's
+modules once: torch, diffusers and transformers take ~5 s to import on a small machine, which every
+spawned worker paid again at each start, respawn and scale-up. That process has run nothing (no OpenMP
+pool, no tensors), so a fork of it starts as clean as a spawn. Accelerator workers are still spawned:
+CUDA cannot be used in a child forked after its driver was initialised, and an import may initialise it.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import sys
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -20,6 +27,20 @@ from muse.worker import main as worker_main
 
 __all__ = ["Pool", "WorkerHandle", "WorkerState"]
 log = logging.getLogger("muse.pools.local")
+
+# Imported once in the forkserver, shared by every worker forked from it: what a CPU worker imports before
+# its first step (see muse.worker.main, steploop), after the forkserver's own SIGTERM policy.
+FORKSERVER_PRELOAD = ["muse.pools.forkserver_init", "muse.worker.main", "muse.worker.pipeline", "muse.worker.steploop"]
+
+
+def context_for(device: str) -> mp.context.ForkServerContext | mp.context.SpawnContext:
+    """forkserver for a CPU worker on Linux (where a worker dies with the server: see
+    muse.worker.main.die_with_parent), spawn for a device's or elsewhere."""
+    if device != "cpu" or not sys.platform.startswith("linux"):
+        return mp.get_context("spawn")
+    forked = mp.get_context("forkserver")
+    forked.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the forkserver starts, at the first fork
+    return forked
 
 
 class PipeLink:
@@ -58,10 +79,10 @@ class PipeLink:
 
 
 class Pool(BasePool):
-    """Worker subprocesses started with `spawn`, one per device seat."""
+    """Worker subprocesses, one per device seat: forked from a warm server on a CPU, spawned on a device."""
 
     def _launch(self, worker: WorkerHandle, config: worker_main.WorkerConfig) -> Link:
-        ctx = mp.get_context("spawn")
+        ctx = context_for(config.device)
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         process = ctx.Process(
             target=worker_main.main, args=(child_conn, config), name=f"muse-worker-{worker.id}", daemon=True

@@ -237,14 +237,24 @@ def quiet_libraries() -> None:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Linux: the kernel SIGKILLs this worker the moment the server dies, even in the middle of a step
+    """Linux: the kernel SIGKILLs this worker the moment its parent dies, even in the middle of a step
     that lasts minutes, so no orphan keeps a GPU or gigabytes of memory (elsewhere the worker notices the
-    closed pipe between steps)."""
+    closed pipe between steps). The parent is the server, or for a CPU worker the server's forkserver
+    (muse.pools.local), which exits as soon as the server is gone."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent_pid and os.getppid() != parent_pid:
+    if parent_pid and parent_pid not in (os.getppid(), parent_of(os.getppid())):
         os._exit(1)  # the server died before prctl took effect
+
+
+def parent_of(pid: int) -> int | None:
+    """A process's parent on Linux (/proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main(conn: Connection, config: WorkerConfig) -> None:

@@ -58,9 +58,7 @@ def test_cpu_workers_fork_from_one_warm_server_and_so_does_a_replacement(tiny_mo
         # It imported the worker's modules (torch among them) before forking: a worker starts without them.
         assert "libtorch_cpu" in Path(f"/proc/{origin}/maps").read_text()
         os.kill(first[0], signal.SIGKILL)
-        wait_for(
-            lambda: ready_workers(server) == 2 and first[0] not in server.worker_pids(), 120, what="a replacement"
-        )
+        wait_for(lambda: ready_workers(server) == 2 and first[0] not in server.worker_pids(), 120, what="a replacement")
         assert {parent_of(pid) for pid in server.worker_pids()} == {origin}
 
 

@@ -40,15 +40,18 @@ def test_an_expired_batch_frees_its_worker_within_seconds() -> None:
         assert after != before, "the worker running the abandoned batch was not replaced"
 
 
-def children_of(pid: int) -> set[int]:
-    found = set()
+def descendants_of(pid: int) -> set[int]:
+    """Children, their children and so on (a CPU worker is the child of the server's forkserver)."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:  # the field after the state is the parent's pid
-            found.add(int(stat.parent.name))
+        parents[int(stat.parent.name)] = int(fields[1])  # the field after the state is the parent's pid
+    found: set[int] = set()
+    while more := {child for child, parent in parents.items() if (parent == pid or parent in found)} - found:
+        found |= more
     return found
 
 
@@ -65,7 +68,7 @@ def test_a_killed_server_leaves_no_worker_even_mid_step() -> None:
     workers: set[int] = set()
     with serve_process(*flags) as server:
         try:
-            workers = children_of(server.pid)
+            workers = descendants_of(server.pid)
             assert workers, "no worker process found"
             job = httpx.post(server.url + "/api/jobs", json=HUGE, timeout=30).json()["id"]
             status = f"{server.url}/api/jobs/{job}"

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from muse.pools.local import WorkerHandle, WorkerState
+from muse.worker.main import parent_of
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_for, wait_job
 
 
@@ -43,10 +44,6 @@ def worker_count(server: LiveServer) -> int:
 
 def png_pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_cpu_workers_fork_from_one_warm_server_and_so_does_a_replacement(tiny_model: str) -> None:

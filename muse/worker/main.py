@@ -257,8 +257,22 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
+def leave_forkserver() -> None:
+    """A child of the server's forkserver (a CPU worker) holds, as each of them does, the end of a pipe
+    whose closing tells the forkserver that the server is gone. Let go of it: else a killed server's
+    forkserver, and so (PR_SET_PDEATHSIG) this worker, would live until the worker's step ends."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:  # None in a spawned worker, which never met a forkserver
+        os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
 def main(conn: Connection, config: WorkerConfig) -> None:
     """A worker subprocess's entry point."""
+    leave_forkserver()
     die_with_parent(config.parent_pid)
     # The parent decides when workers stop: Ctrl-C in a terminal, or a service manager signalling the
     # whole process group, must not kill a batch the parent is draining.

@@ -225,6 +225,12 @@ def main() -> None:
         help="what --rates are fractions of: 'direct' (the direct loop's capacity) or a system's saturated "
         "throughput (needs --saturate), e.g. litserve",
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start every system anew for each of its windows instead of once for the run: one server "
+        "instance was measured up to ~20%% slower than its identical twin for its whole life here",
+    )
     parser.add_argument("--out", default=str(RESULTS / "openloop"), help="path without extension")
     args = parser.parse_args()
     # Killed (SIGTERM), unwind like Ctrl-C, so the paused servers are resumed and stopped, not left behind.
@@ -273,6 +279,7 @@ def main() -> None:
         "model": Path(args.model).name,
         "steps": args.steps,
         "mix": args.mix,
+        "fresh": args.fresh,
         "capacity_img_s": capacity,
         "rate_unit": "fraction of the direct batch-8 capacity" + (" at the mix's mean 37.5 steps" if args.mix else ""),
         "single_image_ms": single_ms,
@@ -282,14 +289,19 @@ def main() -> None:
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with contextlib.ExitStack() as stack:
         stack.enter_context(compile_cache)
-        # Every system starts once and is paused (SIGSTOP) except during its own windows: they take turns
-        # on the same cores, round by round in rotating order, so the machine's drift (tens of percent over
-        # minutes here) falls on all of them alike, and an idle peer's polling takes nothing from the one
-        # measured. Each rate's rounds are bracketed by direct runs.
+        # Every system starts once and is paused (SIGSTOP) except during its own windows (or, with --fresh,
+        # starts for each window and stops after it): they take turns on the same cores, round by round in
+        # rotating order, so the machine's drift (tens of percent over minutes here) falls on all of them
+        # alike, and an idle peer's polling takes nothing from the one measured. Each rate's rounds are
+        # bracketed by direct runs.
         started = {}
-        for name in names:
+        for name in names if not args.fresh else ():
             started[name] = stack.enter_context(servers[name]())
             pause(started[name])
+
+        def turn_of(name: str) -> contextlib.AbstractContextManager[Any]:
+            """The system's server for one window: a new one with --fresh, else its paused one, resumed."""
+            return servers[name]() if args.fresh else resumed(started[name])
 
         def measure(i: int, fraction: float, rate: float) -> dict[str, dict[str, Any]]:
             """Every system at one rate, in rotating turns, bracketed by direct runs: one row each."""
@@ -297,7 +309,7 @@ def main() -> None:
             for round_ in range(args.rounds):
                 turn = (i * args.rounds + round_) % len(names)
                 for name in names[turn:] + names[:turn]:
-                    with resumed(started[name]) as served:
+                    with turn_of(name) as served:
                         window = open_loop(
                             served.url, PATHS[name], rate, args.duration / args.rounds, args.warmup, args.steps,
                             args.mix, seed=round_,

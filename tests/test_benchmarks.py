@@ -63,12 +63,13 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     out = tmp_path / "openloop"
     command = [
         sys.executable, str(BENCH / "openloop.py"), "--model", tiny_model, "--rates", "0.5", "--duration", "2",
-        "--warmup", "0.5", "--direct-window", "1", "--systems", "muse,muse-request", "--mix", "--out", str(out),
+        "--warmup", "0.5", "--direct-window", "1", "--systems", "muse,muse-request", "--mix", "--fresh",
+        "--rounds", "2", "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["mix"] is True and set(report["systems"]) == {"muse", "muse-request"}
+    assert report["mix"] is True and report["fresh"] is True and set(report["systems"]) == {"muse", "muse-request"}
     assert len(report["directs"]) == 2 and all(d > 0 for d in report["directs"])
     for name, system in report["systems"].items():
         (row,) = system["rows"]

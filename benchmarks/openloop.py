@@ -102,15 +102,16 @@ async def open_loop(
             if measured:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
             return
-        if response.status_code == 200:
-            completions.append((time.perf_counter() - begin, len(response.json()["images"])))
+        answered = time.perf_counter()
+        if response.status_code != 200:
+            if measured:
+                errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+            return
+        data = response.json()
+        completions.append((answered - begin, len(data["images"])))
         if not measured:
             return
-        if response.status_code != 200:
-            errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
-            return
-        latencies.append((time.perf_counter() - start) * 1000)
-        data = response.json()
+        latencies.append((answered - start) * 1000)
         measured_images += len(data["images"])
         if "batch_size" in data:
             batch_sizes.append(int(data["batch_size"]))
@@ -337,12 +338,13 @@ def main() -> None:
             # Capacity is the steady rate inside the windows; the window-plus-drain figure is kept beside it.
             report["saturated"] = {
                 name: {
-                    "throughput": row["steady_throughput"] or row["throughput"],
-                    "over_direct": (row["steady_throughput"] or row["throughput"]) / row["direct_bracket"],
+                    "throughput": rate,
+                    "over_direct": rate / row["direct_bracket"],
                     "with_drain": row["throughput"],
                     "mean_batch": row["mean_batch"],
                 }
                 for name, row in saturated.items()
+                for rate in [row["steady_throughput"] or row["throughput"]]
             } | {"direct": {"throughput": saturated[names[0]]["direct_bracket"], "over_direct": 1.0}}
             for name, row in report["saturated"].items():
                 drain = f" (with the drain: {row['with_drain']:.2f})" if "with_drain" in row else ""

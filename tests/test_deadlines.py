@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from muse.config import EMBEDDED_MODEL
+from muse.worker.main import parent_of
 from tests.process import serve_process
 from tests.serving import live_server, submit_job, wait_for, wait_job
 from tests.serving import settings as muse_settings
@@ -42,13 +43,7 @@ def test_an_expired_batch_frees_its_worker_within_seconds() -> None:
 
 def descendants_of(pid: int) -> set[int]:
     """Children, their children and so on (a CPU worker is the child of the server's forkserver)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])  # the field after the state is the parent's pid
+    parents = {int(entry.name): parent_of(int(entry.name)) for entry in Path("/proc").glob("[0-9]*")}
     found: set[int] = set()
     while more := {child for child, parent in parents.items() if (parent == pid or parent in found)} - found:
         found |= more

@@ -118,9 +118,11 @@ class DirectPipeline:
     def __init__(self, model: str, threads: int, device: str = "cpu") -> None:
         import torch
 
+        from muse.worker.heap import keep_freed_memory
         from muse.worker.pipeline import load_pipeline, warm_up
 
         torch.set_num_threads(threads)
+        keep_freed_memory()  # as a Muse worker does: the ceiling pays no page faults a worker does not
         self.loaded = load_pipeline(model, device)
         warm_up(self.loaded)
 

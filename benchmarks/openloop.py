@@ -187,6 +187,8 @@ def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
             if (spans := sum(w["steady_seconds"] for w in windows))
             else None
         ),
+        # Each window's own steady rate, in round order: rounds pair the systems a few seconds apart.
+        "window_rates": [w["steady_images"] / w["steady_seconds"] if w["steady_seconds"] else None for w in windows],
         "p50_ms": percentile(latencies, 50),
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
@@ -350,6 +352,16 @@ def main() -> None:
                 drain = f" (with the drain: {row['with_drain']:.2f})" if "with_drain" in row else ""
                 print(f"saturated {name:<12} {row['throughput']:.2f} img/s = {row['over_direct']:.3f} x direct{drain}")
             if args.unit != "direct":
+                # Round by round against the unit's window of the same round: the machine's drift and one
+                # server instance's luck (with --fresh) fall on both sides of each ratio.
+                for name in names:
+                    pairs = zip(saturated[name]["window_rates"], saturated[args.unit]["window_rates"], strict=True)
+                    ratios = [a / b for a, b in pairs if a and b]
+                    report["saturated"][name]["round_ratios"] = ratios
+                    if ratios:
+                        median = statistics.median(ratios)
+                        report["saturated"][name]["median_round_ratio"] = median
+                        print(f"saturated {name:<12} {median:.3f} x {args.unit}, median of {len(ratios)} rounds")
                 capacity = report["saturated"][args.unit]["throughput"]
                 report["capacity_img_s"] = capacity
                 report["rate_unit"] = f"fraction of {args.unit}'s saturated throughput, measured in this run"

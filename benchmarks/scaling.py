@@ -29,8 +29,10 @@ def direct(
 
     from muse.messages import Assignment, BatchKey, ImageSpec
     from muse.worker.fastpath import optimize
+    from muse.worker.heap import keep_freed_memory
     from muse.worker.pipeline import load_pipeline, run_batch
 
+    keep_freed_memory()  # as a Muse worker does
     loaded = load_pipeline(model, device)
     if compiled:  # what `muse serve --compile` compiles: the UNet and the VAE decoder
         loaded.pipe.unet = optimize(loaded.pipe, mode).compiled

@@ -38,6 +38,7 @@ from muse.config import EMBEDDED_MODEL
 from muse.messages import Assignment, BatchKey, Failure, ImageSpec, Result, Stop
 from muse.worker import steploop
 from muse.worker.channel import Channel
+from muse.worker.heap import keep_freed_memory
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch, warm_up
 
 CAPACITY = 8
@@ -194,6 +195,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as a Muse worker does
     loaded = load_pipeline(args.model, "cpu")
     warm_up(loaded)
     rounds = []

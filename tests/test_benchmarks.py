@@ -64,7 +64,7 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     command = [
         sys.executable, str(BENCH / "openloop.py"), "--model", tiny_model, "--rates", "0.5", "--duration", "2",
         "--warmup", "0.5", "--direct-window", "1", "--systems", "muse,muse-request", "--mix", "--fresh",
-        "--rounds", "2", "--out", str(out),
+        "--rounds", "2", "--saturate", "1.5", "--unit", "muse-request", "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -78,7 +78,40 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
         assert row["completed"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
         assert row["mean_batch"] >= 1 and row["direct_bracket"] > 0, (name, row)
         assert row["steady_throughput"] is None or row["steady_throughput"] > 0, (name, row)
+    # Saturated, each round's window is paired with the unit's window of the same round.
+    unit = report["saturated"]["muse-request"]
+    assert unit["round_ratios"] == [1.0, 1.0] and unit["median_round_ratio"] == 1.0, unit
+    muse = report["saturated"]["muse"]
+    assert len(muse["round_ratios"]) == 2 and all(r > 0 for r in muse["round_ratios"]), muse
+    assert muse["median_round_ratio"] == pytest.approx(sum(muse["round_ratios"]) / 2), muse
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_interference_script_measures_the_direct_loop_beside_a_neighbour_at_tiny_size(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "interference"
+    command = [
+        sys.executable, str(BENCH / "interference.py"), "--model", tiny_model, "--images", "16", "--steps", "4",
+        "--rounds", "2", "--neighbours", "50x2,5x20", "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["neighbours"] == ["50/s x 2 ms", "5/s x 20 ms"]
+    assert len(report["rounds"]) == 2
+    for row in report["rounds"]:
+        assert row["alone"] > 0
+        for name in report["neighbours"]:
+            assert RATIO_BAND[0] < row[name]["over_alone"] < RATIO_BAND[1], (name, row)
+            # The neighbour's CPU came from the kernel's accounting of it: about 10 % of a core each, asked.
+            assert 0.02 < row[name]["cpu_share"] < 0.3, (name, row)
+    assert set(report["median"]) == set(report["neighbours"])
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "interference.py"), "--neighbours", "30"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "RATExMS" in bad.stderr, bad.stderr
 
 
 def test_steploop_script_compares_the_loop_with_and_without_its_batching_at_tiny_size(

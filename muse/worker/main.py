@@ -291,7 +291,10 @@ def serve(channel: Channel, config: WorkerConfig) -> int:
 
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        from muse.worker.heap import keep_freed_memory
         from muse.worker.pipeline import load_pipeline, warm_up
+
+        keep_freed_memory()
 
         start = time.perf_counter()
         loaded = load_pipeline(

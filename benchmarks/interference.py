@@ -18,8 +18,6 @@ Prints a table, writes benchmarks/results/interference.json and .png.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,12 +37,20 @@ from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.worker.heap import keep_freed_memory
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch, warm_up
 
-# The neighbour: sleeps an exponential time, then burns CPU for a fixed time, until SIGTERM.
+# The neighbour: sleeps an exponential time, then burns CPU for a fixed time; says when it starts, and on SIGTERM
+# the CPU time it took since (its interpreter's start-up is not the neighbour's load).
 NEIGHBOUR = """
 import random, signal, sys, time
 rate, burn, seed = float(sys.argv[1]), float(sys.argv[2]) / 1000, int(sys.argv[3])
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 rng = random.Random(seed)
+start = time.process_time()
+
+def stop(*_):
+    print(time.process_time() - start, flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
 while True:
     time.sleep(rng.expovariate(rate))
     end = time.thread_time() + burn
@@ -88,16 +94,18 @@ def direct(loaded: LoadedPipeline, images: int, steps: int) -> float:
 def beside(neighbour: Neighbour, loaded: LoadedPipeline, images: int, steps: int, seed: int) -> dict[str, float]:
     """The direct loop with the neighbour running; its images/s and the neighbour's CPU share."""
     argv = [sys.executable, "-c", NEIGHBOUR, str(neighbour.rate), str(neighbour.burn_ms), str(seed)]
-    process = subprocess.Popen(argv)
-    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
     try:
+        if process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the neighbour did not start")
+        started = time.perf_counter()
         img_s = direct(loaded, images, steps)
-    finally:
         wall = time.perf_counter() - started
-        os.kill(process.pid, signal.SIGTERM)
-        _, _, usage = os.wait4(process.pid, 0)
-        process.returncode = 0  # reaped here, with its rusage; Popen must not wait for it again
-    return {"img_s": img_s, "cpu_share": (usage.ru_utime + usage.ru_stime) / wall}
+    finally:
+        process.terminate()
+        cpu, _ = process.communicate(timeout=30)
+    return {"img_s": img_s, "cpu_share": float(cpu) / wall}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -1,10 +1,10 @@
 """What two cores allow any served system: the direct loop beside a neighbour that wakes as a server's front
 process and its client do.
 
-    python benchmarks/interference.py [--neighbours 30x1,10x3] [--rounds 6] [--images 96] [--model DIR]
+    python benchmarks/interference.py [--neighbours 60x1,6x10] [--rounds 6] [--images 96] [--model DIR]
 
 A served worker shares the machine with the processes that feed it: the front process (HTTP, batching, pipes)
-and the load generator, which together took ~3 % of one core in the saturated runs here, in short bursts, at
+and the load generator, which together took ~6 % of one core in the saturated runs here, in short bursts, at
 every arrival, answer and progress message. Each burst lands on a core where one of the denoiser's two OpenMP
 threads runs, and the other thread waits for it at the next barrier. This measures that price without any server:
 the direct `pipe()` loop at batch 8 alone, and beside a neighbour process that wakes on a Poisson clock
@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, write_report
+from steploop import direct
 
 from muse.config import EMBEDDED_MODEL
-from muse.messages import Assignment, BatchKey, ImageSpec
 from muse.worker.heap import keep_freed_memory
-from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch, warm_up
+from muse.worker.pipeline import LoadedPipeline, load_pipeline, warm_up
 
 # The neighbour: sleeps an exponential time, then burns CPU for a fixed time; says when it starts, and on SIGTERM
 # the CPU time it took since (its interpreter's start-up is not the neighbour's load).
@@ -80,17 +80,6 @@ class Neighbour:
         return f"{self.rate:g}/s x {self.burn_ms:g} ms"
 
 
-def direct(loaded: LoadedPipeline, images: int, steps: int) -> float:
-    """The direct loop's images/s over `images` images in batches of 8."""
-    key = BatchKey(loaded.width, loaded.height, steps, loaded.guidance_scale)
-    started, done = time.perf_counter(), 0
-    while done < images:
-        specs = [ImageSpec(f"a red circle on a blue background, number {done + i}", "", done + i) for i in range(8)]
-        run_batch(loaded, Assignment("direct", specs, key), lambda step: True)
-        done += len(specs)
-    return done / (time.perf_counter() - started)
-
-
 def beside(neighbour: Neighbour, loaded: LoadedPipeline, images: int, steps: int, seed: int) -> dict[str, float]:
     """The direct loop with the neighbour running; its images/s and the neighbour's CPU share."""
     argv = [sys.executable, "-c", NEIGHBOUR, str(neighbour.rate), str(neighbour.burn_ms), str(seed)]
@@ -133,9 +122,9 @@ def main() -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL)
     parser.add_argument(
         "--neighbours",
-        default="30x1,10x3",
+        default="60x1,6x10",
         type=lambda text: [Neighbour.parse(part) for part in text.split(",")],
-        help="RATExMS profiles, comma-separated: wakeups per second x milliseconds of CPU each (default 30x1,10x3)",
+        help="RATExMS profiles, comma-separated: wakeups per second x milliseconds of CPU each (default 60x1,6x10)",
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--images", type=int, default=96, help="images per run (batches of 8)")

@@ -10,11 +10,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 RATIO_BAND = (0.1, 5.0)
+
+
+def report_of(command: list[str], out: Path) -> dict[str, Any]:
+    """Run a benchmark script to its end (it must succeed) and read the JSON it wrote beside `out`."""
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return dict(json.loads(out.with_suffix(".json").read_text()))
 
 
 def test_gpu_script_runs_on_cpu_at_tiny_size(tmp_path: Path) -> None:
@@ -66,9 +74,7 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
         "--warmup", "0.5", "--direct-window", "1", "--systems", "muse,muse-request", "--mix", "--fresh",
         "--rounds", "2", "--saturate", "1.5", "--unit", "muse-request", "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = report_of(command, out)
     assert report["mix"] is True and report["fresh"] is True and set(report["systems"]) == {"muse", "muse-request"}
     assert len(report["directs"]) == 3 and all(d > 0 for d in report["directs"])  # first, after saturated, after
     for name, system in report["systems"].items():
@@ -95,9 +101,7 @@ def test_interference_script_measures_the_direct_loop_beside_a_neighbour_at_tiny
         sys.executable, str(BENCH / "interference.py"), "--model", tiny_model, "--images", "96", "--steps", "4",
         "--rounds", "2", "--neighbours", "50x2,5x20", "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = report_of(command, out)
     assert report["neighbours"] == ["50/s x 2 ms", "5/s x 20 ms"]
     assert len(report["rounds"]) == 2
     for row in report["rounds"]:
@@ -122,9 +126,7 @@ def test_steploop_script_compares_the_loop_with_and_without_its_batching_at_tiny
         sys.executable, str(BENCH / "steploop.py"), "--model", tiny_model, "--images", "24", "--rate", "200",
         "--steps", "4", "--rounds", "1", "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = report_of(command, out)
     (row,) = report["rounds"]
     assert row["direct"] > 0
     for name in ("plain", "batched"):
@@ -142,9 +144,7 @@ def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(
         sys.executable, str(BENCH / "families.py"), "--size", "64", "--batch", "2", "--duration", "6",
         "--tries", "1", "--out", str(out),
     ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = report_of(command, out)
     assert report["direct_before"] > 0 and report["direct_after"] > 0 and report["served"]["throughput"] > 0
     assert 0 < report["admission"]["short_alone_ms"] < report["admission"]["long_alone_ms"]
     for system in ("step", "request"):

@@ -189,11 +189,29 @@ def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         # Each window's own steady rate, in round order: rounds pair the systems a few seconds apart.
         "window_rates": [w["steady_images"] / w["steady_seconds"] if w["steady_seconds"] else None for w in windows],
+        # Each window's own p50 and p99 (from its few dozen requests: p99 is near its worst), in round order.
+        "window_p50_ms": [percentile(w["latencies_ms"], 50) for w in windows],
+        "window_p99_ms": [percentile(w["latencies_ms"], 99) for w in windows],
         "p50_ms": percentile(latencies, 50),
         "p90_ms": percentile(latencies, 90),
         "p99_ms": percentile(latencies, 99),
         "mean_batch": statistics.fmean(batch_sizes) if batch_sizes else None,
     }
+
+
+def round_ratios(values: list[float | None], units: list[float | None]) -> list[float]:
+    """Each round's figure over the unit system's in the same round (skipping rounds where either is missing)."""
+    return [a / b for a, b in zip(values, units, strict=True) if a and b]
+
+
+def pair_latencies(row: dict[str, Any], unit: dict[str, Any]) -> None:
+    """Add to `row` its p50 and p99, window by window, over the unit system's in the same round, and their
+    medians: pooled percentiles mix windows the machine ran at different speeds (it drifts by tens of percent
+    over minutes here), and one slow window's queue decides a pooled p99; a ratio within a round does not."""
+    for key in ("p50", "p99"):
+        ratios = round_ratios(row[f"window_{key}_ms"], unit[f"window_{key}_ms"])
+        row[f"{key}_round_ratios"] = ratios
+        row[f"{key}_median_round_ratio"] = statistics.median(ratios) if ratios else None
 
 
 def main() -> None:
@@ -355,8 +373,7 @@ def main() -> None:
                 # Round by round against the unit's window of the same round: the machine's drift and one
                 # server instance's luck (with --fresh) fall on both sides of each ratio.
                 for name in names:
-                    pairs = zip(saturated[name]["window_rates"], saturated[args.unit]["window_rates"], strict=True)
-                    ratios = [a / b for a, b in pairs if a and b]
+                    ratios = round_ratios(saturated[name]["window_rates"], saturated[args.unit]["window_rates"])
                     report["saturated"][name]["round_ratios"] = ratios
                     if ratios:
                         median = statistics.median(ratios)
@@ -366,7 +383,17 @@ def main() -> None:
                 report["capacity_img_s"] = capacity
                 report["rate_unit"] = f"fraction of {args.unit}'s saturated throughput, measured in this run"
         for i, fraction in enumerate(fractions, start=1):
-            for name, row in measure(i, fraction, fraction * capacity).items():
+            measured = measure(i, fraction, fraction * capacity)
+            for name, row in measured.items():
+                if args.unit in measured:
+                    pair_latencies(row, measured[args.unit])
+                    if row["p50_round_ratios"] and row["p99_round_ratios"]:
+                        print(
+                            f"{name:<12} p50 {row['p50_median_round_ratio']:.2f} x, p99 "
+                            f"{row['p99_median_round_ratio']:.2f} x {args.unit}'s, median of "
+                            f"{len(row['p50_round_ratios'])} rounds",
+                            flush=True,
+                        )
                 rows[name].append(row)
     for name in names:
         within = [r["rate"] for r in rows[name] if r["p99_ms"] is not None and r["p99_ms"] < report["p99_bound_ms"]]

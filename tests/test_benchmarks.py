@@ -90,6 +90,14 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     muse = report["saturated"]["muse"]
     assert len(muse["round_ratios"]) == 2 and all(r > 0 for r in muse["round_ratios"]), muse
     assert muse["median_round_ratio"] == pytest.approx(sum(muse["round_ratios"]) / 2), muse
+    # At each rate too, latency is paired window by window with the unit's.
+    (unit_row,) = report["systems"]["muse-request"]["rows"]
+    (muse_row,) = report["systems"]["muse"]["rows"]
+    assert unit_row["p50_round_ratios"] == unit_row["p99_round_ratios"] == [1.0, 1.0], unit_row
+    for key in ("p50", "p99"):
+        windows = zip(muse_row[f"window_{key}_ms"], unit_row[f"window_{key}_ms"], strict=True)
+        assert muse_row[f"{key}_round_ratios"] == [a / b for a, b in windows], muse_row
+        assert muse_row[f"{key}_median_round_ratio"] == pytest.approx(sum(muse_row[f"{key}_round_ratios"]) / 2)
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -12,7 +12,9 @@ whole pipeline calls), LitServe running the same `run_batch`, and, when asked, `
 batching with `--compile`). Per rate: p50/p90/p99 latency, throughput, errors, and the mean images per
 batch the server reported (for step batching, the mean images each request shared its steps with: the
 occupancy). Also the highest rate whose p99 stays under 4 x the single-image latency (MLPerf's bound;
-with --mix, of a 50-step image).
+with --mix, of a 50-step image). With `--unit SYSTEM` each window's figures (saturated rate, p50, p99) are
+also divided by that system's in the same round, and the median of those ratios reported: the machine's drift
+falls on both sides of each ratio, where pooled figures mix fast and slow minutes.
 `--mix`: half "fast" (25 steps) and half "quality" (50), guidance uniform in 2-7, and rates are fractions
 of the mix's capacity (at its mean 37.5 steps). LitServe's peer, like `muse-request`, runs one pipeline
 call per distinct steps and guidance in a batch (a diffusers call takes one of each). Writes JSON and a

@@ -9,9 +9,11 @@ worker, as the batcher does.
 Each round runs, in rotating order, the direct `pipe()` loop at batch 8 and the loop twice: `batched` as it
 ships (negative prompts' embeddings kept, the text of images waiting behind an admission encoded with it,
 finished images held up to two steps under load to be decoded together), and `plain` with those three off
-(`--ahead` images taken ahead in both). The machine drifts by tens of percent over minutes, so
-compare within a round. Per run: images/s, ÷ the round's direct loop, the share of the worker's time outside
-its UNet calls (admissions, decodes, PNGs, messages), images per decode, and text-encoder calls per image.
+(`--ahead` images taken ahead in both); `--variants` may add `unheld` (as shipped, but no image's decode held).
+The machine drifts by tens of percent over minutes, so compare within a round. Per run: images/s, ÷ the
+round's direct loop, the share of the worker's time outside its UNet calls (admissions, decodes, PNGs,
+messages), images per decode, text-encoder calls per image, and p50/p99 latency from each request's arrival
+on the clock to its answer (at a `--rate` below capacity, what holding decodes costs a request).
 Prints a table, writes benchmarks/results/steploop.json and .png.
 """
 
@@ -23,7 +25,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, write_report
+from load import percentile
 
 from muse.config import EMBEDDED_MODEL
 from muse.messages import Assignment, BatchKey, Failure, ImageSpec, Result, Stop
@@ -42,6 +45,7 @@ from muse.worker.heap import keep_freed_memory
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch, warm_up
 
 CAPACITY = 8
+FIELDS = ("over_direct", "outside_unet", "images_per_decode", "encoder_calls_per_image", "p50_ms", "p99_ms")
 
 
 class Arrivals(Channel):
@@ -60,6 +64,7 @@ class Arrivals(Channel):
         self.inbox: list[object] = []
         self.sent = self.answered = 0
         self.stopped = False
+        self.latencies_ms: list[float] = []  # each answer's, from its request's arrival on the clock
 
     def release(self) -> None:
         now = time.perf_counter() - self.begin
@@ -80,6 +85,8 @@ class Arrivals(Channel):
             raise RuntimeError(message.message)
         if isinstance(message, Result):
             self.answered += 1
+            arrived = self.arrivals[int(message.assignment_id.removeprefix("r"))]
+            self.latencies_ms.append((time.perf_counter() - self.begin - arrived) * 1000)
 
     def _recv(self) -> object:
         while True:
@@ -91,6 +98,17 @@ class Arrivals(Channel):
     def _poll(self) -> bool:
         self.release()
         return bool(self.inbox)
+
+
+@contextmanager
+def unheld() -> Iterator[None]:
+    """The loop with finished images decoded at once, never held for others."""
+    hold = steploop.HOLD_STEPS
+    steploop.HOLD_STEPS = 0
+    try:
+        yield
+    finally:
+        steploop.HOLD_STEPS = hold
 
 
 @contextmanager
@@ -110,11 +128,18 @@ def plain() -> Iterator[None]:
         steploop.StepLoop.encode_ahead = ahead  # type: ignore[method-assign]
 
 
-def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, batched: bool, seed: int) -> dict[str, Any]:
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "batched": contextlib.nullcontext,
+    "plain": plain,
+    "unheld": unheld,
+}
+
+
+def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
     channel = Arrivals(key, args.images, args.rate, args.ahead, seed)
     loop = steploop.StepLoop(channel, loaded, CAPACITY)
-    if not batched:
+    if variant == "plain":
         loop.engine.family.negatives.size = 0  # type: ignore[attr-defined]
     unet = [0.0]
     decodes: list[int] = []
@@ -137,7 +162,7 @@ def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, batched: bool, se
     hook = loaded.pipe.text_encoder.register_forward_hook(lambda *_: encodes.__setitem__(0, encodes[0] + 1))
     started = time.perf_counter()
     try:
-        with plain() if not batched else contextlib.nullcontext():
+        with VARIANTS[variant]():
             loop.run()
     finally:
         hook.remove()
@@ -149,6 +174,8 @@ def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, batched: bool, se
         "outside_unet": (seconds - unet[0]) / unet[0],
         "images_per_decode": statistics.fmean(decodes),
         "encoder_calls_per_image": encodes[0] / args.images,
+        "p50_ms": percentile(channel.latencies_ms, 50),
+        "p99_ms": percentile(channel.latencies_ms, 99),
     }
 
 
@@ -172,7 +199,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rounds = report["rounds"]
     x = range(1, len(rounds) + 1)
-    for name in ("plain", "batched"):
+    for name in report["median"]:
         ax.plot(x, [r[name]["over_direct"] for r in rounds], marker="o", label=name)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("round")
@@ -192,8 +219,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--ahead", type=int, default=1, help="images the worker holds beyond its capacity")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        default="plain,batched",
+        help=f"the loops to run beside the direct one, of {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--out", default=str(RESULTS / "steploop"), help="path without extension")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as a Muse worker does
@@ -201,15 +236,15 @@ def main() -> None:
     warm_up(loaded)
     rounds = []
     for i in range(args.rounds):
-        order = ["direct", "plain", "batched"]
-        order = order[i % 3 :] + order[: i % 3]
+        order = ["direct", *variants]
+        order = order[i % len(order) :] + order[: i % len(order)]
         row: dict[str, Any] = {}
         for name in order:
             if name == "direct":
                 row[name] = direct(loaded, args.images, args.steps)
             else:
-                row[name] = run_loop(loaded, args, name == "batched", i)
-        for name in ("plain", "batched"):
+                row[name] = run_loop(loaded, args, name, i)
+        for name in variants:
             row[name]["over_direct"] = row[name]["img_s"] / row["direct"]
         rounds.append(row)
         print(
@@ -217,23 +252,24 @@ def main() -> None:
             + " | ".join(
                 f"{name} {row[name]['img_s']:.2f} img/s ({row[name]['over_direct']:.3f} x), outside UNet "
                 f"{row[name]['outside_unet'] * 100:.1f} %, {row[name]['images_per_decode']:.2f} per decode, "
-                f"{row[name]['encoder_calls_per_image']:.2f} encoder calls/image"
-                for name in ("plain", "batched")
+                f"{row[name]['encoder_calls_per_image']:.2f} encoder calls/image, p50/p99 "
+                f"{row[name]['p50_ms']:.0f}/{row[name]['p99_ms']:.0f} ms"
+                for name in variants
             ),
             flush=True,
         )
     summary = {
-        name: {
-            field: statistics.median(r[name][field] for r in rounds)
-            for field in ("over_direct", "outside_unet", "images_per_decode", "encoder_calls_per_image")
-        }
-        for name in ("plain", "batched")
+        name: {field: statistics.median(r[name][field] for r in rounds) for field in FIELDS} for name in variants
     }
-    print(f"\n{'median':<8} {'÷ direct':>9} {'outside UNet':>13} {'per decode':>11} {'encoder calls':>14}")
+    print(
+        f"\n{'median':<8} {'÷ direct':>9} {'outside UNet':>13} {'per decode':>11} {'encoder calls':>14} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
     for name, s in summary.items():
         print(
             f"{name:<8} {s['over_direct']:>9.3f} {s['outside_unet'] * 100:>12.1f}% "
-            f"{s['images_per_decode']:>11.2f} {s['encoder_calls_per_image']:>14.2f}"
+            f"{s['images_per_decode']:>11.2f} {s['encoder_calls_per_image']:>14.2f} {s['p50_ms']:>8.0f} "
+            f"{s['p99_ms']:>8.0f}"
         )
     report = {
         "model": Path(args.model).name,

@@ -132,14 +132,15 @@ def test_steploop_script_compares_the_loop_with_and_without_its_batching_at_tiny
     out = tmp_path / "steploop"
     command = [
         sys.executable, str(BENCH / "steploop.py"), "--model", tiny_model, "--images", "24", "--rate", "200",
-        "--steps", "4", "--rounds", "1", "--out", str(out),
+        "--steps", "4", "--rounds", "1", "--variants", "plain,batched,unheld", "--out", str(out),
     ]  # fmt: skip
     report = report_of(command, out)
     (row,) = report["rounds"]
     assert row["direct"] > 0
-    for name in ("plain", "batched"):
+    for name in ("plain", "batched", "unheld"):
         assert RATIO_BAND[0] < row[name]["over_direct"] < RATIO_BAND[1], (name, row)
         assert row[name]["outside_unet"] > 0 and row[name]["images_per_decode"] >= 1, (name, row)
+        assert 0 < row[name]["p50_ms"] <= row[name]["p99_ms"], (name, row)
     # The plain loop encodes each image's prompt and its negative prompt in calls of their own; the batched
     # one keeps the negative prompt's embeddings and encodes waiting images' text with an admission's.
     assert row["batched"]["encoder_calls_per_image"] < row["plain"]["encoder_calls_per_image"], row

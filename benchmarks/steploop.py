@@ -101,7 +101,13 @@ class Arrivals(Channel):
 
 
 @contextmanager
-def unheld() -> Iterator[None]:
+def batched(loop: steploop.StepLoop) -> Iterator[None]:
+    """The loop as it ships."""
+    yield
+
+
+@contextmanager
+def unheld(loop: steploop.StepLoop) -> Iterator[None]:
     """The loop with finished images decoded at once, never held for others."""
     hold = steploop.HOLD_STEPS
     steploop.HOLD_STEPS = 0
@@ -112,24 +118,18 @@ def unheld() -> Iterator[None]:
 
 
 @contextmanager
-def plain() -> Iterator[None]:
-    """The loop without its batching of admissions and decodes."""
-    hold, ahead = steploop.HOLD_STEPS, steploop.StepLoop.encode_ahead
-    steploop.HOLD_STEPS = 0
-
-    def alone(self: Any, joining: list[Assignment], key: Any, spare: int) -> Any:
-        return ahead(self, joining, key, 0)  # no spare budget: no waiting image's text in the call
-
-    steploop.StepLoop.encode_ahead = alone  # type: ignore[method-assign]
-    try:
+def plain(loop: steploop.StepLoop) -> Iterator[None]:
+    """The loop without its batching of admissions and decodes: no decode held, no negative prompt's embeddings
+    kept, no waiting image's text encoded with an admission's (no spare budget)."""
+    ahead = loop.encode_ahead
+    loop.encode_ahead = lambda joining, key, spare: ahead(joining, key, 0)  # type: ignore[method-assign]
+    loop.engine.family.negatives.size = 0  # type: ignore[attr-defined]
+    with unheld(loop):
         yield
-    finally:
-        steploop.HOLD_STEPS = hold
-        steploop.StepLoop.encode_ahead = ahead  # type: ignore[method-assign]
 
 
-VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
-    "batched": contextlib.nullcontext,
+VARIANTS: dict[str, Callable[[steploop.StepLoop], contextlib.AbstractContextManager[None]]] = {
+    "batched": batched,
     "plain": plain,
     "unheld": unheld,
 }
@@ -139,8 +139,6 @@ def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, variant: str, see
     key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
     channel = Arrivals(key, args.images, args.rate, args.ahead, seed)
     loop = steploop.StepLoop(channel, loaded, CAPACITY)
-    if variant == "plain":
-        loop.engine.family.negatives.size = 0  # type: ignore[attr-defined]
     unet = [0.0]
     decodes: list[int] = []
     encodes = [0]
@@ -162,7 +160,7 @@ def run_loop(loaded: LoadedPipeline, args: argparse.Namespace, variant: str, see
     hook = loaded.pipe.text_encoder.register_forward_hook(lambda *_: encodes.__setitem__(0, encodes[0] + 1))
     started = time.perf_counter()
     try:
-        with VARIANTS[variant]():
+        with VARIANTS[variant](loop):
             loop.run()
     finally:
         hook.remove()

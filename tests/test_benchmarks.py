@@ -196,6 +196,64 @@ def test_saturated_rate_counts_answers_between_the_windows_first_and_last_batch(
     assert steady([(5.0, 1)], 3.0, 9.0) == (0, 0.0)
 
 
+def ideal_module() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ideal
+    finally:
+        sys.path.remove(str(BENCH))
+    return ideal
+
+
+def test_ideal_whole_calls_one_at_a_time_queue_as_queueing_theory_says() -> None:
+    ideal = ideal_module()
+    # One request per call of a fixed second, Poisson at 0.8/s: an M/D/1 queue, whose mean wait is
+    # rho / (2 (1 - rho)) seconds (Pollaczek-Khinchine): 2 s, plus the second of service.
+    latencies = ideal.whole_calls(ideal.poisson(0.8, 200_000, seed=1), lambda n: 1.0, cap=1)
+    assert sum(latencies) / len(latencies) == pytest.approx(3.0, rel=0.03)
+    # A batch timeout waits for company, and no longer than the cap-th arrival.
+    assert ideal.whole_calls([0, 0.001, 0.002, 0.5], lambda n: 1.0, cap=3) == pytest.approx([1.0, 1.999, 1.998, 1.5])
+    waited = ideal.whole_calls([0, 0.001, 0.002, 0.5], lambda n: 1.0, cap=3, wait=0.01)
+    assert waited == pytest.approx([1.002, 1.001, 1.0, 1.512])
+
+
+def test_ideal_step_batching_joins_between_steps_and_holds_decodes_only_while_busy() -> None:
+    ideal = ideal_module()
+    step, free, decode = (lambda n: 0.1), (lambda n: 0.0), (lambda n: 0.05)
+    # A request arriving one step into another's three joins at once; whole calls make it wait for the first.
+    assert ideal.step_calls([0, 0.1], step, free, free, cap=2, steps=3) == pytest.approx([0.3, 0.3])
+    assert ideal.whole_calls([0, 0.1], lambda n: 0.3, cap=2) == pytest.approx([0.3, 0.5])
+    # With one slot and nothing to admit or decode, stepping is whole calls of one.
+    arrivals = ideal.poisson(2.0, 2000, seed=2)
+    one = ideal.step_calls(arrivals, lambda n: 0.016, free, free, cap=1, steps=25)
+    assert one == pytest.approx(ideal.whole_calls(arrivals, lambda n: 0.4, cap=1))
+    # Both slots busy and a third request waiting: the first image done waits one step to be decoded with
+    # the second (0.45 s, not 0.35), and the last, alone, is decoded at once.
+    assert ideal.step_calls([0, 0.1, 0.2], step, free, decode, cap=2, steps=3, hold=2) == pytest.approx(
+        [0.45, 0.35, 0.5]
+    )
+    assert ideal.step_calls([0, 0.1, 0.2], step, free, decode, cap=2, steps=3) == pytest.approx([0.35, 0.4, 0.55])
+
+
+def test_ideal_script_simulates_on_costs_it_measures_at_tiny_size(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "ideal"
+    command = [
+        sys.executable, str(BENCH / "ideal.py"), "--model", tiny_model, "--steps", "4", "--cap", "3", "--reps", "1",
+        "--loads", "0.5,0.9", "--requests", "400", "--out", str(out),
+    ]  # fmt: skip
+    report = report_of(command, out)
+    for name in ("call", "step", "admit", "decode"):
+        assert len(report["costs_s"][name]) == 3 and all(c > 0 for c in report["costs_s"][name]), report["costs_s"]
+    assert report["capacity_img_s"] == pytest.approx(3 / report["costs_s"]["call"][2])
+    low, high = report["rows"]
+    for name in ("request", "step", "held"):
+        assert 0 < low[name]["p50_ms"] <= low[name]["p99_ms"], (name, low)
+        assert low[name]["p50_ms"] <= high[name]["p50_ms"], (name, low, high)  # more load, longer queues
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(BENCH / "ideal.py"), "--loads", "1.2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--loads" in bad.stderr, bad.stderr
+
+
 def sibling_imports(path: Path, siblings: set[str]) -> set[str]:
     """The benchmark modules `path` imports, lazily or not (the scripts import each other as top-level modules)."""
     found: set[str] = set()

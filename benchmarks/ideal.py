@@ -44,6 +44,7 @@ from common import RESULTS, write_report
 from load import percentile
 
 Cost = Callable[[int], float]  # seconds for n images
+Costs = dict[str, list[float]]  # seconds by kind ("call", "step", "admit", "decode"), for 1..cap images
 
 
 # ---- the two ideal schedulers ---------------------------------------------------------------------------
@@ -129,24 +130,25 @@ def poisson(rate: float, count: int, seed: int) -> list[float]:
     return times
 
 
-def simulate(costs: dict[str, list[float]], args: argparse.Namespace, loads: list[float]) -> list[dict[str, Any]]:
-    """p50/p99 (ms) of both schedulers at each load, a fraction of whole-call batching's capacity."""
+def of(costs: Costs, kind: str) -> Cost:
+    return lambda n: costs[kind][n - 1]
 
-    def of(name: str) -> Cost:
-        return lambda n: costs[name][n - 1]
 
+def stepping(arrivals: Sequence[float], costs: Costs, args: argparse.Namespace, hold: int) -> list[float]:
+    step, admit, decode = (of(costs, kind) for kind in ("step", "admit", "decode"))
+    return step_calls(arrivals, step, admit, decode, args.cap, args.steps, args.gap, hold)
+
+
+def simulate(costs: Costs, args: argparse.Namespace, loads: list[float]) -> list[dict[str, Any]]:
+    """p50/p99 (ms) of the three schedulers at each load, a fraction of whole-call batching's capacity, and
+    each step scheduler's ÷ whole calls'."""
     capacity = args.cap / costs["call"][args.cap - 1]
     rows = []
     for load in loads:
         arrivals = poisson(load * capacity, args.requests, seed=int(load * 1000))
         warm = args.requests // 10  # the queue's start from empty is not the steady state
-        request = whole_calls(arrivals, of("call"), args.cap, args.wait)[warm:]
-        step = {
-            name: step_calls(arrivals, of("step"), of("admit"), of("decode"), args.cap, args.steps, args.gap, hold)[
-                warm:
-            ]
-            for name, hold in (("step", 0), ("held", args.hold))
-        }
+        request = whole_calls(arrivals, of(costs, "call"), args.cap, args.wait)[warm:]
+        step = {name: stepping(arrivals, costs, args, hold)[warm:] for name, hold in (("step", 0), ("held", args.hold))}
         row: dict[str, Any] = {"load": load, "rate": load * capacity}
         for name, lat in (("request", request), *step.items()):
             row[name] = {"p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000}  # type: ignore[operator]
@@ -157,13 +159,39 @@ def simulate(costs: dict[str, list[float]], args: argparse.Namespace, loads: lis
     return rows
 
 
+def sensitivity(costs: Costs, args: argparse.Namespace, loads: list[float], scales: list[float]) -> list[Any]:
+    """The held step scheduler with its costs (step, admit, decode) times each scale, whole calls' unchanged:
+    its saturated capacity ÷ whole calls', and its p50/p99 ÷ whole calls' at each load. Near capacity the
+    latency ratios follow the capacity ratio, which a few percent of drift moves."""
+    whole = args.cap / costs["call"][args.cap - 1]
+    found = []
+    for scale in scales:
+        scaled = {k: [c * scale for c in v] if k != "call" else v for k, v in costs.items()}
+        # Saturated: arrivals at 1.5 x capacity; the rate of answers once the first tenth has left.
+        arrivals = poisson(1.5 * whole, args.requests // 2, seed=7)
+        latencies = stepping(arrivals, scaled, args, args.hold)
+        ends = sorted(a + t for a, t in zip(arrivals, latencies, strict=True))
+        first = len(ends) // 10
+        capacity = (len(ends) - 1 - first) / (ends[-1] - ends[first])
+        rows = simulate(scaled, args, loads)
+        found.append(
+            {
+                "scale": scale,
+                "capacity_ratio": capacity / whole,
+                "rows": [{"load": r["load"], **{q: r["held"][q] for q in ("p50_ratio", "p99_ratio")}} for r in rows],
+            }
+        )
+    return found
+
+
 # ---- the cost curve -------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Median seconds, by images 1..cap: `call` (a whole run_batch), `step` (one engine step of n running),
-    `admit` (k admitted together), `decode` (k decoded together, to PNGs, as the worker answers: a whole call
-    returns PNGs too)."""
+def measure(args: argparse.Namespace) -> dict[str, list[list[float]]]:
+    """Seconds, by kind and images 1..cap, each rep's in turn: `call` (a whole run_batch), then the same
+    images through the step engine at once: `admit` (admitted together), `step` (the mean of their steps),
+    `decode` (decoded together, to PNGs, as the worker answers: a whole call returns PNGs too). The engine's
+    run follows the call it is compared with, so the two see the same minute of the machine."""
     import torch
 
     from muse.messages import Assignment, BatchKey, ImageSpec
@@ -197,12 +225,39 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             got = samples["call"][n - 1], samples["admit"][n - 1], samples["step"][n - 1], samples["decode"][n - 1]
             got[0].append(timed(run_batch, loaded, work(n, f"call{rep}"), lambda step: True))
             got[1].append(timed(engine.admit, slot_requests(work(n, f"slot{rep}"))))
-            got[2].extend(timed(engine.step) for _ in range(3))  # steps mid-schedule, as most are
-            slots = list(engine.slots)
-            got[3].append(timed(lambda done: [encode_png(p) for p in engine.decode(done)], slots))
-            engine.remove(s.request.slot_id for s in slots)
+            finished, spent = [], 0.0
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                finished = engine.step()
+                spent += time.perf_counter() - start
+            got[2].append(spent / args.steps)
+            got[3].append(timed(lambda done: [encode_png(p) for p in engine.decode(done)], finished))
         print(f"rep {rep + 1}/{args.reps}: call of {args.cap} {samples['call'][-1][-1] * 1000:.0f} ms", flush=True)
-    return {name: [statistics.median(s) for s in by_size] for name, by_size in samples.items()}
+    return samples
+
+
+def lockstep(samples: dict[str, list[list[float]]], steps: int) -> list[float]:
+    """By images 1..cap: the step engine running them all at once (admitted, stepped, decoded together) ÷
+    the whole call of them, paired rep by rep, the median: what step batching costs at its best."""
+    admits, step_means, decodes = samples["admit"], samples["step"], samples["decode"]
+    ratios = []
+    for n, calls in enumerate(samples["call"]):
+        runs = [admits[n][r] + steps * step_means[n][r] + decodes[n][r] for r in range(len(calls))]
+        ratios.append(statistics.median(e / c for e, c in zip(runs, calls, strict=True)))
+    return ratios
+
+
+def curves(samples: dict[str, list[list[float]]], reps: int) -> tuple[Costs, list[Costs]]:
+    """The cost curve of medians over every rep, and each rep's own (its median where it took several)."""
+    median = {kind: [statistics.median(s) for s in by_size] for kind, by_size in samples.items()}
+    each = []
+    for rep in range(reps):
+        curve = {}
+        for kind, by_size in samples.items():
+            per = len(by_size[0]) // reps
+            curve[kind] = [statistics.median(s[rep * per : (rep + 1) * per]) for s in by_size]
+        each.append(curve)
+    return median, each
 
 
 # ---- a measured run beside it ---------------------------------------------------------------------------
@@ -236,7 +291,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(15, 3.8))
     loads = [r["load"] for r in report["rows"]]
     for name, style in (("request", ":"), ("step", "--"), ("held", "-")):
         for q, marker in (("p50_ms", "o"), ("p99_ms", "s")):
@@ -247,7 +302,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.legend(fontsize=8)
     for name, style in (("step", "--"), ("held", "-")):
         for q, marker in (("p50_ratio", "o"), ("p99_ratio", "s")):
-            right.plot(loads, [r[name][q] for r in report["rows"]], style, marker=marker, label=f"{name} {q[:3]}")
+            line = right.plot(
+                loads, [r[name][q] for r in report["rows"]], style, marker=marker, label=f"{name} {q[:3]}"
+            )
+            if name == "held":  # what the drift between reps moves it by
+                lows, highs = zip(*(r[name][q + "_reps"] for r in report["rows"]), strict=True)
+                right.fill_between(loads, lows, highs, color=line[0].get_color(), alpha=0.15)
     for m in report.get("measured", []):
         right.scatter([m["load"]] * 2, [m["p50_ratio"], m["p99_ratio"]], marker="x", color="black")
     right.axhline(1.0, color="grey", linewidth=0.8)
@@ -255,6 +315,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     right.set_ylabel("÷ ideal whole-call batching")
     right.set_title("x: the measured run (--against)")
     right.legend(fontsize=8)
+    capacities = [e["capacity_ratio"] for e in report["sensitivity"]]
+    for i, load in enumerate(r["load"] for r in report["rows"]):
+        for q, style in (("p50_ratio", "-"), ("p99_ratio", "--")):
+            values = [e["rows"][i][q] for e in report["sensitivity"]]
+            third.plot(capacities, values, style, marker="o", label=f"{q[:3]} at {load:g}")
+    third.axhline(1.0, color="grey", linewidth=0.8)
+    third.set_xlabel("held step capacity ÷ whole-call capacity")
+    third.set_ylabel("÷ ideal whole-call batching")
+    third.set_title("its costs scaled (--scales)")
+    third.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -276,6 +346,9 @@ def main() -> None:
     parser.add_argument("--against", type=Path, help="an openloop.py report to print beside the ideal")
     parser.add_argument("--system", default="muse", help="the --against report's step-batching system")
     parser.add_argument("--unit", default="litserve", help="the --against report's whole-call system")
+    parser.add_argument(
+        "--scales", default="0.94,0.97,1,1.03,1.06,1.09", help="factors on the step engine's costs, for the sensitivity"
+    )
     parser.add_argument("--costs", type=Path, help="a report of this script: reuse its costs, measure nothing")
     parser.add_argument("--out", default=str(RESULTS / "ideal"), help="path without extension")
     args = parser.parse_args()
@@ -283,22 +356,42 @@ def main() -> None:
         loads = [float(x) for x in args.loads.split(",")]
     except ValueError:
         parser.error(f"--loads: numbers separated by commas, not {args.loads!r}")
+    try:
+        scales = [float(x) for x in args.scales.split(",")]
+    except ValueError:
+        parser.error(f"--scales: numbers separated by commas, not {args.scales!r}")
+    if not all(x > 0 for x in scales):
+        parser.error("--scales: each above 0")
     if not all(0 < x < 1 for x in loads):
         parser.error("--loads: each a fraction of capacity, above 0 and below 1")
     if args.cap < 1 or args.steps < 1 or args.requests < 10:
         parser.error("--cap and --steps must be at least 1, --requests at least 10")
     args.gap /= 1000
 
-    costs = json.loads(args.costs.read_text())["costs_s"] if args.costs else measure(args)
-    if len(costs["call"]) < args.cap:
-        parser.error(f"--costs: measured up to {len(costs['call'])} images, below --cap {args.cap}")
+    if args.costs:
+        measured = json.loads(args.costs.read_text())
+        samples, args.reps = measured["samples_s"], measured["reps"]
+    else:
+        samples = measure(args)
+    if len(samples["call"]) < args.cap:
+        parser.error(f"--costs: measured up to {len(samples['call'])} images, below --cap {args.cap}")
+    costs, each = curves(samples, args.reps)
     rows = simulate(costs, args, loads)
+    # The machine drifts between reps: each rep's own curve, simulated alike, shows how much that moves.
+    spread = [simulate(curve, args, loads) for curve in each]
+    for i, row in enumerate(rows):
+        for name in ("step", "held"):
+            for q in ("p50_ratio", "p99_ratio"):
+                values = [rep_rows[i][name][q] for rep_rows in spread]
+                row[name][q + "_reps"] = [min(values), max(values)]
     print(f"\n{'n':>3} {'call ms':>9} {'step ms':>9} {'admit ms':>9} {'decode ms':>10}")
     for n in range(1, args.cap + 1):
         c = {k: v[n - 1] * 1000 for k, v in costs.items()}
         print(f"{n:>3} {c['call']:>9.1f} {c['step']:>9.2f} {c['admit']:>9.2f} {c['decode']:>10.2f}")
     capacity = args.cap / costs["call"][args.cap - 1]
+    paired = lockstep(samples, args.steps)
     print(f"\nwhole-call capacity {capacity:.2f} img/s; per-step gap {args.gap * 1000:.1f} ms")
+    print(f"the engine running {args.cap} together ÷ a whole call of {args.cap}, paired by rep: {paired[-1]:.3f}")
     header = "p50/p99 ms (÷ request)"
     print(f"{'load':>5} {'request p50/p99 ms':>19} {'step ' + header:>31} {'held ' + header:>31}")
     for r in rows:
@@ -306,6 +399,16 @@ def main() -> None:
             f"{r['load']:>5.2f} {r['request']['p50_ms']:>10.0f} /{r['request']['p99_ms']:>6.0f}  "
             + "  ".join(
                 f"{r[k]['p50_ms']:>6.0f} /{r[k]['p99_ms']:>6.0f} ({r[k]['p50_ratio']:.2f} / {r[k]['p99_ratio']:.2f})"
+                for k in ("step", "held")
+            )
+        )
+    print(f"\n÷ request on each of the {args.reps} reps' own curves, lowest-highest:")
+    for r in rows:
+        print(
+            f"{r['load']:>5.2f}  "
+            + "  ".join(
+                f"{k} p50 {r[k]['p50_ratio_reps'][0]:.2f}-{r[k]['p50_ratio_reps'][1]:.2f}, "
+                f"p99 {r[k]['p99_ratio_reps'][0]:.2f}-{r[k]['p99_ratio_reps'][1]:.2f}"
                 for k in ("step", "held")
             )
         )
@@ -318,9 +421,18 @@ def main() -> None:
         "hold_steps": args.hold,
         "requests": args.requests,
         "capacity_img_s": capacity,
+        "reps": args.reps,
         "costs_s": costs,
+        "lockstep_ratio": paired,
+        "samples_s": samples,
         "rows": rows,
+        "sensitivity": sensitivity(costs, args, loads, scales),
     }
+    print("\nheld, its costs scaled: capacity ÷ whole calls', then p50 / p99 ÷ whole calls' at each load")
+    print(f"{'scale':>6} {'capacity':>9}  " + "  ".join(f"{load:>11.2f}" for load in loads))
+    for entry in report["sensitivity"]:
+        cells = "  ".join(f"{r['p50_ratio']:>5.2f} /{r['p99_ratio']:>5.2f}" for r in entry["rows"])
+        print(f"{entry['scale']:>6.2f} {entry['capacity_ratio']:>9.3f}  {cells}")
     if args.against:
         report["measured"] = measured_ratios(args.against, args.system, args.unit)
         print(f"\nmeasured ({args.against.name}, {args.system} ÷ {args.unit}), pooled (median of rounds):")

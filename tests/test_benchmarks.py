@@ -238,20 +238,29 @@ def test_ideal_step_batching_joins_between_steps_and_holds_decodes_only_while_bu
 def test_ideal_script_simulates_on_costs_it_measures_at_tiny_size(tiny_model: str, tmp_path: Path) -> None:
     out = tmp_path / "ideal"
     command = [
-        sys.executable, str(BENCH / "ideal.py"), "--model", tiny_model, "--steps", "4", "--cap", "3", "--reps", "1",
-        "--loads", "0.5,0.9", "--requests", "400", "--out", str(out),
+        sys.executable, str(BENCH / "ideal.py"), "--model", tiny_model, "--steps", "4", "--cap", "3", "--reps", "2",
+        "--loads", "0.5,0.9", "--requests", "400", "--scales", "0.8,1.25", "--out", str(out),
     ]  # fmt: skip
     report = report_of(command, out)
     for name in ("call", "step", "admit", "decode"):
         assert len(report["costs_s"][name]) == 3 and all(c > 0 for c in report["costs_s"][name]), report["costs_s"]
     assert report["capacity_img_s"] == pytest.approx(3 / report["costs_s"]["call"][2])
+    # The engine running a call's images together does the call's work: within a factor of the call.
+    assert all(RATIO_BAND[0] < r < RATIO_BAND[1] for r in report["lockstep_ratio"]), report["lockstep_ratio"]
     low, high = report["rows"]
     for name in ("request", "step", "held"):
         assert 0 < low[name]["p50_ms"] <= low[name]["p99_ms"], (name, low)
         assert low[name]["p50_ms"] <= high[name]["p50_ms"], (name, low, high)  # more load, longer queues
+    for row in report["rows"]:  # each rep's own cost curve simulated too
+        for name in ("step", "held"):
+            assert 0 < row[name]["p50_ratio_reps"][0] <= row[name]["p50_ratio_reps"][1], (name, row)
+    # The step engine's costs scaled up: less capacity than whole calls, relatively.
+    cheaper, dearer = report["sensitivity"]
+    assert cheaper["capacity_ratio"] > dearer["capacity_ratio"] > 0, report["sensitivity"]
     assert out.with_suffix(".png").stat().st_size > 0
-    bad = subprocess.run([sys.executable, str(BENCH / "ideal.py"), "--loads", "1.2"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--loads" in bad.stderr, bad.stderr
+    for flag, value in (("--loads", "1.2"), ("--scales", "fast")):
+        bad = subprocess.run([sys.executable, str(BENCH / "ideal.py"), flag, value], capture_output=True, text=True)
+        assert bad.returncode == 2 and flag in bad.stderr, bad.stderr
 
 
 def sibling_imports(path: Path, siblings: set[str]) -> set[str]:

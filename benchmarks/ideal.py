@@ -47,7 +47,7 @@ Cost = Callable[[int], float]  # seconds for n images
 Costs = dict[str, list[float]]  # seconds by kind ("call", "step", "admit", "decode"), for 1..cap images
 
 
-# ---- the two ideal schedulers ---------------------------------------------------------------------------
+# ---- the ideal schedulers -------------------------------------------------------------------------------
 
 
 def whole_calls(arrivals: Sequence[float], call: Cost, cap: int, wait: float = 0.0) -> list[float]:
@@ -58,9 +58,9 @@ def whole_calls(arrivals: Sequence[float], call: Cost, cap: int, wait: float = 0
     free, i, n = 0.0, 0, len(arrivals)
     while i < n:
         start = max(free, arrivals[i])
-        if wait > 0:
-            full = arrivals[i + cap - 1] if i + cap - 1 < n else float("inf")
-            start = max(start, min(start + wait, full)) if bisect.bisect_right(arrivals, start) - i < cap else start
+        if wait > 0 and bisect.bisect_right(arrivals, start) - i < cap:
+            full = arrivals[i + cap - 1] if i + cap - 1 < n else float("inf")  # after start: fewer were there
+            start = min(start + wait, full)
         size = min(cap, bisect.bisect_right(arrivals, start) - i)
         end = start + call(size)
         latencies.extend(end - arrivals[j] for j in range(i, i + size))

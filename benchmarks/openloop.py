@@ -416,7 +416,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.plot(rates, [r["p50_ms"] for r in system["rows"]], marker="o", label=f"{name} p50")
         axis.plot(rates, [r["p99_ms"] for r in system["rows"]], marker="^", linestyle="--", label=f"{name} p99")
     axis.axhline(report["p99_bound_ms"], color="grey", linewidth=0.8, label="4 x one image")
-    axis.set_xlabel("arrival rate (fraction of direct batch-8 capacity)")
+    axis.set_xlabel(f"arrival rate: {report['rate_unit']}", fontsize=9)
     axis.set_ylabel("latency (ms)")
     axis.set_title(f"Open loop, Poisson arrivals{' (mixed steps/guidance)' if report['mix'] else ''}")
     axis.legend(fontsize=8)

@@ -40,8 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, write_report
-from load import percentile
+from common import RESULTS, DirectPipeline, write_report
+from load import percentile, poisson
 
 Cost = Callable[[int], float]  # seconds for n images
 Costs = dict[str, list[float]]  # seconds by kind ("call", "step", "admit", "decode"), for 1..cap images
@@ -121,15 +121,6 @@ def step_calls(
     return latencies
 
 
-def poisson(rate: float, count: int, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    clock, times = 0.0, []
-    for _ in range(count):
-        clock += rng.expovariate(rate)
-        times.append(clock)
-    return times
-
-
 def of(costs: Costs, kind: str) -> Cost:
     return lambda n: costs[kind][n - 1]
 
@@ -192,18 +183,12 @@ def measure(args: argparse.Namespace) -> dict[str, list[list[float]]]:
     images through the step engine at once: `admit` (admitted together), `step` (the mean of their steps),
     `decode` (decoded together, to PNGs, as the worker answers: a whole call returns PNGs too). The engine's
     run follows the call it is compared with, so the two see the same minute of the machine."""
-    import torch
-
     from muse.messages import Assignment, BatchKey, ImageSpec
     from muse.worker.engine import StepEngine
-    from muse.worker.heap import keep_freed_memory
-    from muse.worker.pipeline import encode_png, load_pipeline, run_batch, warm_up
+    from muse.worker.pipeline import encode_png, run_batch
     from muse.worker.steploop import slot_requests
 
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as a Muse worker does
-    loaded = load_pipeline(args.model, "cpu")
-    warm_up(loaded)
+    loaded = DirectPipeline(args.model, args.threads).loaded  # threads and heap as a worker's
     key = BatchKey(loaded.width, loaded.height, args.steps, loaded.guidance_scale)
     engine = StepEngine(loaded)
     kinds = ("call", "step", "admit", "decode")
@@ -247,16 +232,11 @@ def lockstep(samples: dict[str, list[list[float]]], steps: int) -> list[float]:
     return ratios
 
 
-def curves(samples: dict[str, list[list[float]]], reps: int) -> tuple[Costs, list[Costs]]:
-    """The cost curve of medians over every rep, and each rep's own (its median where it took several)."""
+def curves(samples: dict[str, list[list[float]]]) -> tuple[Costs, list[Costs]]:
+    """The cost curve of medians over every rep, and each rep's own."""
     median = {kind: [statistics.median(s) for s in by_size] for kind, by_size in samples.items()}
-    each = []
-    for rep in range(reps):
-        curve = {}
-        for kind, by_size in samples.items():
-            per = len(by_size[0]) // reps
-            curve[kind] = [statistics.median(s[rep * per : (rep + 1) * per]) for s in by_size]
-        each.append(curve)
+    reps = len(samples["call"][0])
+    each = [{kind: [s[rep] for s in by_size] for kind, by_size in samples.items()} for rep in range(reps)]
     return median, each
 
 
@@ -375,7 +355,7 @@ def main() -> None:
         samples = measure(args)
     if len(samples["call"]) < args.cap:
         parser.error(f"--costs: measured up to {len(samples['call'])} images, below --cap {args.cap}")
-    costs, each = curves(samples, args.reps)
+    costs, each = curves(samples)
     rows = simulate(costs, args, loads)
     # The machine drifts between reps: each rep's own curve, simulated alike, shows how much that moves.
     spread = [simulate(curve, args, loads) for curve in each]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
 from collections import Counter
@@ -41,6 +42,16 @@ class LevelResult:
     server_queued_p50_ms: float | None = None
     server_compute_p50_ms: float | None = None
     server_total_p50_ms: float | None = None
+
+
+def poisson(rate: float, count: int, seed: int) -> list[float]:
+    """`count` arrival times (seconds from 0) of a Poisson process at `rate` per second."""
+    rng = random.Random(seed)
+    clock, times = 0.0, []
+    for _ in range(count):
+        clock += rng.expovariate(rate)
+        times.append(clock)
+    return times
 
 
 def percentile(values: list[float], q: float) -> float | None:

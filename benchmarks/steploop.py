@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import RESULTS, write_report
-from load import percentile
+from load import percentile, poisson
 
 from muse.config import EMBEDDED_MODEL
 from muse.messages import Assignment, BatchKey, Failure, ImageSpec, Result, Stop
@@ -55,11 +54,7 @@ class Arrivals(Channel):
     def __init__(self, key: BatchKey, images: int, rate: float, ahead: int, seed: int) -> None:
         super().__init__()
         self.key, self.images, self.ahead = key, images, ahead
-        rng = random.Random(seed)
-        clock, self.arrivals = 0.0, []
-        for _ in range(images):
-            clock += rng.expovariate(rate)
-            self.arrivals.append(clock)
+        self.arrivals = poisson(rate, images, seed)
         self.begin = time.perf_counter()
         self.inbox: list[object] = []
         self.sent = self.answered = 0

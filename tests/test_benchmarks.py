@@ -4,6 +4,7 @@ one another without a circle."""
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import math
 import os
@@ -162,25 +163,25 @@ def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_load_generator_only_targets_loopback() -> None:
+def bench_module(name: str) -> Any:
+    """A benchmark script imported as the scripts import one another: by name, from benchmarks/."""
     sys.path.insert(0, str(BENCH))
     try:
-        from load import check_loopback
-
-        check_loopback("http://127.0.0.1:8000")
-        check_loopback("http://localhost:8000")
-        with pytest.raises(SystemExit):
-            check_loopback("http://10.0.0.5:8000")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_load_generator_only_targets_loopback() -> None:
+    check_loopback = bench_module("load").check_loopback
+    check_loopback("http://127.0.0.1:8000")
+    check_loopback("http://localhost:8000")
+    with pytest.raises(SystemExit):
+        check_loopback("http://10.0.0.5:8000")
 
 
 def test_saturated_rate_counts_answers_between_the_windows_first_and_last_batch() -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        from openloop import steady
-    finally:
-        sys.path.remove(str(BENCH))
+    steady = bench_module("openloop").steady
     # A whole-call server answering 8 at once every 1.2 s; the window [3, 9] opens after one batch left.
     calls = [(2.4 + 1.2 * k + 0.001 * i, 1) for k in range(8) for i in range(8)]
     images, seconds = steady(calls, 3.0, 9.0)
@@ -196,17 +197,8 @@ def test_saturated_rate_counts_answers_between_the_windows_first_and_last_batch(
     assert steady([(5.0, 1)], 3.0, 9.0) == (0, 0.0)
 
 
-def ideal_module() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ideal
-    finally:
-        sys.path.remove(str(BENCH))
-    return ideal
-
-
 def test_ideal_whole_calls_one_at_a_time_queue_as_queueing_theory_says() -> None:
-    ideal = ideal_module()
+    ideal = bench_module("ideal")
     # One request per call of a fixed second, Poisson at 0.8/s: an M/D/1 queue, whose mean wait is
     # rho / (2 (1 - rho)) seconds (Pollaczek-Khinchine): 2 s, plus the second of service.
     latencies = ideal.whole_calls(ideal.poisson(0.8, 200_000, seed=1), lambda n: 1.0, cap=1)
@@ -218,7 +210,7 @@ def test_ideal_whole_calls_one_at_a_time_queue_as_queueing_theory_says() -> None
 
 
 def test_ideal_step_batching_joins_between_steps_and_holds_decodes_only_while_busy() -> None:
-    ideal = ideal_module()
+    ideal = bench_module("ideal")
     step, free, decode = (lambda n: 0.1), (lambda n: 0.0), (lambda n: 0.05)
     # A request arriving one step into another's three joins at once; whole calls make it wait for the first.
     assert ideal.step_calls([0, 0.1], step, free, free, cap=2, steps=3) == pytest.approx([0.3, 0.3])

@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -94,11 +95,17 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     # At each rate too, latency is paired window by window with the unit's.
     (unit_row,) = report["systems"]["muse-request"]["rows"]
     (muse_row,) = report["systems"]["muse"]["rows"]
-    assert unit_row["p50_round_ratios"] == unit_row["p99_round_ratios"] == [1.0, 1.0], unit_row
+    # A window of a second or two at a couple of arrivals a second can draw no arrival at all (a few percent
+    # of runs): such a round has no latency and is left out of the pairing, not counted as zero.
+    answered = [p50 is not None for p50 in unit_row["window_p50_ms"]]
+    assert len(answered) == 2 and any(answered), unit_row
+    assert unit_row["p50_round_ratios"] == unit_row["p99_round_ratios"] == [1.0] * sum(answered), unit_row
     for key in ("p50", "p99"):
         windows = zip(muse_row[f"window_{key}_ms"], unit_row[f"window_{key}_ms"], strict=True)
-        assert muse_row[f"{key}_round_ratios"] == [a / b for a, b in windows], muse_row
-        assert muse_row[f"{key}_median_round_ratio"] == pytest.approx(sum(muse_row[f"{key}_round_ratios"]) / 2)
+        # The same seed gives both systems the same arrivals: a round neither answered is left out of both.
+        paired = [a / b for a, b in windows if a is not None and b is not None]
+        assert muse_row[f"{key}_round_ratios"] == paired, muse_row
+        assert muse_row[f"{key}_median_round_ratio"] == pytest.approx(statistics.median(paired)), muse_row
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -123,7 +123,7 @@ async def open_loop(
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         tasks = []
         begin = time.perf_counter()
-        index = 0
+        index = measured = 0
         next_at = 0.0
         while next_at < warmup + duration:
             delay = begin + next_at - time.perf_counter()
@@ -131,7 +131,9 @@ async def open_loop(
                 await asyncio.sleep(delay)  # the arrival clock itself, not a synchronisation
             # Bodies drawn here, in arrival order: every system gets the same requests at the same times.
             body = body_for(index, rng, steps, mix, size, mix_steps)
-            tasks.append(asyncio.create_task(one(client, body, measured=next_at >= warmup)))
+            in_window = next_at >= warmup
+            tasks.append(asyncio.create_task(one(client, body, measured=in_window)))
+            measured += in_window
             index += 1
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
@@ -139,6 +141,7 @@ async def open_loop(
     steady_images, steady_seconds = steady(completions, warmup, warmup + duration)
     return {
         "sent": len(tasks),
+        "measured": measured,  # sent after the warm-up: a short window at a low rate can draw none
         "latencies_ms": latencies,
         "batch_sizes": batch_sizes,
         "errors": errors,
@@ -181,6 +184,7 @@ def summarize(rate: float, windows: list[dict[str, Any]]) -> dict[str, Any]:
         "rate": rate,
         "windows": len(windows),
         "sent": sum(w["sent"] for w in windows),
+        "measured": sum(w["measured"] for w in windows),
         "completed": len(latencies),
         "errors": errors,
         "throughput": sum(w["images"] for w in windows) / sum(w["seconds"] for w in windows),

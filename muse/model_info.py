@@ -104,7 +104,7 @@ class Family:
     default_sample_size: int | None = None
     # It can start from a picture (img2img, inpainting): on the step engine and in whole calls alike.
     image_inputs: bool = False
-    takes_loras: bool = False  # LoRA adapters from --lora-dir (UNet families)
+    takes_loras: bool = False  # LoRA adapters from --lora-dir (the families Muse knows; not a pipeline it does not)
 
 
 SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True, takes_loras=True)
@@ -123,8 +123,11 @@ FAMILIES: dict[str, Family] = {
         own_sampler_only=True,
         default_sample_size=128,
         image_inputs=True,
+        takes_loras=True,
     ),
-    "StableDiffusion3Pipeline": Family("sd3", "Stable Diffusion 3", 7.0, 28, own_sampler_only=True, image_inputs=True),
+    "StableDiffusion3Pipeline": Family(
+        "sd3", "Stable Diffusion 3", 7.0, 28, own_sampler_only=True, image_inputs=True, takes_loras=True
+    ),
     "StableDiffusionInpaintPipeline": Family(
         "sd-inpaint",
         "Stable Diffusion inpainting",

@@ -82,8 +82,10 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     for name, system in report["systems"].items():
         (row,) = system["rows"]
         assert row["fraction"] == 0.5 and row["errors"] == {}, (name, row)
-        # Every request sent in the measured window was awaited and answered.
-        assert row["completed"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
+        # Every request sent in the measured window was awaited and answered (a window of a second or two at
+        # the rate of a capacity measured on a busy 2-core machine can draw none: a few percent of runs).
+        assert row["completed"] == row["measured"], (name, row)
+        assert row["completed"] == 0 or 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
         assert row["mean_batch"] >= 1 and row["direct_bracket"] > 0, (name, row)
         assert row["steady_throughput"] is None or row["steady_throughput"] > 0, (name, row)
     # Saturated, each round's window is paired with the unit's window of the same round.
@@ -95,17 +97,17 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
     # At each rate too, latency is paired window by window with the unit's.
     (unit_row,) = report["systems"]["muse-request"]["rows"]
     (muse_row,) = report["systems"]["muse"]["rows"]
-    # A window of a second or two at a couple of arrivals a second can draw no arrival at all (a few percent
-    # of runs): such a round has no latency and is left out of the pairing, not counted as zero.
+    # A round whose window drew no arrival has no latency: it is left out of the pairing, not counted as zero.
     answered = [p50 is not None for p50 in unit_row["window_p50_ms"]]
-    assert len(answered) == 2 and any(answered), unit_row
+    assert len(answered) == 2 and (any(answered) or unit_row["measured"] == 0), unit_row
     assert unit_row["p50_round_ratios"] == unit_row["p99_round_ratios"] == [1.0] * sum(answered), unit_row
     for key in ("p50", "p99"):
         windows = zip(muse_row[f"window_{key}_ms"], unit_row[f"window_{key}_ms"], strict=True)
         # The same seed gives both systems the same arrivals: a round neither answered is left out of both.
         paired = [a / b for a, b in windows if a is not None and b is not None]
         assert muse_row[f"{key}_round_ratios"] == paired, muse_row
-        assert muse_row[f"{key}_median_round_ratio"] == pytest.approx(statistics.median(paired)), muse_row
+        median = muse_row[f"{key}_median_round_ratio"]
+        assert median == (pytest.approx(statistics.median(paired)) if paired else None), muse_row
     assert out.with_suffix(".png").stat().st_size > 0
 
 

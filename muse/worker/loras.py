@@ -15,6 +15,7 @@ first out, never one that a running image uses.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import types
@@ -155,10 +156,11 @@ class RowLoras:
             with warnings.catch_warnings():
                 # PEFT warns of a second adapter in one model: several side by side is the point, rows pick
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                # ...and of keys that fit no layer, which load_adapter counts and refuses with a plainer message.
+                warnings.filterwarnings("ignore", message="While injecting the PEFT adapters, an inconsistency")
                 load_adapter(self.pipe, weights, adapter)
         except Exception:
-            with contextlib.suppress(Exception):
-                self.pipe.delete_adapters([adapter])  # whatever part of it went in
+            remove_partial(self.pipe, adapter)
             raise
         self.loaded[name] = Loaded(adapter, stamp)
         wrap_layers(self.pipe, self)
@@ -190,27 +192,52 @@ class RowLoras:
             self.plan = None
 
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# A LoRA layer's down-projection, in each key layout diffusers' readers return (one per adapted layer).
+DOWN = re.compile(r"\.(lora_A|lora\.down|lora_down)\.weight$")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP: SD's, SDXL's two, FLUX's one, SD3's two (not T5)
 
 
 def load_adapter(pipe: Any, weights: dict[str, torch.Tensor], adapter: str) -> None:
     """Put a LoRA file's weights into the pipeline as `adapter`: diffusers converts its key layout (diffusers,
-    PEFT, kohya/A1111) and loads its UNet part; its text encoders' parts go in through PEFT itself, as
-    diffusers' own text-encoder path does (that path asks transformers for a newer PEFT than may be installed).
-    A file for another architecture fails here: missing modules or mismatched shapes."""
+    PEFT, kohya/A1111, and FLUX's trainers' where its loader knows them) and loads its denoiser part (a UNet or
+    a transformer); its text encoders' parts go in through PEFT itself, as diffusers' own text-encoder path does
+    (that path asks transformers for a newer PEFT than may be installed). A file for another architecture fails
+    here: missing modules or mismatched shapes."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    state, alphas = pipe.lora_state_dict(dict(weights))
+    state, alphas = lora_state(pipe, weights)
     if not state or not all("lora" in key for key in state):
-        raise ValueError("not a LoRA file (its tensors are not named as LoRA layers)")
-    unet_part = {k: v for k, v in state.items() if k.startswith(f"{pipe.unet_name}.")}
-    if unet_part:
-        pipe.load_lora_into_unet(unet_part, network_alphas=alphas, unet=pipe.unet, adapter_name=adapter, _pipeline=pipe)
-    for name in TEXT_ENCODERS:
-        encoder = getattr(pipe, name, None)
-        part = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        # FLUX Control LoRAs also replace norm layers and widen the input: not a delta a row can opt out of.
+        raise ValueError("not a LoRA file (its tensors are not all named as LoRA layers)")
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    # An SD LoRA's UNet part in a FLUX pipeline would otherwise be dropped and its text part used alone.
+    places = {name} | {e for e in TEXT_ENCODERS if getattr(pipe, e, None) is not None}
+    owners = {key.split(".", 1)[0] for key in state}
+    if not owners & (places | {"unet", "transformer", *TEXT_ENCODERS}):
+        # A trainer that saved the denoiser's layers alone often leaves out whose they are.
+        state = {f"{name}.{key}": value for key, value in state.items()}
+        alphas = {f"{name}.{key}": value for key, value in alphas.items()} if alphas else alphas
+        owners = {name}
+    foreign = sorted(owners - places)
+    if foreign:
+        raise ValueError(f"its {', '.join(foreign)} layers have no place in a {type(pipe).__name__}")
+    denoiser_part = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
+    if denoiser_part:
+        denoiser = getattr(pipe, name)
+        denoiser.load_lora_adapter(
+            denoiser_part, prefix=name, network_alphas=alphas, adapter_name=adapter, _pipeline=pipe
+        )
+        # diffusers only warns of layers the model lacks: a LoRA for another model of the same family must fail.
+        wanted = sum(1 for key in denoiser_part if DOWN.search(key))
+        placed = sum(1 for m in denoiser.modules() if adapter in getattr(m, "lora_A", {}))
+        if placed < wanted:
+            raise ValueError(f"{wanted - placed} of its {wanted} {name} layers fit no layer of this model")
+    for encoder_name in TEXT_ENCODERS:
+        encoder = getattr(pipe, encoder_name, None)
+        prefix = f"{encoder_name}."
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if encoder is None or not part:
             continue
         part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
@@ -219,15 +246,44 @@ def load_adapter(pipe: Any, weights: dict[str, torch.Tensor], adapter: str) -> N
         ranks = {k: v.shape[1] for k, v in part.items() if k.endswith("lora_B.weight")}
         own_alphas = None
         if alphas:
-            own_alphas = {k.removeprefix(f"{name}."): v for k, v in alphas.items() if k.startswith(f"{name}.")}
+            own_alphas = {k.removeprefix(prefix): v for k, v in alphas.items() if k.startswith(prefix)}
         config = _create_lora_config(part, own_alphas, None, ranks, is_unet=False)
         inject_adapter_in_model(config, encoder, adapter_name=adapter)
         result = set_peft_model_state_dict(encoder, part, adapter_name=adapter)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter in k or "lora" in k]
         if unexpected:
-            raise ValueError(f"{len(unexpected)} of its {name} tensors fit no layer, e.g. {unexpected[0]}")
-    if not unet_part and not any(k.startswith(TEXT_ENCODERS) for k in state):
-        raise ValueError("none of its layers belongs to this pipeline's UNet or text encoders")
+            raise ValueError(f"{len(unexpected)} of its {encoder_name} tensors fit no layer, e.g. {unexpected[0]}")
+
+
+def lora_state(pipe: Any, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The file's tensors as diffusers names them for this pipeline, and their alphas where the layout keeps
+    them apart: SD's loader returns both, FLUX's when asked, SD3's only the tensors."""
+    if "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters:
+        read = pipe.lora_state_dict(dict(weights), return_alphas=True)
+    else:
+        read = pipe.lora_state_dict(dict(weights))
+    if isinstance(read, tuple):
+        return read[0], read[1]
+    return read, None
+
+
+def remove_partial(pipe: Any, adapter: str) -> None:
+    """Take out whatever part of a failed load went in, layer by layer: diffusers' `delete_adapters` wants an
+    adapter every component knows, and a load that failed half way (the text encoder after the transformer) left
+    its layers in some components only, where every later call would carry them."""
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        layer: Any  # a PEFT tuner layer: its methods are not nn.Module's
+        for layer in component.modules():
+            if adapter in getattr(layer, "lora_A", {}):
+                with warnings.catch_warnings():
+                    # PEFT says which adapter is "active" now: rows pick theirs here, none is.
+                    warnings.simplefilter("ignore")
+                    layer.delete_adapter(adapter)
+        configs = getattr(component, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(adapter, None)
 
 
 def wrap_layers(pipe: Any, owner: RowLoras) -> None:

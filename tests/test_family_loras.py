@@ -1,0 +1,163 @@
+"""LoRA adapters on FLUX and SD3: images with different adapters (or none, or one adapter at different scales)
+share each transformer call and each text encoding, and each gets the pixels of the pipeline with that one adapter
+loaded by diffusers (within 2/255); whole calls too; a LoRA made for another model is the request's error."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from muse.demo_model.loras import make_lora
+from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
+from muse.worker.engine import SlotRequest, StepEngine
+from muse.worker.loras import LoraError, RowLoras
+from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
+from tests.test_engine import run
+
+TOLERANCE = 2
+SIDE = 32  # 256 image tokens: the tiny transformers' native size
+PROMPT = "a red circle on a blue background"
+OTHERS = {"tiny_flux_model": "tiny_sd3_model", "tiny_sd3_model": "tiny_flux_model"}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHERS))
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def model(family: str, request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(family))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, family: str, model: str, request: pytest.FixtureRequest) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    make_lora(model, folder / "ink.safetensors", seed=1)
+    make_lora(model, folder / "glow.safetensors", seed=2, rank=2)
+    make_lora(request.getfixturevalue(OTHERS[family]), folder / "other.safetensors", seed=3)
+    make_lora(request.getfixturevalue("tiny_model"), folder / "unet.safetensors", seed=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(model: str, folder: Path) -> Iterator[LoadedPipeline]:
+    torch.set_num_threads(2)
+    loaded = load_pipeline(model, "cpu")
+    loaded.loras = RowLoras(loaded.pipe, str(folder), cache=4)
+    yield loaded
+
+
+def ready(loaded: LoadedPipeline, *uses: LoraUse) -> None:
+    loras = loaded.loras
+    assert loras is not None
+    while not loras.ready(uses):
+        loras.wait(30)
+
+
+def request(slot_id: str, seed: int, *loras: LoraUse, **kw: Any) -> SlotRequest:
+    base: dict[str, Any] = {"steps": 6, "guidance_scale": 2.5, "width": SIDE, "height": SIDE}
+    return SlotRequest(slot_id, PROMPT, "", seed, **(base | kw), loras=loras)
+
+
+def alone(model: str, folder: Path, r: SlotRequest) -> np.ndarray:
+    """The plain pipeline with the request's one adapter (if any) loaded by diffusers, at its scale."""
+    pipe = load_pipeline(model, "cpu").pipe
+    extra: dict[str, Any] = {}
+    if r.loras:
+        (use,) = r.loras
+        pipe.load_lora_weights(str(folder / f"{use.name}.safetensors"), adapter_name="only")
+        extra["joint_attention_kwargs"] = {"scale": use.scale}
+    with torch.inference_mode():
+        image = pipe(
+            [r.prompt],
+            num_inference_steps=r.steps,
+            guidance_scale=r.guidance_scale,
+            width=r.width,
+            height=r.height,
+            generator=[torch.Generator().manual_seed(r.seed)],
+            **extra,
+        ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_different_adapters_share_every_call_and_each_image_is_its_adapters(
+    loaded: LoadedPipeline, model: str, folder: Path
+) -> None:
+    ready(loaded, LoraUse("ink"), LoraUse("glow"))
+    from peft.tuners.lora import LoraLayer
+
+    for part in ("transformer", "text_encoder"):
+        assert any(isinstance(m, LoraLayer) for m in getattr(loaded.pipe, part).modules()), part
+    plain = request("plain", 1)
+    ink = request("ink", 2, LoraUse("ink", 0.8))
+    ink_half = request("ink-half", 3, LoraUse("ink", 0.4), guidance_scale=1.0)
+    glow = request("glow", 4, LoraUse("glow", 1.0), steps=4)
+    calls: list[int] = []
+    transformer = loaded.pipe.transformer
+    hook = transformer.register_forward_hook(
+        lambda _m, _a, kw, _o: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        images = run(StepEngine(loaded, loras=loaded.loras), {0: [plain, ink], 2: [ink_half, glow]})
+    finally:
+        hook.remove()
+    # SD3 guides with a second row (the unguided image has one); FLUX's guidance is embedded: a row each.
+    guided = type(loaded.pipe).__name__ == "StableDiffusion3Pipeline"
+    assert max(calls) == (2 * 3 + 1 if guided else 4), "the four images' rows shared calls"
+    for r in (plain, ink, ink_half, glow):
+        difference = np.abs(images[r.slot_id] - alone(model, folder, r)).max()
+        assert difference <= TOLERANCE, (r.slot_id, difference)
+    assert np.abs(images["ink"] - alone(model, folder, request("x", 2))).max() > 2 * TOLERANCE, "the adapter shows"
+
+
+def test_a_whole_call_takes_its_adapters(loaded: LoadedPipeline, model: str, folder: Path) -> None:
+    use = LoraUse("glow", 0.7)
+    key = BatchKey(SIDE, SIDE, 6, 2.5, loras=(use,))
+    pngs = run_batch(loaded, Assignment("a", [ImageSpec(PROMPT, "", 9, loras=(use,))], key), lambda step: True)
+    assert pngs is not None
+    image = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
+    assert np.abs(image - alone(model, folder, request("w", 9, use, steps=6))).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("name", "why"), [("other", "fit no layer|NoMatchingPeftModuleError"), ("unet", "unet layers have no place")]
+)
+def test_a_lora_for_another_model_is_the_requests_error(loaded: LoadedPipeline, name: str, why: str) -> None:
+    with pytest.raises(LoraError, match=f"loras: '{name}' cannot be used with this model .*({why})"):
+        ready(loaded, LoraUse(name))
+    from peft.tuners.lora import LoraLayer
+
+    leftovers = [
+        m
+        for part in ("transformer", "text_encoder")
+        for m in getattr(loaded.pipe, part).modules()
+        if isinstance(m, LoraLayer) and any(name in a for a in m.lora_A)
+    ]
+    assert leftovers == [], "nothing of it stays in the model"
+    images = run(StepEngine(loaded, loras=loaded.loras), {0: [request("after", 5, LoraUse("ink"))]})
+    assert set(images) == {"after"}, "the model still serves, with the adapters it has"
+
+
+def test_a_file_of_the_transformers_layers_alone_without_their_owners_name_is_its_own(
+    loaded: LoadedPipeline, folder: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    layers = load_file(str(folder / "ink.safetensors"))
+    bare = {k.removeprefix("transformer."): v for k, v in layers.items() if k.startswith("transformer.")}
+    save_file(bare, str(folder / "bare.safetensors"))
+    ready(loaded, LoraUse("ink"), LoraUse("bare"))
+    loras = loaded.loras
+    assert loras is not None
+    (ink, _), (own, _) = loras.adapters([LoraUse("ink"), LoraUse("bare")])
+    modules = list(loaded.pipe.transformer.modules())
+    placed = [sum(1 for m in modules if a in getattr(m, "lora_A", {})) for a in (ink, own)]
+    assert placed[0] == placed[1] > 0, placed

@@ -220,6 +220,102 @@ def test_a_picture_over_the_upload_limit_is_refused_before_it_is_sent(watched: W
     assert posts == [], "nothing was sent"
 
 
+# ---- masks: painted over the picture, or chosen as a file --------------------------------------------------
+
+
+def mask_canvas(page: Page, size: tuple[int, int]) -> Locator:
+    """The mask editor's canvas once it lies over a picture of `size`."""
+    canvas = page.get_by_role("img", name="Mask: paint where to repaint")
+    expect(canvas).to_be_visible()
+    expect(page.locator("[data-mask-editor]")).to_have_attribute("data-ready", "")
+    assert tuple(canvas.evaluate("c => [c.width, c.height]")) == size, "the canvas has the picture's pixels"
+    return canvas
+
+
+def drag_across(page: Page, canvas: Locator, y: float, x0: float, x1: float) -> None:
+    """One stroke at height `y`, from `x0` to `x1` (fractions of the canvas)."""
+    canvas.scroll_into_view_if_needed()  # the mouse reaches only what is on the screen
+    box = canvas.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + x1 * box["width"], box["y"] + y * box["height"], steps=8)
+    page.mouse.up()
+
+
+def job_id(card: Locator) -> str:
+    return (card.get_attribute("id") or "").removeprefix("job-")
+
+
+def sent_mask(server: LiveServer, job: str) -> Image.Image | None:
+    source = server.read(lambda m: m.job(job).request.source)
+    assert source is not None, "the job starts from the picture"
+    return None if source.mask is None else Image.open(io.BytesIO(source.mask)).convert("L")
+
+
+def test_paint_a_mask_over_the_picture_and_the_job_gets_it(
+    watched: Watched, server: LiveServer, tmp_path: Path
+) -> None:
+    page = watched.page
+    picture = tmp_path / "start.png"
+    picture.write_bytes(picture_png())
+    page.goto(f"{server.url}/?steps={STEPS}")
+    page.get_by_label("Prompt", exact=True).fill("a boat in the harbour")
+    open_advanced(page)
+    expect(page.locator("[data-mask-editor]")).to_be_hidden()  # nothing to paint on yet
+    page.get_by_label("Start from a picture").set_input_files(picture)
+    canvas = mask_canvas(page, PICTURE_SIZE)
+    drag_across(page, canvas, y=0.5, x0=0.1, x1=0.4)
+    # At once: a Generate right after a stroke waits for the stroke to be in the form.
+    page.get_by_role("button", name="Generate", exact=True).click()
+    card = page.locator("#jobs .job").first
+    finished_image(card)
+    expect(card.locator(".params")).to_contain_text("(inpainted)")
+    mask = sent_mask(server, job_id(card))
+    assert mask is not None and mask.size == PICTURE_SIZE
+    width, height = PICTURE_SIZE
+    assert mask.getpixel((width // 4, height // 2)) == 255, "painted: repaint"
+    for kept in ((3 * width // 4, height // 2), (width // 4, height // 10), (width - 1, height - 1)):
+        assert mask.getpixel(kept) == 0, f"not painted at {kept}: keep"
+
+    # Cleared, the next job repaints the whole picture at its strength.
+    page.get_by_role("button", name="Clear mask").click()
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#jobs .job")).to_have_count(2)
+    again = page.locator("#jobs .job").first
+    finished_image(again)
+    expect(again.locator(".params")).not_to_contain_text("(inpainted)")
+    assert sent_mask(server, job_id(again)) is None
+
+
+def test_paint_over_a_picked_image_and_a_chosen_mask_file_shows_as_paint(watched: Watched, server: LiveServer) -> None:
+    page = watched.page
+    page.goto(f"{server.url}/?steps={STEPS}&size=64x64")
+    page.get_by_label("Prompt", exact=True).fill("a red barn")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    first = page.locator("#jobs .job").first
+    finished_image(first)
+    first.get_by_role("link", name="Use as init image").click()
+    mask_canvas(page, (64, 64))  # over the picked image, the tiny model's size
+
+    # A mask file chosen by hand shows on the picture as paint (its white), and is what goes.
+    left = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(left).rectangle((0, 0, 31, 63), fill=255)
+    buffer = io.BytesIO()
+    left.save(buffer, format="PNG")
+    mask_input = page.get_by_label("Mask optional")
+    mask_input.set_input_files(files=[{"name": "left.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+    alpha = "([x, y]) => document.querySelector('[data-mask-canvas]').getContext('2d').getImageData(x, y, 1, 1).data[3]"
+    page.wait_for_function(f"({alpha})([8, 32]) > 200")
+    assert page.evaluate(alpha, [56, 32]) == 0, "its black is no paint"
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#jobs .job")).to_have_count(2)
+    card = page.locator("#jobs .job").first
+    finished_image(card)
+    mask = sent_mask(server, job_id(card))
+    assert mask is not None and mask.tobytes() == left.tobytes()
+
+
 # ---- over HTTP ------------------------------------------------------------------------------------
 
 
@@ -274,6 +370,34 @@ def test_a_chosen_size_crops_the_picture_and_a_large_one_is_scaled_to_the_limits
     assert Image.open(io.BytesIO(source.image)).tobytes() == cropped.tobytes(), "cropped to fit, not stretched"
 
 
+def test_without_javascript_a_mask_file_inpaints_and_a_new_one_replaces_a_named_pictures(server: LiveServer) -> None:
+    def mask_png(box: tuple[int, int, int, int]) -> bytes:
+        mask = Image.new("L", PICTURE_SIZE, 0)
+        ImageDraw.Draw(mask).rectangle(box, fill=255)
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def mask_of(answer: httpx.Response) -> bytes | None:
+        assert answer.status_code == 201, answer.text
+        source = server.read(lambda m: m.job(job_of(answer.text)).request.source)
+        assert source is not None
+        return None if source.mask is None else Image.open(io.BytesIO(source.mask)).convert("L").tobytes()
+
+    left, right = mask_png((0, 0, 47, 71)), mask_png((48, 0, 95, 71))
+    first = post(
+        server,
+        {"prompt": "a kite", "steps": STEPS},
+        {"init_image": ("kite.png", picture_png(), "image/png"), "mask_image": ("left.png", left, "image/png")},
+    )
+    assert mask_of(first) == Image.open(io.BytesIO(left)).tobytes()
+    # "Generate again" names the job's picture: its mask comes with it, unless another is sent.
+    named = {"prompt": "a kite", "steps": STEPS, "init_job": job_of(first.text)}
+    assert mask_of(post(server, named)) == Image.open(io.BytesIO(left)).tobytes()
+    replaced = post(server, named, {"mask_image": ("right.png", right, "image/png")})
+    assert mask_of(replaced) == Image.open(io.BytesIO(right)).tobytes()
+
+
 def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
     answer = post(server, {"prompt": "x", "strength": "0.75"}, {"init_image": ("", b"", "application/octet-stream")})
     assert answer.status_code == 201, answer.text
@@ -297,6 +421,17 @@ def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
         ({"strength": "lots"}, {"init_image": ("a.png", picture_png(), "image/png")}, "Check the strength", "number"),
         ({"init_id": "0123456789abcdef"}, None, "Check the picture", "No such image in the gallery"),
         ({"init_job": "nope"}, None, "Check the picture", "choose the picture again"),
+        ({}, {"mask_image": ("m.png", picture_png(), "image/png")}, "Check the picture", "A mask needs a picture"),
+        (
+            {},
+            {
+                "init_image": ("a.png", picture_png(), "image/png"),
+                "mask_image": ("m.png", picture_png((64, 64)), "image/png"),
+            },
+            "Check the picture",
+            "send a mask of the picture",
+        ),
+        ({"mask_image": "m.png"}, None, "Check the picture", "Only the file"),
     ],
     ids=[
         "not-a-picture",
@@ -308,6 +443,9 @@ def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
         "strength-text",
         "no-image",
         "no-job",
+        "mask-without-picture",
+        "mask-of-another-size",
+        "mask-file-name-only",
     ],
 )
 def test_a_bad_picture_is_a_422_card_naming_the_field(

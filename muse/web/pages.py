@@ -43,6 +43,8 @@ from muse.web.render import (
 MAX_FORM_BYTES = 64 * 1024  # the form's text fields, all together (a picture comes on top, as a file)
 MAX_FORM_FIELDS = 40
 PICTURE_FIELD = "init_image"
+MASK_FIELD = "mask_image"  # painted on the page (muse.js puts the painting in this file input), or a file
+FILE_FIELDS = (PICTURE_FIELD, MASK_FIELD)
 FORM_TYPE = "application/x-www-form-urlencoded"
 MULTIPART_TYPE = "multipart/form-data"
 
@@ -114,12 +116,18 @@ def job_view(muse: Muse, ticket: Ticket) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Posted:
-    """The generate form as posted: its fields, and the picture uploaded with it."""
+    """The generate form as posted: its fields, and the picture (and mask) uploaded with it."""
 
     form: FormValues
     # At most --max-upload + 1 bytes: a larger file is cut there, which is enough for it to be refused by name.
     picture: bytes | None = None
     refusal: InvalidRequest | None = None  # the upload was unusable; shown beside the refilled form
+    mask: bytes | None = None  # white: repaint
+
+    @property
+    def uploaded(self) -> bool:
+        """Whether a file came (a form of hidden fields cannot send it again)."""
+        return self.picture is not None or self.mask is not None
 
 
 async def read_form(request: Request, max_upload: int) -> Posted:
@@ -137,40 +145,40 @@ async def read_form(request: Request, max_upload: int) -> Posted:
         raise PayloadTooLarge("the form is too large")
     pairs = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
     refusal = None
-    if pairs.get(PICTURE_FIELD):
-        # A browser sends a file input's name alone in a urlencoded form (a page from before the server took
-        # pictures, or a hand-made form): refused by name rather than generating from text.
-        refusal = InvalidRequest(
-            f"{PICTURE_FIELD}: only the file's name came, not the picture; send the form as {MULTIPART_TYPE} "
-            "(reload the page)",
-            param=PICTURE_FIELD,
-        )
+    for field in FILE_FIELDS:
+        if pairs.get(field):
+            # A browser sends a file input's name alone in a urlencoded form (a page from before the server
+            # took pictures, or a hand-made form): refused by name rather than generating from text.
+            refusal = InvalidRequest(
+                f"{field}: only the file's name came, not the picture; send the form as {MULTIPART_TYPE} "
+                "(reload the page)",
+                param=field,
+            )
     return Posted(FormValues.from_pairs(pairs), refusal=refusal)
 
 
 async def read_multipart(request: Request, max_upload: int) -> Posted:
     # BodyLimit bounds the whole body (room for a picture over --max-upload, so that it is refused by name).
     try:
-        data = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_BYTES)
+        data = await request.form(max_files=len(FILE_FIELDS), max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FORM_BYTES)
     except HTTPException as exc:  # Starlette's answer to a form it cannot parse
         raise InvalidRequest(f"the form cannot be read: {exc.detail}", code="invalid_multipart", status=400) from None
     try:
         pairs: dict[str, str] = {}
-        picture, refusal = None, None
+        files: dict[str, bytes] = {}
+        refusal = None
         for name, value in data.multi_items():
             if isinstance(value, UploadFile):
                 # An empty file input is still a part: one without a file name or bytes.
-                if name == PICTURE_FIELD and (value.filename or value.size):
-                    picture = await value.read(max_upload + 1)
-            elif name == PICTURE_FIELD and value:
-                refusal = InvalidRequest(
-                    f"{PICTURE_FIELD}: send the picture as a file, not as text", param=PICTURE_FIELD
-                )
+                if name in FILE_FIELDS and (value.filename or value.size):
+                    files[name] = await value.read(max_upload + 1)
+            elif name in FILE_FIELDS and value:
+                refusal = InvalidRequest(f"{name}: send the picture as a file, not as text", param=name)
             else:
                 pairs[name] = value
     finally:
         await data.close()  # its files: spooled to disk past a megabyte
-    return Posted(FormValues.from_pairs(pairs), picture, refusal)
+    return Posted(FormValues.from_pairs(pairs), files.get(PICTURE_FIELD), refusal, files.get(MASK_FIELD))
 
 
 async def stored_picture(request: Request, form: FormValues) -> tuple[bytes, bytes | None] | None:
@@ -213,9 +221,17 @@ async def create_job(request: Request) -> Response:
     try:
         if posted.refusal is not None:
             raise posted.refusal
-        # An upload wins over a picture the form names (the person chose a file after picking one).
+        # An upload wins over a picture the form names (the person chose a file after picking one), and a
+        # mask painted or chosen now over the one a named picture came with.
         stored = None if posted.picture is not None else await stored_picture(request, form)
-        image, mask = (posted.picture, None) if stored is None else stored
+        image, mask = (posted.picture, posted.mask) if stored is None else stored
+        if stored is not None and posted.mask is not None:
+            mask = posted.mask
+        if image is None and mask is not None:
+            raise InvalidRequest(
+                f"{MASK_FIELD}: a mask needs a picture to start from: choose one under Start from a picture",
+                param=MASK_FIELD,
+            )
         if image is None:
             generate = form.to_request(muse.model)
         else:
@@ -224,7 +240,7 @@ async def create_job(request: Request) -> Response:
         # Charged against --rate-limit like the JSON API (the identity comes from muse.http.auth).
         ticket = muse.submit(generate, keep=True, client=client_of(request))
     except MuseError as error:
-        return problem_response(request, error, form, retry=posted.picture is None)
+        return problem_response(request, error, form, retry=not posted.uploaded)
     if not is_fragment(request):
         return RedirectResponse(f"/jobs/{ticket.id}", status_code=303)
     return render(request, "_job.html", {"job": job_view(muse, ticket)}, 201)

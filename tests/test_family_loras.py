@@ -1,11 +1,13 @@
 """LoRA adapters on FLUX and SD3: images with different adapters (or none, or one adapter at different scales)
 share each transformer call and each text encoding, and each gets the pixels of the pipeline with that one adapter
-loaded by diffusers (within 2/255); whole calls too; a LoRA made for another model is the request's error."""
+loaded by diffusers (within 2/255): whole calls too, an adapter whose rank and alpha are in its file's header, and
+one with a T5 part, which diffusers leaves out. A LoRA whose layers do not fit this model is the request's error
+and leaves nothing of it in the model."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,10 @@ from tests.test_engine import run
 TOLERANCE = 2
 SIDE = 32  # 256 image tokens: the tiny transformers' native size
 PROMPT = "a red circle on a blue background"
-OTHERS = {"tiny_flux_model": "tiny_sd3_model", "tiny_sd3_model": "tiny_flux_model"}
+T5 = {"tiny_flux_model": "text_encoder_2", "tiny_sd3_model": "text_encoder_3"}
 
 
-@pytest.fixture(scope="module", params=sorted(OTHERS))
+@pytest.fixture(scope="module", params=sorted(T5))
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -37,13 +39,38 @@ def model(family: str, request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(family))
 
 
+def edited(source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """A copy of a LoRA file with its tensors edited."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(edit(load_file(str(source))), str(target))
+
+
+def pair(module: str, rank: int = 4, width: int = 32) -> dict[str, torch.Tensor]:
+    return {f"{module}.lora_A.weight": torch.ones(rank, width), f"{module}.lora_B.weight": torch.ones(width, rank)}
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory, family: str, model: str, request: pytest.FixtureRequest) -> Path:
     folder = tmp_path_factory.mktemp("loras")
-    make_lora(model, folder / "ink.safetensors", seed=1)
+    ink = make_lora(model, folder / "ink.safetensors", seed=1)
     make_lora(model, folder / "glow.safetensors", seed=2, rank=2)
-    make_lora(request.getfixturevalue(OTHERS[family]), folder / "other.safetensors", seed=3)
+    make_lora(model, folder / "loud.safetensors", seed=3, alpha=8)  # rank 4: its deltas count twice
     make_lora(request.getfixturevalue("tiny_model"), folder / "unet.safetensors", seed=4)
+    t5 = f"{T5[family]}.encoder.block.0.layer.0.SelfAttention.q"
+    edited(ink, folder / "t5.safetensors", lambda layers: layers | pair(t5))
+    # A deeper model's block (this one has a single joint block).
+    edited(
+        ink, folder / "deeper.safetensors", lambda layers: layers | pair("transformer.transformer_blocks.7.attn.to_q")
+    )
+
+    def wider_text(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The transformer's part fits and goes in first; a wider text encoder's then fails.
+        return {
+            k: torch.ones(4, 48) if k.startswith("text_encoder.") and "lora_A" in k else v for k, v in layers.items()
+        }
+
+    edited(ink, folder / "wider.safetensors", wider_text)
     return folder
 
 
@@ -125,10 +152,30 @@ def test_a_whole_call_takes_its_adapters(loaded: LoadedPipeline, model: str, fol
     assert pngs is not None
     image = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
     assert np.abs(image - alone(model, folder, request("w", 9, use, steps=6))).max() <= TOLERANCE
+    assert np.abs(image - alone(model, folder, request("w", 9, steps=6))).max() > 2 * TOLERANCE, "the adapter shows"
+
+
+@pytest.mark.parametrize("name", ["loud", "t5"])
+def test_a_headers_rank_and_alpha_and_a_t5_part_are_taken_as_diffusers_takes_them(
+    loaded: LoadedPipeline, family: str, model: str, folder: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ready(loaded, LoraUse(name))
+    r = request(name, 11, LoraUse(name, 0.9))
+    images = run(StepEngine(loaded, loras=loaded.loras), {0: [r]})
+    assert np.abs(images[name] - alone(model, folder, r)).max() <= TOLERANCE
+    if name == "t5":
+        assert any("(T5) layers are left out" in message for message in caplog.messages)
+        t5 = getattr(loaded.pipe, T5[family])
+        assert not any("lora" in module for module, _ in t5.named_modules()), "nothing went into the T5 encoder"
 
 
 @pytest.mark.parametrize(
-    ("name", "why"), [("other", "fit no layer|NoMatchingPeftModuleError"), ("unet", "unet layers have no place")]
+    ("name", "why"),
+    [
+        ("deeper", "1 of its [0-9]+ transformer layers fit no layer"),
+        ("wider", "size mismatch"),
+        ("unet", "unet layers"),
+    ],
 )
 def test_a_lora_for_another_model_is_the_requests_error(loaded: LoadedPipeline, name: str, why: str) -> None:
     with pytest.raises(LoraError, match=f"loras: '{name}' cannot be used with this model .*({why})"):

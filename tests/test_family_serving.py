@@ -30,7 +30,7 @@ def test_a_short_request_joins_a_long_one_and_both_get_the_pipelines_pixels(
     make_lora(model, tmp_path / "ink.safetensors", seed=1)
     inked = {"prompt": "an inked one", "steps": 5, "seed": 9, "loras": [{"name": "ink", "scale": 0.7}], **SIZE}
     caplog.set_level(logging.INFO, logger="muse.pools")
-    long = {"prompt": "a long one", "steps": 60, "seed": 5, "guidance_scale": 3.5, **SIZE}
+    long = {"prompt": "a long one", "steps": 150, "seed": 5, "guidance_scale": 3.5, **SIZE}
     short = {"prompt": "a short one", "steps": 4, "seed": 6, "guidance_scale": 5.0, **SIZE}
     unguided = {"prompt": "a plain one", "steps": 7, "seed": 8, "guidance_scale": 1.0, "n": 2, **SIZE}
     if name == "sd3":

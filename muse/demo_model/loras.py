@@ -8,7 +8,9 @@ LoRAs, or with kohya/A1111's key names (UNet pipelines). They change the picture
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,11 +21,21 @@ TRANSFORMER_TARGETS = [*UNET_TARGETS, "proj_out"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(model: str, path: Path, seed: int, *, rank: int = 4, kohya: bool = False, strength: float = 0.3) -> Path:
+def make_lora(
+    model: str,
+    path: Path,
+    seed: int,
+    *,
+    rank: int = 4,
+    kohya: bool = False,
+    strength: float = 0.3,
+    alpha: float | None = None,
+) -> Path:
     """Write a LoRA for the pipeline in `model` to `path` (a .safetensors file); returns `path`. Its denoiser (a
     UNet, or FLUX's or SD3's transformer: their attention projections have the same names) and its CLIP text
     encoders get deltas; kohya's layout is written for UNet pipelines only (FLUX's trainers name blocks their own
-    way)."""
+    way). `alpha`: written in the header as diffusers' trainers write rank and alpha (`lora_adapter_metadata`),
+    so the deltas scale by alpha / rank; without it the file says nothing and they scale by 1."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.torch import save_file
@@ -39,6 +51,7 @@ def make_lora(model: str, path: Path, seed: int, *, rank: int = 4, kohya: bool =
     ]
     torch.manual_seed(seed)
     layers: dict[str, torch.Tensor] = {}
+    settings: dict[str, Any] = {}
     targets = [(denoiser, UNET_TARGETS if denoiser == "unet" else TRANSFORMER_TARGETS)]
     targets += [(name, TEXT_TARGETS) for name in encoders]
     for prefix, names in targets:
@@ -49,10 +62,14 @@ def make_lora(model: str, path: Path, seed: int, *, rank: int = 4, kohya: bool =
             # Random A and B, scaled so a delta moves each projection by a fraction of its own size.
             scale = strength / rank**0.5 if "lora_B" in key else 1.0
             layers[f"{prefix}.{key}"] = (value * scale).contiguous()
+        settings |= {f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": names}
     if kohya:
         layers = to_kohya(layers, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(layers, str(path))
+    header = {"format": "pt"}
+    if alpha is not None:
+        header["lora_adapter_metadata"] = json.dumps(settings, sort_keys=True)
+    save_file(layers, str(path), metadata=header)
     return path
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import re
 import types
@@ -69,6 +70,31 @@ class Plan:
         return cls(None, groups) if groups else None
 
 
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA file as read: its tensors, and the adapter settings diffusers' trainers write in its header
+    (`lora_adapter_metadata`: rank and alpha per component, which the tensors alone do not say)."""
+
+    weights: dict[str, torch.Tensor]
+    metadata: dict[str, Any] | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> LoraFile:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        raw = header.get(METADATA_KEY)
+        try:
+            metadata = json.loads(raw) if raw else None
+        except ValueError:
+            raise ValueError(f"its {METADATA_KEY} header is not JSON") from None
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"its {METADATA_KEY} header is not a JSON object")
+        return cls(load_file(str(path)), metadata)
+
+
 @dataclass
 class Loaded:
     adapter: str  # its name inside the model
@@ -81,7 +107,7 @@ class RowLoras:
         self.folder = Path(folder)
         self.cache = max(1, cache)
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # by request name, least recently used first
-        self.reads: dict[str, tuple[tuple[int, int], Future[dict[str, torch.Tensor]]]] = {}
+        self.reads: dict[str, tuple[tuple[int, int], Future[LoraFile]]] = {}
         self.failed: dict[str, tuple[tuple[int, int], str]] = {}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="muse-lora")
         self.plan: Plan | None = None
@@ -144,12 +170,10 @@ class RowLoras:
         while not self.ready(uses):
             self.wait(60.0)
 
-    def _read(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+    def _read(self, name: str) -> LoraFile:
+        return LoraFile.read(self.path(name))
 
-        return load_file(str(self.path(name)))
-
-    def _install(self, name: str, stamp: tuple[int, int], weights: dict[str, torch.Tensor]) -> None:
+    def _install(self, name: str, stamp: tuple[int, int], file: LoraFile) -> None:
         self._count += 1
         adapter = f"muse_{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"[:64]
         try:
@@ -158,9 +182,9 @@ class RowLoras:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 # ...and of keys that fit no layer, which load_adapter counts and refuses with a plainer message.
                 warnings.filterwarnings("ignore", message="While injecting the PEFT adapters, an inconsistency")
-                load_adapter(self.pipe, weights, adapter)
+                load_adapter(self.pipe, file, adapter)
         except Exception:
-            remove_partial(self.pipe, adapter)
+            remove_adapter(self.pipe, adapter)  # whatever part of it went in
             raise
         self.loaded[name] = Loaded(adapter, stamp)
         wrap_layers(self.pipe, self)
@@ -173,8 +197,7 @@ class RowLoras:
                 return
             if name in in_use:
                 continue
-            adapter = self.loaded.pop(name).adapter
-            self.pipe.delete_adapters([adapter])
+            remove_adapter(self.pipe, self.loaded.pop(name).adapter)
             log.info("LoRA %s unloaded (%d in memory)", name, len(self.loaded))
 
     # ---- the rows of a call -------------------------------------------------------------------------
@@ -192,62 +215,78 @@ class RowLoras:
             self.plan = None
 
 
-# A LoRA layer's down-projection, in each key layout diffusers' readers return (one per adapted layer).
-DOWN = re.compile(r"\.(lora_A|lora\.down|lora_down)\.weight$")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP: SD's, SDXL's two, FLUX's one, SD3's two (not T5)
+# A LoRA layer's down-projection, in each key layout diffusers' readers return (one per adapted layer): PEFT's
+# `lora_A`, diffusers' `lora.down`, old attention processors' `to_q_lora.down`, kohya's `lora_down`.
+DOWN = re.compile(r"(\.lora_A|[._]lora[._]down)\.weight$")
+CLIP_ENCODERS = ("text_encoder", "text_encoder_2")  # SD's, SDXL's two, FLUX's first, SD3's first two
+T5_ENCODERS = ("text_encoder_2", "text_encoder_3")  # FLUX's second, SD3's third: diffusers loads no LoRA there
+METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
-def load_adapter(pipe: Any, weights: dict[str, torch.Tensor], adapter: str) -> None:
+def load_adapter(pipe: Any, file: LoraFile, adapter: str) -> None:
     """Put a LoRA file's weights into the pipeline as `adapter`: diffusers converts its key layout (diffusers,
     PEFT, kohya/A1111, and FLUX's trainers' where its loader knows them) and loads its denoiser part (a UNet or
-    a transformer); its text encoders' parts go in through PEFT itself, as diffusers' own text-encoder path does
-    (that path asks transformers for a newer PEFT than may be installed). A file for another architecture fails
-    here: missing modules or mismatched shapes."""
+    a transformer); its CLIP text encoders' parts go in through PEFT itself, as diffusers' own text-encoder path
+    does (that path asks transformers for a newer PEFT than may be installed). A file for another architecture
+    fails here: missing modules or mismatched shapes."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    state, alphas = lora_state(pipe, weights)
+    state, alphas = lora_state(pipe, file.weights)
     if not state or not all("lora" in key for key in state):
         # FLUX Control LoRAs also replace norm layers and widen the input: not a delta a row can opt out of.
         raise ValueError("not a LoRA file (its tensors are not all named as LoRA layers)")
+    if any("lora_magnitude_vector" in key or "dora_scale" in key for key in state):
+        raise ValueError("a DoRA adapter (its magnitude vectors): only plain LoRA deltas are served per row")
     name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    # An SD LoRA's UNet part in a FLUX pipeline would otherwise be dropped and its text part used alone.
-    places = {name} | {e for e in TEXT_ENCODERS if getattr(pipe, e, None) is not None}
+    encoders = [e for e in CLIP_ENCODERS if type(getattr(pipe, e, None)).__name__.startswith("CLIPTextModel")]
+    t5 = [e for e in T5_ENCODERS if e not in encoders and getattr(pipe, e, None) is not None]
     owners = {key.split(".", 1)[0] for key in state}
-    if not owners & (places | {"unet", "transformer", *TEXT_ENCODERS}):
+    if not owners & {name, "unet", "transformer", *CLIP_ENCODERS, *T5_ENCODERS}:
         # A trainer that saved the denoiser's layers alone often leaves out whose they are.
         state = {f"{name}.{key}": value for key, value in state.items()}
         alphas = {f"{name}.{key}": value for key, value in alphas.items()} if alphas else alphas
         owners = {name}
-    foreign = sorted(owners - places)
-    if foreign:
+    if ignored := sorted(owners & set(t5)):
+        # As diffusers' loaders do: a T5 encoder takes no LoRA there, and the file's other parts still apply.
+        log.warning("LoRA %s: its %s (T5) layers are left out, as diffusers leaves them", adapter, ignored)
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in ignored}
+        owners -= set(ignored)
+    # An SD LoRA's UNet part in a FLUX pipeline would otherwise be dropped and its text part used alone.
+    if foreign := sorted(owners - {name, *encoders}):
         raise ValueError(f"its {', '.join(foreign)} layers have no place in a {type(pipe).__name__}")
     denoiser_part = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
     if denoiser_part:
         denoiser = getattr(pipe, name)
+        # The header's rank and alpha, where a trainer wrote them, stand instead of the alphas in the tensors.
+        settings = part_of(file.metadata, name)
         denoiser.load_lora_adapter(
-            denoiser_part, prefix=name, network_alphas=alphas, adapter_name=adapter, _pipeline=pipe
+            denoiser_part,
+            prefix=name,
+            network_alphas=None if settings else alphas,
+            metadata=settings and {f"{name}.{k}": v for k, v in settings.items()},
+            adapter_name=adapter,
+            _pipeline=pipe,
         )
         # diffusers only warns of layers the model lacks: a LoRA for another model of the same family must fail.
         wanted = sum(1 for key in denoiser_part if DOWN.search(key))
         placed = sum(1 for m in denoiser.modules() if adapter in getattr(m, "lora_A", {}))
         if placed < wanted:
             raise ValueError(f"{wanted - placed} of its {wanted} {name} layers fit no layer of this model")
-    for encoder_name in TEXT_ENCODERS:
-        encoder = getattr(pipe, encoder_name, None)
+    for encoder_name in encoders:
+        encoder = getattr(pipe, encoder_name)
         prefix = f"{encoder_name}."
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if encoder is None or not part:
+        if not part:
             continue
         part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
         if not hasattr(encoder, "text_model"):  # CLIPTextModel is flat in newer transformers
             part = {k.removeprefix("text_model."): v for k, v in part.items()}
         ranks = {k: v.shape[1] for k, v in part.items() if k.endswith("lora_B.weight")}
-        own_alphas = None
-        if alphas:
-            own_alphas = {k.removeprefix(prefix): v for k, v in alphas.items() if k.startswith(prefix)}
-        config = _create_lora_config(part, own_alphas, None, ranks, is_unet=False)
+        settings = part_of(file.metadata, encoder_name)
+        own_alphas = part_of(alphas, encoder_name) if not settings else None
+        config = _create_lora_config(part, own_alphas, settings, ranks, is_unet=False)
         inject_adapter_in_model(config, encoder, adapter_name=adapter)
         result = set_peft_model_state_dict(encoder, part, adapter_name=adapter)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter in k or "lora" in k]
@@ -255,22 +294,36 @@ def load_adapter(pipe: Any, weights: dict[str, torch.Tensor], adapter: str) -> N
             raise ValueError(f"{len(unexpected)} of its {encoder_name} tensors fit no layer, e.g. {unexpected[0]}")
 
 
+def part_of(values: dict[str, Any] | None, component: str) -> dict[str, Any] | None:
+    """The entries of one component (`text_encoder.` keys for `text_encoder`), without its prefix; None if none."""
+    if not values:
+        return None
+    prefix = f"{component}."
+    part = {key.removeprefix(prefix): value for key, value in values.items() if key.startswith(prefix)}
+    return part or None
+
+
 def lora_state(pipe: Any, weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The file's tensors as diffusers names them for this pipeline, and their alphas where the layout keeps
-    them apart: SD's loader returns both, FLUX's when asked, SD3's only the tensors."""
-    if "return_alphas" in inspect.signature(pipe.lora_state_dict).parameters:
-        read = pipe.lora_state_dict(dict(weights), return_alphas=True)
-    else:
-        read = pipe.lora_state_dict(dict(weights))
+    them apart: SD's loader returns both, FLUX's when asked, SD3's only the tensors. A UNet's config lets
+    SD's and SDXL's readers place kohya files that name blocks as the original SGM code does."""
+    accepts = inspect.signature(pipe.lora_state_dict).parameters
+    extra: dict[str, Any] = {}
+    if "return_alphas" in accepts:
+        extra["return_alphas"] = True
+    if getattr(pipe, "unet", None) is not None:
+        extra["unet_config"] = pipe.unet.config
+    read = pipe.lora_state_dict(dict(weights), **extra)
     if isinstance(read, tuple):
         return read[0], read[1]
     return read, None
 
 
-def remove_partial(pipe: Any, adapter: str) -> None:
-    """Take out whatever part of a failed load went in, layer by layer: diffusers' `delete_adapters` wants an
-    adapter every component knows, and a load that failed half way (the text encoder after the transformer) left
-    its layers in some components only, where every later call would carry them."""
+def remove_adapter(pipe: Any, adapter: str) -> None:
+    """Take an adapter out of every component, layer by layer: diffusers' `delete_adapters` wants one every
+    component knows (a load that failed half way, the text encoder after the transformer, left its layers in some
+    components only, where every later call would carry them), and leaves a CLIP encoder's config entry behind
+    when PEFT, not diffusers, put the adapter there."""
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
@@ -372,5 +425,8 @@ def failure(assignment_id: str, exc: BaseException) -> Failure:
 
 
 def first_line(exc: BaseException) -> str:
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return text[:200]
+    """The exception's first line, with the line after it where it only announces what follows (torch's
+    "Error(s) in loading state_dict for CLIPTextModel:" before the size mismatch that says why)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return text[:300]

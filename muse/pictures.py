@@ -56,13 +56,12 @@ def from_base64(param: str, value: str, limits: PictureLimits) -> bytes:
 
 
 def open_picture(param: str, data: bytes, limits: PictureLimits) -> Image.Image:
-    """The decoded picture, upright (EXIF orientation applied)."""
+    """The decoded picture, upright (EXIF orientation applied). Errors call a mask a mask."""
+    noun = "mask" if param == "mask_image" else "picture"
     if len(data) > limits.max_bytes:
-        raise PictureError(
-            param, f"the picture is over this server's limit of {_size(limits.max_bytes)} (--max-upload)"
-        )
+        raise PictureError(param, f"the {noun} is over this server's limit of {_size(limits.max_bytes)} (--max-upload)")
     if not data:
-        raise PictureError(param, "the picture is empty")
+        raise PictureError(param, f"the {noun} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,18 +70,18 @@ def open_picture(param: str, data: bytes, limits: PictureLimits) -> Image.Image:
             if width * height > limits.max_pixels:
                 raise PictureError(
                     param,
-                    f"the picture is {width}x{height}, {width * height:,} pixels, over this server's limit of "
+                    f"the {noun} is {width}x{height}, {width * height:,} pixels, over this server's limit of "
                     f"{limits.max_pixels:,} (--max-pixels)",
                 )
             image.load()
     except PictureError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise PictureError(param, "the picture declares more pixels than this server decodes (--max-pixels)") from None
+        raise PictureError(param, f"the {noun} declares more pixels than this server decodes (--max-pixels)") from None
     except Image.UnidentifiedImageError:
         raise PictureError(param, f"not a picture this server reads: send {', '.join(FORMATS)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise PictureError(param, f"the picture is truncated or corrupt ({exc})") from None
+        raise PictureError(param, f"the {noun} is truncated or corrupt ({exc})") from None
     return ImageOps.exif_transpose(image)
 
 

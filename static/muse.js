@@ -69,28 +69,29 @@
     var input = event.target;
     if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.form) return;
     if (input.name === "init_image") pictureChanged(input.form);
-    if (input.name === "mask_image") {
-      checkSize(input);
-      maskFileChosen(input.form);
-    }
+    if (input.name === "mask_image") maskFileChosen(input.form);
   });
 
   // ---- the mask: painted over the picture, sent as the form's mask_image file ------------------------------
   // The canvas has the picture's own pixels and lies over it; strokes are drawn in a colour that shows on any
-  // picture and become white on black when the painting is put into the file input, after each stroke.
+  // picture and become white on black when the painting is put into the file input, after each stroke. A mask
+  // the form's named picture came with (its job's) shows as paint; Clear mask tells the server to drop it.
 
   var PAINT_RGB = [255, 40, 150];
   var PAINT = "rgb(" + PAINT_RGB.join(", ") + ")";
+  var SMALL = 128; // pictures up to this wide show their pixels as squares, not blurred
 
   function maskParts(form) {
     var editor = form && form.querySelector("[data-mask-editor]");
     if (!editor) return null;
     return {
       editor: editor,
+      stage: editor.querySelector(".mask-stage"),
       picture: editor.querySelector("[data-mask-picture]"),
       canvas: editor.querySelector("[data-mask-canvas]"),
       brush: editor.querySelector("[data-mask-brush]"),
       input: form.querySelector("input[type=file][name=mask_image]"),
+      stored: form.querySelector("[data-stored-mask]"),
     };
   }
 
@@ -103,45 +104,93 @@
     return image ? image.src : "";
   }
 
+  // Anything in flight for the painting (an export, a mask being drawn) is for the painting it began on.
+  function nextPainting(form) {
+    form.musePainting = (form.musePainting || 0) + 1;
+    return form.musePainting;
+  }
+
   function showMaskEditor(form) {
     var parts = maskParts(form);
     if (!parts) return;
     var url = pictureUrl(form);
     parts.editor.hidden = !url;
     if (!url || parts.picture.getAttribute("src") === url) return;
+    // A new picture: what was painted belongs to the old one, and nothing is painted until this one is in.
     parts.editor.removeAttribute("data-ready");
+    parts.canvas.width = parts.canvas.width; // clears it
+    if (parts.input.hasAttribute("data-painted")) forgetPainting(parts);
+    nextPainting(form);
     parts.picture.onload = function () {
-      // Setting the size clears the canvas: a painting belongs to the picture it was painted on.
       parts.canvas.width = parts.picture.naturalWidth;
       parts.canvas.height = parts.picture.naturalHeight;
+      parts.stage.classList.toggle("small", parts.picture.naturalWidth <= SMALL);
       parts.editor.setAttribute("data-ready", "");
-      if (parts.input.files && parts.input.files.length && !parts.input.hasAttribute("data-painted")) {
-        maskFileChosen(form);
+      if (parts.input.files && parts.input.files.length) {
+        maskFileChosen(form); // checked against, and shown on, this picture
+      } else if (usesStoredMask(form)) {
+        var picked = form.querySelector("[data-picked] img");
+        drawMask(form, picked.getAttribute("data-mask-url"), null);
       }
     };
+    parts.picture.onerror = function () {
+      parts.editor.hidden = true; // nothing to paint on: the server names what is wrong with the picture
+    };
     parts.picture.src = url;
-    if (parts.input.hasAttribute("data-painted")) forgetPainting(parts);
+  }
+
+  // Whether the picture in use is a named one whose job's mask still applies.
+  function usesStoredMask(form) {
+    var parts = maskParts(form);
+    var picked = form.querySelector("[data-picked]");
+    var image = picked && !picked.hidden && picked.querySelector("img[data-mask-url]");
+    return !!(image && parts.stored && parts.stored.value !== "cleared" && pictureUrl(form) === image.src);
   }
 
   function forgetPainting(parts) {
     parts.input.value = "";
     parts.input.removeAttribute("data-painted");
+    checkSize(parts.input);
   }
 
-  // A mask file chosen by hand shows on the picture (its white as paint) and can be painted on further.
+  // A mask file chosen by hand shows on the picture as paint (its white), to paint on further; one of another
+  // size than the picture is refused here, as the server would refuse it.
   function maskFileChosen(form) {
     var parts = maskParts(form);
     if (!parts) return;
     parts.input.removeAttribute("data-painted");
-    var context = parts.canvas.getContext("2d");
-    context.clearRect(0, 0, parts.canvas.width, parts.canvas.height);
-    if (!parts.input.files || !parts.input.files.length || !parts.canvas.width) return;
+    checkSize(parts.input); // and no word of an earlier file's size
+    parts.canvas.getContext("2d").clearRect(0, 0, parts.canvas.width, parts.canvas.height);
+    nextPainting(form);
+    if (!parts.input.files || !parts.input.files.length || !parts.editor.hasAttribute("data-ready")) return;
     var url = URL.createObjectURL(parts.input.files[0]);
-    var mask = new Image();
-    mask.onload = function () {
+    drawMask(form, url, function () {
       URL.revokeObjectURL(url);
-      context.drawImage(mask, 0, 0, parts.canvas.width, parts.canvas.height);
-      var pixels = context.getImageData(0, 0, parts.canvas.width, parts.canvas.height);
+    });
+  }
+
+  function drawMask(form, url, done) {
+    var parts = maskParts(form);
+    var painting = form.musePainting;
+    var mask = new Image();
+    mask.onerror = function () {
+      if (done) done(); // not a picture: the server says so by name
+    };
+    mask.onload = function () {
+      if (done) done();
+      if (form.musePainting !== painting) return; // cleared, or another picture or file, meanwhile
+      var width = parts.canvas.width;
+      var height = parts.canvas.height;
+      if (mask.naturalWidth !== width || mask.naturalHeight !== height) {
+        parts.input.setCustomValidity(
+          "This mask is " + mask.naturalWidth + "x" + mask.naturalHeight + ", the picture " + width + "x" +
+            height + ": choose a mask of the picture's size."
+        );
+        return;
+      }
+      var context = parts.canvas.getContext("2d");
+      context.drawImage(mask, 0, 0);
+      var pixels = context.getImageData(0, 0, width, height);
       for (var i = 0; i < pixels.data.length; i += 4) {
         var white = pixels.data[i]; // a mask's red is its grey
         pixels.data[i] = PAINT_RGB[0];
@@ -154,7 +203,7 @@
     mask.src = url;
   }
 
-  var stroke = null; // the stroke being painted: its form's parts and its last point
+  var stroke = null; // the stroke being painted: its form's parts, its pointer and its last point
 
   function point(canvas, event) {
     var box = canvas.getBoundingClientRect();
@@ -183,17 +232,19 @@
 
   document.addEventListener("pointerdown", function (event) {
     var canvas = event.target instanceof Element && event.target.closest("[data-mask-canvas]");
-    if (!canvas || event.button !== 0) return;
+    if (!canvas || event.button !== 0 || stroke) return;
+    var parts = maskParts(canvas.closest("form"));
+    if (!parts.editor.hasAttribute("data-ready")) return; // its picture is not in yet
     event.preventDefault();
     canvas.setPointerCapture(event.pointerId);
-    stroke = { parts: maskParts(canvas.closest("form")), last: null };
+    stroke = { parts: parts, pointer: event.pointerId, last: null };
     paint(event);
   });
   document.addEventListener("pointermove", function (event) {
-    if (stroke) paint(event);
+    if (stroke && event.pointerId === stroke.pointer) paint(event);
   });
-  function endStroke() {
-    if (!stroke) return;
+  function endStroke(event) {
+    if (!stroke || event.pointerId !== stroke.pointer) return;
     var form = stroke.parts.canvas.closest("form");
     stroke = null;
     exportMask(form);
@@ -204,6 +255,7 @@
   // The painting as the mask file: white where painted, black elsewhere, the picture's size.
   function exportMask(form) {
     var parts = maskParts(form);
+    var painting = nextPainting(form);
     var width = parts.canvas.width;
     var height = parts.canvas.height;
     var white = document.createElement("canvas");
@@ -223,11 +275,13 @@
     flat.drawImage(white, 0, 0);
     var exported = new Promise(function (done) {
       out.toBlob(function (blob) {
-        var files = new DataTransfer();
-        files.items.add(new File([blob], "mask.png", { type: "image/png" }));
-        parts.input.files = files.files;
-        parts.input.setAttribute("data-painted", "");
-        checkSize(parts.input);
+        if (form.musePainting === painting) {
+          var files = new DataTransfer();
+          files.items.add(new File([blob], "mask.png", { type: "image/png" }));
+          parts.input.files = files.files;
+          parts.input.setAttribute("data-painted", "");
+          checkSize(parts.input);
+        }
         done();
       }, "image/png");
     });
@@ -237,7 +291,8 @@
     });
   }
 
-  // A Generate right after a stroke waits for the stroke's mask to be in the file input.
+  // A Generate right after a stroke waits for the stroke's mask to be in the file input (once, however many
+  // times it is pressed meanwhile).
   document.addEventListener(
     "submit",
     function (event) {
@@ -245,7 +300,10 @@
       if (!form.museMaskExport) return;
       event.preventDefault();
       event.stopImmediatePropagation();
+      if (form.museSubmitWaiting) return;
+      form.museSubmitWaiting = true;
       form.museMaskExport.then(function () {
+        form.museSubmitWaiting = false;
         form.requestSubmit();
       });
     },
@@ -255,11 +313,12 @@
   document.addEventListener("click", function (event) {
     var clear = event.target instanceof Element && event.target.closest("[data-mask-clear]");
     if (!clear) return;
-    var parts = maskParts(clear.closest("form"));
+    var form = clear.closest("form");
+    var parts = maskParts(form);
+    nextPainting(form); // an export or a mask still being drawn is for the painting cleared here
     parts.canvas.getContext("2d").clearRect(0, 0, parts.canvas.width, parts.canvas.height);
-    parts.input.value = "";
-    parts.input.removeAttribute("data-painted");
-    checkSize(parts.input);
+    if (parts.stored) parts.stored.value = "cleared";
+    forgetPainting(parts);
   });
 
   // A form that comes with a picture it names (a gallery image's "Use as init image", "Reuse seed" swapping in

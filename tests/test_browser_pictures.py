@@ -253,10 +253,21 @@ def sent_mask(server: LiveServer, job: str) -> Image.Image | None:
     return None if source.mask is None else Image.open(io.BytesIO(source.mask)).convert("L")
 
 
-def test_paint_a_mask_over_the_picture_and_the_job_gets_it(
+# The canvas's PNG encoding made slow: a Generate pressed right after a stroke must still send the stroke.
+SLOW_TO_BLOB = """
+const toBlob = HTMLCanvasElement.prototype.toBlob;
+HTMLCanvasElement.prototype.toBlob = function (callback, ...rest) {
+  toBlob.call(this, (blob) => setTimeout(() => callback(blob), 400), ...rest);
+};
+"""
+ALPHA = "([x, y]) => document.querySelector('[data-mask-canvas]').getContext('2d').getImageData(x, y, 1, 1).data[3]"
+
+
+def test_paint_a_mask_over_the_picture_and_the_job_gets_it_then_keeps_or_clears_it(
     watched: Watched, server: LiveServer, tmp_path: Path
 ) -> None:
     page = watched.page
+    page.add_init_script(SLOW_TO_BLOB)
     picture = tmp_path / "start.png"
     picture.write_bytes(picture_png())
     page.goto(f"{server.url}/?steps={STEPS}")
@@ -266,11 +277,13 @@ def test_paint_a_mask_over_the_picture_and_the_job_gets_it(
     page.get_by_label("Start from a picture").set_input_files(picture)
     canvas = mask_canvas(page, PICTURE_SIZE)
     drag_across(page, canvas, y=0.5, x0=0.1, x1=0.4)
-    # At once: a Generate right after a stroke waits for the stroke to be in the form.
-    page.get_by_role("button", name="Generate", exact=True).click()
+    # At once, twice: one job, and it waited for the stroke to be in the form.
+    page.get_by_role("button", name="Generate", exact=True).dblclick()
     card = page.locator("#jobs .job").first
     finished_image(card)
     expect(card.locator(".params")).to_contain_text("(inpainted)")
+    # A second post would have left with the first and been answered before the first job's image came.
+    expect(page.locator("#jobs .job")).to_have_count(1)
     mask = sent_mask(server, job_id(card))
     assert mask is not None and mask.size == PICTURE_SIZE
     width, height = PICTURE_SIZE
@@ -278,17 +291,32 @@ def test_paint_a_mask_over_the_picture_and_the_job_gets_it(
     for kept in ((3 * width // 4, height // 2), (width // 4, height // 10), (width - 1, height - 1)):
         assert mask.getpixel(kept) == 0, f"not painted at {kept}: keep"
 
-    # Cleared, the next job repaints the whole picture at its strength.
-    page.get_by_role("button", name="Clear mask").click()
+    # "Reuse seed" names the job's picture: its mask comes back as paint, and goes again unless cleared.
+    card.get_by_role("link", name="Reuse seed").click()
+    mask_canvas(page, PICTURE_SIZE)
+    page.wait_for_function(f"({ALPHA})([{width // 4}, {height // 2}]) > 200")
+    assert page.evaluate(ALPHA, [3 * width // 4, height // 2]) == 0
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.locator("#jobs .job")).to_have_count(2)
+    kept_card = page.locator("#jobs .job").first
+    finished_image(kept_card)
+    kept_mask = sent_mask(server, job_id(kept_card))
+    assert kept_mask is not None and kept_mask.tobytes() == mask.tobytes()
+
+    # Cleared, the next job repaints the whole picture at its strength.
+    page.get_by_role("button", name="Clear mask").click()
+    assert page.evaluate(ALPHA, [width // 4, height // 2]) == 0
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#jobs .job")).to_have_count(3)
     again = page.locator("#jobs .job").first
     finished_image(again)
     expect(again.locator(".params")).not_to_contain_text("(inpainted)")
     assert sent_mask(server, job_id(again)) is None
 
 
-def test_paint_over_a_picked_image_and_a_chosen_mask_file_shows_as_paint(watched: Watched, server: LiveServer) -> None:
+def test_a_chosen_mask_file_shows_as_paint_over_a_picked_image_and_one_of_another_size_is_refused(
+    watched: Watched, server: LiveServer
+) -> None:
     page = watched.page
     page.goto(f"{server.url}/?steps={STEPS}&size=64x64")
     page.get_by_label("Prompt", exact=True).fill("a red barn")
@@ -297,17 +325,26 @@ def test_paint_over_a_picked_image_and_a_chosen_mask_file_shows_as_paint(watched
     finished_image(first)
     first.get_by_role("link", name="Use as init image").click()
     mask_canvas(page, (64, 64))  # over the picked image, the tiny model's size
+    mask_input = page.get_by_label("Mask optional")
 
-    # A mask file chosen by hand shows on the picture as paint (its white), and is what goes.
+    def png(image: Image.Image) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"name": "mask.png", "mimeType": "image/png", "buffer": buffer.getvalue()}
+
+    # Of another size: refused before it is sent, as the server would refuse it.
+    mask_input.set_input_files(files=[png(Image.new("L", (48, 48), 255))])
+    expect(mask_input).to_have_js_property(
+        "validationMessage", "This mask is 48x48, the picture 64x64: choose a mask of the picture's size."
+    )
+
+    # Of the picture's size: it shows on the picture as paint (its white), and is what goes.
     left = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(left).rectangle((0, 0, 31, 63), fill=255)
-    buffer = io.BytesIO()
-    left.save(buffer, format="PNG")
-    mask_input = page.get_by_label("Mask optional")
-    mask_input.set_input_files(files=[{"name": "left.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
-    alpha = "([x, y]) => document.querySelector('[data-mask-canvas]').getContext('2d').getImageData(x, y, 1, 1).data[3]"
-    page.wait_for_function(f"({alpha})([8, 32]) > 200")
-    assert page.evaluate(alpha, [56, 32]) == 0, "its black is no paint"
+    mask_input.set_input_files(files=[png(left)])
+    page.wait_for_function(f"({ALPHA})([8, 32]) > 200")
+    assert page.evaluate(ALPHA, [56, 32]) == 0, "its black is no paint"
+    expect(mask_input).to_have_js_property("validationMessage", "")
     page.get_by_role("button", name="Generate", exact=True).click()
     expect(page.locator("#jobs .job")).to_have_count(2)
     card = page.locator("#jobs .job").first
@@ -319,7 +356,7 @@ def test_paint_over_a_picked_image_and_a_chosen_mask_file_shows_as_paint(watched
 # ---- over HTTP ------------------------------------------------------------------------------------
 
 
-def post(server: LiveServer, data: dict[str, str], files: dict[str, Any] | None = None) -> httpx.Response:
+def post(server: LiveServer, data: dict[str, str], files: Any = None) -> httpx.Response:
     return httpx.post(f"{server.url}/jobs", data=data, files=files, headers=HX, timeout=60)
 
 
@@ -396,6 +433,13 @@ def test_without_javascript_a_mask_file_inpaints_and_a_new_one_replaces_a_named_
     assert mask_of(post(server, named)) == Image.open(io.BytesIO(left)).tobytes()
     replaced = post(server, named, {"mask_image": ("right.png", right, "image/png")})
     assert mask_of(replaced) == Image.open(io.BytesIO(right)).tobytes()
+    # The page's Clear mask drops it.
+    assert mask_of(post(server, named | {"stored_mask": "cleared"})) is None
+    shown = httpx.get(f"{server.url}/jobs/{job_of(first.text)}/mask.png")
+    assert (
+        shown.status_code == 200
+        and Image.open(io.BytesIO(shown.content)).tobytes() == Image.open(io.BytesIO(left)).tobytes()
+    )
 
 
 def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
@@ -421,17 +465,32 @@ def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
         ({"strength": "lots"}, {"init_image": ("a.png", picture_png(), "image/png")}, "Check the strength", "number"),
         ({"init_id": "0123456789abcdef"}, None, "Check the picture", "No such image in the gallery"),
         ({"init_job": "nope"}, None, "Check the picture", "choose the picture again"),
-        ({}, {"mask_image": ("m.png", picture_png(), "image/png")}, "Check the picture", "A mask needs a picture"),
+        ({}, {"mask_image": ("m.png", picture_png(), "image/png")}, "Check the mask", "A mask needs a picture"),
         (
             {},
             {
                 "init_image": ("a.png", picture_png(), "image/png"),
                 "mask_image": ("m.png", picture_png((64, 64)), "image/png"),
             },
-            "Check the picture",
+            "Check the mask",
             "send a mask of the picture",
         ),
-        ({"mask_image": "m.png"}, None, "Check the picture", "Only the file"),
+        ({"mask_image": "m.png"}, None, "Check the mask", "Only the file"),
+        (
+            {},
+            {"init_image": ("a.png", picture_png(), "image/png"), "mask_image": ("m.png", b"", "image/png")},
+            "Check the mask",
+            "The mask is empty",
+        ),
+        (
+            {},
+            [
+                ("init_image", ("a.png", picture_png(), "image/png")),
+                ("init_image", ("b.png", picture_png(), "image/png")),
+            ],
+            "Check the picture",
+            "Send one picture",
+        ),
     ],
     ids=[
         "not-a-picture",
@@ -446,10 +505,12 @@ def test_an_empty_file_input_generates_from_text(server: LiveServer) -> None:
         "mask-without-picture",
         "mask-of-another-size",
         "mask-file-name-only",
+        "mask-empty",
+        "two-pictures",
     ],
 )
 def test_a_bad_picture_is_a_422_card_naming_the_field(
-    server: LiveServer, data: dict[str, str], files: dict[str, Any] | None, title: str, message: str
+    server: LiveServer, data: dict[str, str], files: Any, title: str, message: str
 ) -> None:
     answer = post(server, {"prompt": "x", **data}, files)
     assert answer.status_code == 422, answer.text

@@ -32,13 +32,15 @@ LABELS = {
     "n": "Images",
     "scheduler": "Sampler",
     "init_image": "Picture",
-    "mask_image": "Picture",
+    "mask_image": "Mask",
     "strength": "Strength",
     "loras": "LoRA",
     # The form sends one adapter, so the API's checks of its fields name the first.
     "loras.0.name": "LoRA",
     "loras.0.scale": "LoRA",
 }
+
+CLEARED = "cleared"
 
 # A picture meets a Size it does not fit by being scaled to cover it and cropped in the middle (A1111's
 # "crop and resize"): people expect their picture kept in proportion, not stretched.
@@ -66,6 +68,8 @@ class FormValues:
     # start from again ("Generate again", "Reuse seed" on an image made from a picture).
     init_id: str = ""
     init_job: str = ""
+    # The mask a named picture's job inpainted with: kept ("") unless the page's Clear mask set CLEARED.
+    stored_mask: str = ""
 
     @classmethod
     def from_pairs(cls, pairs: Mapping[str, str]) -> FormValues:
@@ -122,7 +126,7 @@ class FormValues:
         return bool(self.init_id or self.init_job)
 
     def without_picture(self) -> FormValues:
-        return replace(self, init_id="", init_job="", strength="")
+        return replace(self, init_id="", init_job="", strength="", stored_mask="")
 
     def items(self) -> list[tuple[str, str]]:
         return [(k, v) for k, v in asdict(self).items() if v != ""]

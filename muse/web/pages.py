@@ -26,7 +26,7 @@ from muse.errors import InvalidRequest, MuseError, NotFound, PayloadTooLarge, Un
 from muse.http.auth import viewer_of
 from muse.http.common import client_of
 from muse.web import gallery as gallery_pages
-from muse.web.forms import FormValues, problem
+from muse.web.forms import CLEARED, FormValues, problem
 from muse.web.render import (
     content_disposition,
     download_name,
@@ -171,6 +171,8 @@ async def read_multipart(request: Request, max_upload: int) -> Posted:
             if isinstance(value, UploadFile):
                 # An empty file input is still a part: one without a file name or bytes.
                 if name in FILE_FIELDS and (value.filename or value.size):
+                    if name in files:
+                        refusal = InvalidRequest(f"{name}: send one picture, not several", param=name)
                     files[name] = await value.read(max_upload + 1)
             elif name in FILE_FIELDS and value:
                 refusal = InvalidRequest(f"{name}: send the picture as a file, not as text", param=name)
@@ -225,8 +227,8 @@ async def create_job(request: Request) -> Response:
         # mask painted or chosen now over the one a named picture came with.
         stored = None if posted.picture is not None else await stored_picture(request, form)
         image, mask = (posted.picture, posted.mask) if stored is None else stored
-        if stored is not None and posted.mask is not None:
-            mask = posted.mask
+        if stored is not None and (posted.mask is not None or form.stored_mask == CLEARED):
+            mask = posted.mask  # the page's Clear mask drops the one the picture came with
         if image is None and mask is not None:
             raise InvalidRequest(
                 f"{MASK_FIELD}: a mask needs a picture to start from: choose one under Start from a picture",
@@ -291,6 +293,16 @@ async def job_picture(request: Request) -> Response:
     return Response(source.image, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
+@friendly
+async def job_mask(request: Request) -> Response:
+    """The mask a job inpainted with, fitted as its picture: shown as paint on the form that starts again from
+    that picture, where it can be painted on or cleared."""
+    source = service(request).job(request.path_params["id"], viewer_of(request)).request.source
+    if source is None or source.mask is None:
+        raise NotFound("this job had no mask", param="id")
+    return Response(source.mask, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
 routes: list[BaseRoute] = [
     Route("/", studio, methods=["GET"], name="studio"),
     Route("/jobs", create_job, methods=["POST"], name="create_job"),
@@ -298,5 +310,6 @@ routes: list[BaseRoute] = [
     Route("/jobs/{id}/cancel", cancel_job, methods=["POST"], name="cancel_job"),
     Route("/jobs/{id}/images/{index}.png", job_image, methods=["GET"], name="job_image"),
     Route("/jobs/{id}/picture.png", job_picture, methods=["GET"], name="job_picture"),
+    Route("/jobs/{id}/mask.png", job_mask, methods=["GET"], name="job_mask"),
     *gallery_pages.routes,
 ]

@@ -139,6 +139,7 @@ class PictureView:
     width: int
     height: int
     caption: str
+    mask_url: str | None = None  # the mask its job inpainted with, if any
 
 
 def picked_picture(request: Request, form: FormValues) -> PictureView:
@@ -160,8 +161,10 @@ def picked_picture(request: Request, form: FormValues) -> PictureView:
             "choose the picture again",
             param="init_image",
         )
-    request_ = ticket.request
-    return PictureView(f"/jobs/{ticket.id}/picture.png", request_.width, request_.height, "The picture it started from")
+    request_, source = ticket.request, ticket.request.source
+    mask_url = f"/jobs/{ticket.id}/mask.png" if source.mask is not None else None
+    caption = "The picture it started from" + (", and its mask" if mask_url else "")
+    return PictureView(f"/jobs/{ticket.id}/picture.png", request_.width, request_.height, caption, mask_url)
 
 
 def studio_context(request: Request, form: FormValues) -> dict[str, Any]:

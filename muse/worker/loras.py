@@ -71,7 +71,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class LoraFile:
+class AdapterFile:
     """A LoRA file as read: its tensors, and the adapter settings diffusers' trainers write in its header
     (`lora_adapter_metadata`: rank and alpha per component, which the tensors alone do not say)."""
 
@@ -79,7 +79,7 @@ class LoraFile:
     metadata: dict[str, Any] | None = None
 
     @classmethod
-    def read(cls, path: Path) -> LoraFile:
+    def read(cls, path: Path) -> AdapterFile:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -107,7 +107,7 @@ class RowLoras:
         self.folder = Path(folder)
         self.cache = max(1, cache)
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # by request name, least recently used first
-        self.reads: dict[str, tuple[tuple[int, int], Future[LoraFile]]] = {}
+        self.reads: dict[str, tuple[tuple[int, int], Future[AdapterFile]]] = {}
         self.failed: dict[str, tuple[tuple[int, int], str]] = {}
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="muse-lora")
         self.plan: Plan | None = None
@@ -170,10 +170,10 @@ class RowLoras:
         while not self.ready(uses):
             self.wait(60.0)
 
-    def _read(self, name: str) -> LoraFile:
-        return LoraFile.read(self.path(name))
+    def _read(self, name: str) -> AdapterFile:
+        return AdapterFile.read(self.path(name))
 
-    def _install(self, name: str, stamp: tuple[int, int], file: LoraFile) -> None:
+    def _install(self, name: str, stamp: tuple[int, int], file: AdapterFile) -> None:
         self._count += 1
         adapter = f"muse_{self._count}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"[:64]
         try:
@@ -223,7 +223,7 @@ T5_ENCODERS = ("text_encoder_2", "text_encoder_3")  # FLUX's second, SD3's third
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
-def load_adapter(pipe: Any, file: LoraFile, adapter: str) -> None:
+def load_adapter(pipe: Any, file: AdapterFile, adapter: str) -> None:
     """Put a LoRA file's weights into the pipeline as `adapter`: diffusers converts its key layout (diffusers,
     PEFT, kohya/A1111, and FLUX's trainers' where its loader knows them) and loads its denoiser part (a UNet or
     a transformer); its CLIP text encoders' parts go in through PEFT itself, as diffusers' own text-encoder path

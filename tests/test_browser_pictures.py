@@ -572,13 +572,17 @@ def test_a_gallery_image_starts_a_job_only_for_who_may_see_it(keyed_app: TestCli
     assert accepted.status_code == 201 and 'data-state="queued"' in accepted.text
 
 
-def test_a_jobs_picture_is_only_for_who_may_see_the_job(keyed_app: TestClient) -> None:
-    files = {"init_image": ("a.png", picture_png(), "image/png")}
+def test_a_jobs_picture_and_mask_are_only_for_who_may_see_the_job(keyed_app: TestClient) -> None:
+    files = {
+        "init_image": ("a.png", picture_png(), "image/png"),
+        "mask_image": ("m.png", picture_png(), "image/png"),  # its red is repainted, its blue kept
+    }
     made = keyed_app.post("/jobs", data={"prompt": "x"}, files=files, headers=as_key(ALICE))
     assert made.status_code == 201, made.text
     job = job_of(made.text)
-    assert keyed_app.get(f"/jobs/{job}/picture.png", headers=as_key(ALICE)).status_code == 200
-    assert keyed_app.get(f"/jobs/{job}/picture.png", headers=as_key(BOB)).status_code == 404
+    for part in ("picture", "mask"):
+        assert keyed_app.get(f"/jobs/{job}/{part}.png", headers=as_key(ALICE)).status_code == 200
+        assert keyed_app.get(f"/jobs/{job}/{part}.png", headers=as_key(BOB)).status_code == 404
     refused = keyed_app.post("/jobs", data={"prompt": "x", "init_job": job}, headers=as_key(BOB))
     assert refused.status_code == 422 and "choose the picture again" in refused.text
     again = keyed_app.post("/jobs", data={"prompt": "x", "init_job": job}, headers=as_key(ALICE))

@@ -83,6 +83,17 @@ def stored_parameters(server: LiveServer, image: Locator) -> str:
 # ---- in the browser -------------------------------------------------------------------------------
 
 
+def picked_from_a_new_image(page: Page, server: LiveServer, prompt: str, query: str = "") -> Locator:
+    """Generate `prompt` from text, then "Use as init image" on its card; returns the card."""
+    page.goto(f"{server.url}/?steps={STEPS}{query}")
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_role("button", name="Generate", exact=True).click()
+    first = page.locator("#jobs .job").first
+    finished_image(first)
+    first.get_by_role("link", name="Use as init image").click()
+    return first
+
+
 def test_upload_a_picture_and_get_an_image_of_its_size(watched: Watched, server: LiveServer, tmp_path: Path) -> None:
     page = watched.page
     picture = tmp_path / "start.png"
@@ -164,12 +175,7 @@ def test_use_a_gallery_image_as_the_init_image(watched: Watched, server: LiveSer
 
 def test_remove_the_picked_picture_and_generate_from_text(watched: Watched, server: LiveServer) -> None:
     page = watched.page
-    page.goto(f"{server.url}/?steps={STEPS}")
-    page.get_by_label("Prompt", exact=True).fill("a quiet harbour")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    first = page.locator("#jobs .job").first
-    finished_image(first)
-    first.get_by_role("link", name="Use as init image").click()
+    picked_from_a_new_image(page, server, "a quiet harbour")
     form = page.locator("#generate-form")
     expect(form.get_by_role("img", name="The picture to start from")).to_be_visible()
     form.get_by_role("link", name="Remove").click()
@@ -318,12 +324,7 @@ def test_a_chosen_mask_file_shows_as_paint_over_a_picked_image_and_one_of_anothe
     watched: Watched, server: LiveServer
 ) -> None:
     page = watched.page
-    page.goto(f"{server.url}/?steps={STEPS}&size=64x64")
-    page.get_by_label("Prompt", exact=True).fill("a red barn")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    first = page.locator("#jobs .job").first
-    finished_image(first)
-    first.get_by_role("link", name="Use as init image").click()
+    picked_from_a_new_image(page, server, "a red barn", "&size=64x64")
     mask_canvas(page, (64, 64))  # over the picked image, the tiny model's size
     mask_input = page.get_by_label("Mask optional")
 

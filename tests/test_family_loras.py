@@ -21,6 +21,7 @@ from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
 from muse.worker.engine import SlotRequest, StepEngine
 from muse.worker.loras import LoraError, RowLoras
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
+from tests.loras import alone, ready
 from tests.test_engine import run
 
 TOLERANCE = 2
@@ -82,37 +83,9 @@ def loaded(model: str, folder: Path) -> Iterator[LoadedPipeline]:
     yield loaded
 
 
-def ready(loaded: LoadedPipeline, *uses: LoraUse) -> None:
-    loras = loaded.loras
-    assert loras is not None
-    while not loras.ready(uses):
-        loras.wait(30)
-
-
 def request(slot_id: str, seed: int, *loras: LoraUse, **kw: Any) -> SlotRequest:
     base: dict[str, Any] = {"steps": 6, "guidance_scale": 2.5, "width": SIDE, "height": SIDE}
     return SlotRequest(slot_id, PROMPT, "", seed, **(base | kw), loras=loras)
-
-
-def alone(model: str, folder: Path, r: SlotRequest) -> np.ndarray:
-    """The plain pipeline with the request's one adapter (if any) loaded by diffusers, at its scale."""
-    pipe = load_pipeline(model, "cpu").pipe
-    extra: dict[str, Any] = {}
-    if r.loras:
-        (use,) = r.loras
-        pipe.load_lora_weights(str(folder / f"{use.name}.safetensors"), adapter_name="only")
-        extra["joint_attention_kwargs"] = {"scale": use.scale}
-    with torch.inference_mode():
-        image = pipe(
-            [r.prompt],
-            num_inference_steps=r.steps,
-            guidance_scale=r.guidance_scale,
-            width=r.width,
-            height=r.height,
-            generator=[torch.Generator().manual_seed(r.seed)],
-            **extra,
-        ).images[0]
-    return np.asarray(image, dtype=np.int16)
 
 
 def test_different_adapters_share_every_call_and_each_image_is_its_adapters(

@@ -19,9 +19,10 @@ from muse.errors import InvalidRequest
 from muse.messages import LoraUse
 from muse.model_info import ModelInfo
 from muse.schema import GenerateBody, validate
+from tests.loras import alone
 from tests.pixels import TOLERANCE, pixels
 from tests.serving import LiveServer, live_server, settings, submit_job, wait_job
-from tests.test_loras import PROMPT, alone, request
+from tests.test_loras import PROMPT, request
 
 SIZE = {"width": 64, "height": 64}
 

@@ -10,8 +10,17 @@ import numpy as np
 import torch
 
 from muse.messages import LoraUse
+from muse.worker.loras import RowLoras
 from muse.worker.pipeline import LoadedPipeline, load_pipeline
 from muse.worker.slots import SlotRequest
+
+
+def with_loras(model: str, folder: Path) -> LoadedPipeline:
+    """The model loaded as a worker loads it, taking adapters from `folder` (four kept loaded)."""
+    torch.set_num_threads(2)
+    loaded = load_pipeline(model, "cpu")
+    loaded.loras = RowLoras(loaded.pipe, str(folder), cache=4)
+    return loaded
 
 
 def ready(loaded: LoadedPipeline, *uses: LoraUse) -> None:

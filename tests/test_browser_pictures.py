@@ -269,6 +269,15 @@ HTMLCanvasElement.prototype.toBlob = function (callback, ...rest) {
 ALPHA = "([x, y]) => document.querySelector('[data-mask-canvas]').getContext('2d').getImageData(x, y, 1, 1).data[3]"
 
 
+def generated_mask(page: Page, server: LiveServer, jobs: int) -> Image.Image | None:
+    """Generate; once the new card (the `jobs`th) finished, the mask its job got."""
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#jobs .job")).to_have_count(jobs)
+    card = page.locator("#jobs .job").first
+    finished_image(card)
+    return sent_mask(server, job_id(card))
+
+
 def test_paint_a_mask_over_the_picture_and_the_job_gets_it_then_keeps_or_clears_it(
     watched: Watched, server: LiveServer, tmp_path: Path
 ) -> None:
@@ -302,22 +311,14 @@ def test_paint_a_mask_over_the_picture_and_the_job_gets_it_then_keeps_or_clears_
     mask_canvas(page, PICTURE_SIZE)
     page.wait_for_function(f"({ALPHA})([{width // 4}, {height // 2}]) > 200")
     assert page.evaluate(ALPHA, [3 * width // 4, height // 2]) == 0
-    page.get_by_role("button", name="Generate", exact=True).click()
-    expect(page.locator("#jobs .job")).to_have_count(2)
-    kept_card = page.locator("#jobs .job").first
-    finished_image(kept_card)
-    kept_mask = sent_mask(server, job_id(kept_card))
-    assert kept_mask is not None and kept_mask.tobytes() == mask.tobytes()
+    kept = generated_mask(page, server, 2)
+    assert kept is not None and kept.tobytes() == mask.tobytes()
 
     # Cleared, the next job repaints the whole picture at its strength.
     page.get_by_role("button", name="Clear mask").click()
     assert page.evaluate(ALPHA, [width // 4, height // 2]) == 0
-    page.get_by_role("button", name="Generate", exact=True).click()
-    expect(page.locator("#jobs .job")).to_have_count(3)
-    again = page.locator("#jobs .job").first
-    finished_image(again)
-    expect(again.locator(".params")).not_to_contain_text("(inpainted)")
-    assert sent_mask(server, job_id(again)) is None
+    assert generated_mask(page, server, 3) is None
+    expect(page.locator("#jobs .job").first.locator(".params")).not_to_contain_text("(inpainted)")
 
 
 def test_a_chosen_mask_file_shows_as_paint_over_a_picked_image_and_one_of_another_size_is_refused(
@@ -346,11 +347,7 @@ def test_a_chosen_mask_file_shows_as_paint_over_a_picked_image_and_one_of_anothe
     page.wait_for_function(f"({ALPHA})([8, 32]) > 200")
     assert page.evaluate(ALPHA, [56, 32]) == 0, "its black is no paint"
     expect(mask_input).to_have_js_property("validationMessage", "")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    expect(page.locator("#jobs .job")).to_have_count(2)
-    card = page.locator("#jobs .job").first
-    finished_image(card)
-    mask = sent_mask(server, job_id(card))
+    mask = generated_mask(page, server, 2)
     assert mask is not None and mask.tobytes() == left.tobytes()
 
 

@@ -19,9 +19,9 @@ from PIL import Image
 from muse.demo_model.loras import make_lora
 from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
 from muse.worker.engine import SlotRequest, StepEngine
-from muse.worker.loras import LoraError, RowLoras
-from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
-from tests.loras import alone, ready
+from muse.worker.loras import LoraError
+from muse.worker.pipeline import LoadedPipeline, run_batch
+from tests.loras import alone, ready, with_loras
 from tests.test_engine import run
 
 TOLERANCE = 2
@@ -77,10 +77,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, family: str, model: str, re
 
 @pytest.fixture(scope="module")
 def loaded(model: str, folder: Path) -> Iterator[LoadedPipeline]:
-    torch.set_num_threads(2)
-    loaded = load_pipeline(model, "cpu")
-    loaded.loras = RowLoras(loaded.pipe, str(folder), cache=4)
-    yield loaded
+    yield with_loras(model, folder)
 
 
 def request(slot_id: str, seed: int, *loras: LoraUse, **kw: Any) -> SlotRequest:

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from muse.config import EMBEDDED_MODEL
 from muse.demo_model.loras import make_lora
@@ -19,7 +18,7 @@ from muse.messages import Assignment, BatchKey, ImageSpec, LoraUse
 from muse.worker.engine import SlotRequest, StepEngine
 from muse.worker.loras import LoraError, RowLoras, failure
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
-from tests.loras import alone, ready
+from tests.loras import alone, ready, with_loras
 from tests.test_engine import run
 
 TOLERANCE = 2
@@ -39,10 +38,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model: str, folder: Path) -> Iterator[LoadedPipeline]:
-    torch.set_num_threads(2)
-    loaded = load_pipeline(tiny_model, "cpu")
-    loaded.loras = RowLoras(loaded.pipe, str(folder), cache=4)
-    yield loaded
+    yield with_loras(tiny_model, folder)
 
 
 def request(slot_id: str, seed: int, *loras: LoraUse, **kw: Any) -> SlotRequest:

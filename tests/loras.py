@@ -44,7 +44,8 @@ def alone(model: str, folder: Path, r: SlotRequest) -> np.ndarray:
     with torch.inference_mode():
         image = pipe(
             [r.prompt],
-            negative_prompt=[r.negative_prompt],
+            # An empty one is none: the pipeline's own default (SDXL's are zeros, not the empty text's).
+            negative_prompt=[r.negative_prompt] if r.negative_prompt else None,
             num_inference_steps=r.steps,
             guidance_scale=r.guidance_scale,
             width=r.width,

@@ -125,3 +125,23 @@ def test_a_file_deleted_while_its_images_run_leaves_them_as_they_were(
     images = run(engine, {})
     expected = alone(tiny_model, folder, request("x", 2, LoraUse("ink", 0.8)))
     assert np.abs(images["brief"] - expected).max() <= TOLERANCE
+
+
+def test_sdxl_takes_adapters_in_both_layouts_with_both_text_encoders(
+    tiny_sdxl_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = tmp_path_factory.mktemp("sdxl-loras")
+    make_lora(tiny_sdxl_model, folder / "ink.safetensors", seed=1, strength=2.0)
+    make_lora(tiny_sdxl_model, folder / "glow.safetensors", seed=2, strength=2.0, kohya=True)  # lora_te2_ too
+    loaded = with_loras(tiny_sdxl_model, folder)
+    ready(loaded, LoraUse("ink"), LoraUse("glow"))
+    from peft.tuners.lora import LoraLayer
+
+    for encoder in (loaded.pipe.text_encoder, loaded.pipe.text_encoder_2):
+        assert sum(isinstance(m, LoraLayer) for m in encoder.modules()) > 0, "each text encoder takes its part"
+    ink, glow = request("ink", 2, LoraUse("ink", 0.8)), request("glow", 3, LoraUse("glow", 1.2))
+    images = run(StepEngine(loaded, loras=loaded.loras), {0: [ink, glow]})
+    for r in (ink, glow):
+        assert np.abs(images[r.slot_id] - alone(tiny_sdxl_model, folder, r)).max() <= TOLERANCE, r.slot_id
+    plain = alone(tiny_sdxl_model, folder, request("plain", 2))
+    assert np.abs(images["ink"] - plain).max() > 2 * TOLERANCE, "the adapter shows"

@@ -84,9 +84,9 @@ def test_openloop_script_compares_step_and_request_batching_at_tiny_size(tiny_mo
         assert row["fraction"] == 0.5 and row["errors"] == {}, (name, row)
         # Every request sent in the measured window was awaited and answered (a window of a second or two at
         # the rate of a capacity measured on a busy 2-core machine can draw none: a few percent of runs).
-        assert row["completed"] == row["measured"], (name, row)
-        assert row["completed"] == 0 or 0 < row["p50_ms"] <= row["p99_ms"], (name, row)
-        assert row["mean_batch"] >= 1 and row["direct_bracket"] > 0, (name, row)
+        assert row["completed"] == row["measured"] and row["direct_bracket"] > 0, (name, row)
+        if row["completed"]:
+            assert 0 < row["p50_ms"] <= row["p99_ms"] and row["mean_batch"] >= 1, (name, row)
         assert row["steady_throughput"] is None or row["steady_throughput"] > 0, (name, row)
     # Saturated, each round's window is paired with the unit's window of the same round.
     unit = report["saturated"]["muse-request"]

@@ -161,10 +161,11 @@ def test_families_script_measures_flux_served_joined_and_open_loop_at_tiny_size(
     out = tmp_path / "families"
     command = [
         sys.executable, str(BENCH / "families.py"), "--size", "64", "--batch", "2", "--duration", "6",
-        "--tries", "1", "--out", str(out),
+        "--tries", "3", "--out", str(out),
     ]  # fmt: skip
     report = report_of(command, out)
     assert report["direct_before"] > 0 and report["direct_after"] > 0 and report["served"]["throughput"] > 0
+    # Medians of three (4 against 28 steps): one request slowed by a neighbour on the 2 cores cannot decide it.
     assert 0 < report["admission"]["short_alone_ms"] < report["admission"]["long_alone_ms"]
     for system in ("step", "request"):
         row = report["open_loop"][system]

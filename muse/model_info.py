@@ -104,7 +104,7 @@ class Family:
     default_sample_size: int | None = None
     # It can start from a picture (img2img, inpainting): on the step engine and in whole calls alike.
     image_inputs: bool = False
-    takes_loras: bool = False  # LoRA adapters from --lora-dir (the families Muse knows; not a pipeline it does not)
+    takes_loras: bool = False  # LoRA adapters from --lora-dir
 
 
 SD = Family("sd", "Stable Diffusion", FALLBACK_GUIDANCE, NATIVE_STEPS, image_inputs=True, takes_loras=True)
@@ -150,7 +150,9 @@ def family_of(pipeline: str, denoiser: Mapping[str, Any] | None) -> Family:
         return SD
     family = FAMILIES.get(pipeline)
     if family is None:
-        return Family(pipeline, pipeline, FALLBACK_GUIDANCE, NATIVE_STEPS, own_sampler_only=True)
+        # Whole calls, each with its batch's adapters on every row: a worker given --lora-dir boots only where
+        # the diffusers class loads LoRAs (muse.worker.main.take_loras), and names what it cannot.
+        return Family(pipeline, pipeline, FALLBACK_GUIDANCE, NATIVE_STEPS, own_sampler_only=True, takes_loras=True)
     # FluxTransformer2DModel's own default is no guidance embedding: a config without the key is schnell-shaped.
     if family.name == "flux" and denoiser is not None and not denoiser.get("guidance_embeds", False):
         return SCHNELL

@@ -180,23 +180,23 @@ def test_reuse_seed_and_generate_again_keep_every_adapter(watched: Watched, serv
     assert asked(server, job_of(reused)) == (loras, prompt, seed), "the same request again"
 
 
-def test_a_server_without_a_folder_or_a_family_without_loras_shows_no_control(
+def test_a_server_without_a_folder_shows_no_control_and_a_pipeline_without_a_family_shows_one(
     watched: Watched, tiny_model: str, folder: Path, tmp_path: Path
 ) -> None:
     page = watched.page
-    # A pipeline class Muse has no family for (it would run whole calls) takes no adapters.
+    # A pipeline class Muse has no family for runs whole calls, with adapters where diffusers loads them.
     unknown = tmp_path / "pag"
     shutil.copytree(tiny_model, unknown)
     index = json.loads((unknown / "model_index.json").read_text())
     (unknown / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPAGPipeline"}))
     # No worker starts (min_workers=0) and none is needed: the page renders from the model's folder alone.
-    for model, lora_dir in ((tiny_model, ""), (str(unknown), str(folder))):
+    for model, lora_dir, shown in ((tiny_model, "", 0), (str(unknown), str(folder), 1)):
         with live_server(settings(model, lora_dir=lora_dir, min_workers=0), ready=False) as idle:
             page.goto(idle.url + "/")
             open_advanced(page)
             expect(page.get_by_label("Seed", exact=True)).to_be_visible()
-            expect(page.get_by_label("LoRA", exact=True)).to_have_count(0)
-            expect(page.get_by_label("LoRA scale")).to_have_count(0)
+            expect(page.get_by_label("LoRA", exact=True)).to_have_count(shown)
+            expect(page.get_by_label("LoRA scale")).to_have_count(shown)
 
 
 # ---- over HTTP, without JavaScript ----------------------------------------------------------------

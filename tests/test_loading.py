@@ -257,6 +257,17 @@ def test_boot_failures_are_one_line_without_a_traceback(tiny_flux_model: str, tm
     assert "\n" not in failure.message and "Traceback" not in failure.message
 
 
+def test_a_lora_folder_for_a_pipeline_diffusers_loads_no_loras_into_fails_at_boot(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    # A pipeline Muse has no family for takes adapters where its diffusers class loads them; SAG's does not.
+    folder = copy_of(tiny_model, tmp_path)
+    edit_index(folder, _class_name="StableDiffusionSAGPipeline")
+    failure = boot(str(folder), lora_dir=str(tmp_path))
+    assert isinstance(failure, BootFailure)
+    assert "--lora-dir: StableDiffusionSAGPipeline cannot load LoRA adapters" in failure.message
+
+
 def test_compile_is_refused_for_a_transformer_at_boot(tiny_flux_model: str) -> None:
     failure = boot(tiny_flux_model, compile=True)
     assert isinstance(failure, BootFailure) and "--compile: FluxPipeline has no UNet" in failure.message

@@ -119,8 +119,8 @@ def test_a_server_without_a_folder_or_a_family_without_loras_refuses_them() -> N
     body: GenerateBody = validate(GenerateBody, {"prompt": "a cat", "loras": [{"name": "ink"}]})
     for model, words in (
         (ModelInfo("m", 64, 64, 7.5), "--lora-dir"),
-        # A pipeline class Muse has no family for runs whole calls, without adapters.
-        (ModelInfo("m", 64, 64, 7.5, takes_loras=False, label="StableDiffusionPAGPipeline", loras=None), "PAG"),
+        # A family that takes none (every one Muse knows takes them today).
+        (ModelInfo("m", 64, 64, 7.5, takes_loras=False, label="Example", loras=None), "Example models"),
     ):
         with pytest.raises(InvalidRequest) as refused:
             body.to_request(model)

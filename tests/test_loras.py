@@ -5,6 +5,8 @@ LoRA for this model is the request's error, not the worker's."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,25 @@ def test_sdxl_takes_adapters_in_both_layouts_with_both_text_encoders(
         assert np.abs(images[r.slot_id] - alone(tiny_sdxl_model, folder, r)).max() <= TOLERANCE, r.slot_id
     plain = alone(tiny_sdxl_model, folder, request("plain", 2))
     assert np.abs(images["ink"] - plain).max() > 2 * TOLERANCE, "the adapter shows"
+
+
+def test_a_pipeline_muse_has_no_family_for_takes_adapters_in_whole_calls(
+    tiny_model: str, folder: Path, tmp_path: Path
+) -> None:
+    unknown = tmp_path / "pag"
+    shutil.copytree(tiny_model, unknown)
+    index = json.loads((unknown / "model_index.json").read_text())
+    (unknown / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPAGPipeline"}))
+    loaded = with_loras(str(unknown), folder)
+    assert type(loaded.pipe).__name__ == "StableDiffusionPAGPipeline"
+    use = LoraUse("glow", 0.7)
+    key = BatchKey(SIDE, SIDE, 8, 2.5, loras=(use,))
+    pngs = run_batch(loaded, Assignment("a", [ImageSpec(PROMPT, "", 9, loras=(use,))], key), lambda step: True)
+    assert pngs is not None
+    import io
+
+    from PIL import Image
+
+    image = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
+    assert np.abs(image - alone(str(unknown), folder, request("w", 9, use))).max() <= TOLERANCE
+    assert np.abs(image - alone(str(unknown), folder, request("w", 9))).max() > 2 * TOLERANCE, "the adapter shows"

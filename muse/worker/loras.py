@@ -1,7 +1,8 @@
 """LoRA adapters per request, several different ones in one model call.
 
-Adapters are loaded into the pipeline by diffusers (`load_lora_weights`: its PEFT layers, diffusers/PEFT and
-kohya/A1111 key layouts alike), never merged into the weights. Every PEFT LoRA layer of the pipeline then
+Adapters are loaded into the pipeline as diffusers loads them (its readers of diffusers/PEFT, kohya/A1111 and
+FLUX trainers' key layouts, its PEFT layers in the UNet or transformer and the CLIP text encoders: see
+`load_adapter`), never merged into the weights. Every PEFT LoRA layer of the pipeline then
 computes its base output plus, for each group of rows that asked for an adapter, that adapter's delta at the
 row's own scale (the technique of PEFT's mixed-adapter batches, with a scale per row): images with different
 adapters, or none, share each denoiser call and each text encoding. The rows of the next call are a `Plan`,

@@ -82,10 +82,10 @@ class AdapterFile:
     @classmethod
     def read(cls, path: Path) -> AdapterFile:
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one read of the file: its header and tensors
             header = handle.metadata() or {}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         raw = header.get(METADATA_KEY)
         try:
             metadata = json.loads(raw) if raw else None
@@ -93,7 +93,7 @@ class AdapterFile:
             raise ValueError(f"its {METADATA_KEY} header is not JSON") from None
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"its {METADATA_KEY} header is not a JSON object")
-        return cls(load_file(str(path)), metadata)
+        return cls(weights, metadata)
 
 
 @dataclass
@@ -260,13 +260,14 @@ def load_adapter(pipe: Any, file: AdapterFile, adapter: str) -> None:
     denoiser_part = {k: v for k, v in state.items() if k.startswith(f"{name}.")}
     if denoiser_part:
         denoiser = getattr(pipe, name)
-        # The header's rank and alpha, where a trainer wrote them, stand instead of the alphas in the tensors.
+        # The header's rank and alpha, where a trainer wrote them, stand instead of the alphas in the tensors
+        # (diffusers takes the denoiser's own entries from the whole header by their prefix).
         settings = part_of(file.metadata, name)
         denoiser.load_lora_adapter(
             denoiser_part,
             prefix=name,
             network_alphas=None if settings else alphas,
-            metadata=settings and {f"{name}.{k}": v for k, v in settings.items()},
+            metadata=file.metadata if settings else None,
             adapter_name=adapter,
             _pipeline=pipe,
         )

@@ -10,7 +10,6 @@ Servers that show no control (no folder, a family without LoRAs) are never asked
 from __future__ import annotations
 
 import io
-import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from muse.demo_model.loras import make_lora
 from muse.messages import LoraUse
 from tests.browser import Watched
 from tests.serving import LiveServer, live_server, settings
+from tests.test_loading import copy_of, edit_index
 
 STEPS = "4"  # the tiny model's 64x64 native size, few steps: each image takes a fraction of a second
 
@@ -185,10 +185,8 @@ def test_a_server_without_a_folder_shows_no_control_and_a_pipeline_without_a_fam
 ) -> None:
     page = watched.page
     # A pipeline class Muse has no family for runs whole calls, with adapters where diffusers loads them.
-    unknown = tmp_path / "pag"
-    shutil.copytree(tiny_model, unknown)
-    index = json.loads((unknown / "model_index.json").read_text())
-    (unknown / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPAGPipeline"}))
+    unknown = copy_of(tiny_model, tmp_path)
+    edit_index(unknown, _class_name="StableDiffusionPAGPipeline")
     # No worker starts (min_workers=0) and none is needed: the page renders from the model's folder alone.
     for model, lora_dir, shown in ((tiny_model, "", 0), (str(unknown), str(folder), 1)):
         with live_server(settings(model, lora_dir=lora_dir, min_workers=0), ready=False) as idle:

@@ -5,7 +5,6 @@ LoRA for this model is the request's error, not the worker's."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from muse.worker.loras import LoraError, RowLoras, failure
 from muse.worker.pipeline import LoadedPipeline, load_pipeline, run_batch
 from tests.loras import alone, ready, with_loras
 from tests.test_engine import run
+from tests.test_loading import copy_of, edit_index
 
 TOLERANCE = 2
 SIDE = 64
@@ -114,7 +114,6 @@ def test_a_file_deleted_while_its_images_run_leaves_them_as_they_were(
     """Once loaded the adapter is in memory: deleting its file mid-image changes nothing for that image (a new
     request for it is refused by the parent, which lists the folder as it is; a worker asked to read it again
     fails that request by name: the "missing" case above)."""
-    import shutil
 
     shutil.copy(folder / "ink.safetensors", tmp_path / "brief.safetensors")
     loaded = load_pipeline(tiny_model, "cpu")
@@ -152,10 +151,8 @@ def test_sdxl_takes_adapters_in_both_layouts_with_both_text_encoders(
 def test_a_pipeline_muse_has_no_family_for_takes_adapters_in_whole_calls(
     tiny_model: str, folder: Path, tmp_path: Path
 ) -> None:
-    unknown = tmp_path / "pag"
-    shutil.copytree(tiny_model, unknown)
-    index = json.loads((unknown / "model_index.json").read_text())
-    (unknown / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPAGPipeline"}))
+    unknown = copy_of(tiny_model, tmp_path)
+    edit_index(unknown, _class_name="StableDiffusionPAGPipeline")
     loaded = with_loras(str(unknown), folder)
     assert type(loaded.pipe).__name__ == "StableDiffusionPAGPipeline"
     use = LoraUse("glow", 0.7)
